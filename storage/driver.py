@@ -1,0 +1,131 @@
+"""The storage driver contract.
+
+A driver stores opaque byte strings under slash-separated paths ("/a/b/c").
+It knows nothing about blobs, manifests or repositories: `storage.layout`
+builds every path and `storage.store.ContentStore` gives them meaning.
+
+The contract is deliberately small and fits an object store: no rename
+tricks are required of a driver (a filesystem driver may use rename
+internally to make `put_content` atomic; an S3 driver uses a single PUT or a
+multipart upload), and a driver may hand out a direct download URL.
+
+Every driver passes the one shared suite in tests/storage/test_driver_contract.py;
+a new driver adds a fixture there, nothing else.
+
+Errors raised by a backend (OSError, botocore errors) are translated at the
+driver edge into the typed errors below with `raise ... from`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+
+class StorageError(Exception):
+    """Base of every error a driver raises."""
+
+
+class PathNotFound(StorageError):
+    def __init__(self, path: str):
+        super().__init__(f"path not found: {path}")
+        self.path = path
+
+
+class InvalidPath(StorageError):
+    def __init__(self, path: str, why: str = "invalid path"):
+        super().__init__(f"{why}: {path!r}")
+        self.path = path
+
+
+class InvalidOffset(StorageError):
+    def __init__(self, path: str, offset: int):
+        super().__init__(f"invalid offset {offset} for {path}")
+        self.path = path
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    size: int
+    mtime: float
+    is_dir: bool
+
+
+class FileWriter(abc.ABC):
+    """An appending writer. Bytes written become visible under the path only
+    once `commit()` returns (object stores) or are at least flushed and
+    fsynced by then (filesystem). `close()` keeps what was written so a later
+    `writer(path, append=True)` can continue it; `cancel()` discards it."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Total bytes in the file, including those from earlier sessions."""
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def commit(self) -> None: ...
+
+    @abc.abstractmethod
+    async def cancel(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+class StorageDriver(abc.ABC):
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def get_content(self, path: str) -> bytes:
+        """The whole content at path; PathNotFound if absent."""
+
+    @abc.abstractmethod
+    async def put_content(self, path: str, data: bytes) -> None:
+        """Write the whole content atomically: readers see the old content or
+        the new, never a partial file."""
+
+    @abc.abstractmethod
+    def reader(self, path: str, offset: int = 0, length: int | None = None,
+               chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        """Stream the content from offset (up to length bytes). Raises
+        PathNotFound / InvalidOffset on first iteration at the latest."""
+
+    @abc.abstractmethod
+    async def writer(self, path: str, append: bool = False) -> FileWriter:
+        """An appending writer; with append=True continue an existing file."""
+
+    @abc.abstractmethod
+    async def stat(self, path: str) -> FileInfo:
+        """PathNotFound if absent. Directories (prefixes) have is_dir=True."""
+
+    @abc.abstractmethod
+    async def list(self, path: str) -> list[str]:
+        """Full paths of the direct children of a directory, sorted;
+        PathNotFound if the directory does not exist."""
+
+    @abc.abstractmethod
+    async def move(self, src: str, dst: str) -> None:
+        """Move src to dst, replacing dst. Atomic where the backend allows."""
+
+    @abc.abstractmethod
+    async def delete(self, path: str) -> None:
+        """Delete a file or a whole directory tree; PathNotFound if absent."""
+
+    async def url_for(self, path: str, method: str = "GET",
+                      expires_in: int = 1200) -> str | None:
+        """A URL a client may fetch the content from directly, or None when
+        the backend has no such thing (the registry then streams it)."""
+        return None
+
+    def local_path(self, path: str) -> str | None:
+        """A filesystem path for sendfile, or None on non-local backends."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections and thread pools."""
