@@ -1,0 +1,333 @@
+"""The filesystem storage driver.
+
+Driver path "/a/b" is the file `<root>/a/b`. Every blocking syscall runs in
+a worker thread (`asyncio.to_thread`), one hop per operation.
+
+Atomicity: `put_content` writes a temp file in the destination directory,
+fsyncs it, renames it over the final name and fsyncs the directory, so a
+reader (in any process) sees the old content or the new one, and a crash
+leaves at most a hidden temp file. Temp names start with TEMP_PREFIX; `list`
+never shows them and no driver path may contain such a component.
+Directories are deleted by first renaming them to a temp name, so a half
+deleted tree is never visible under its real name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import secrets
+import shutil
+import stat as stat_mode
+from contextlib import contextmanager
+from typing import AsyncIterator, Iterator
+
+from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
+                            PathNotFound, StorageDriver, StorageError)
+
+TEMP_PREFIX = ".dockyard-tmp-"
+_MAX_PATH = 4096
+_RETRIES = 3  # a concurrent delete of a parent directory is retried this often
+
+
+def validate_path(path: str) -> None:
+    """InvalidPath unless path is "/" or "/c1/c2/..." with ordinary
+    components: no "", ".", "..", NUL, or temp-file component."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidPath(str(path), "path must be absolute")
+    if len(path) > _MAX_PATH or "\x00" in path:
+        raise InvalidPath(path)
+    if path == "/":
+        return
+    for part in path[1:].split("/"):
+        if part in ("", ".", "..") or part.startswith(TEMP_PREFIX):
+            raise InvalidPath(path, "invalid path component")
+
+
+def _temp_name() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+
+
+@contextmanager
+def _translated(path: str) -> Iterator[None]:
+    """Map OSError to the driver's typed errors, keeping the cause."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise PathNotFound(path) from exc
+    except IsADirectoryError as exc:
+        raise InvalidPath(path, "is a directory") from exc
+    except OSError as exc:
+        raise StorageError(f"{path}: {exc.strerror or exc}") from exc
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _makedirs_durable(directory: str) -> None:
+    """mkdir -p, fsyncing each parent that gained an entry, so a new file's
+    directory chain survives a crash together with the file."""
+    if os.path.isdir(directory):
+        return
+    missing = []
+    d = directory
+    while not os.path.isdir(d):
+        missing.append(d)
+        parent = os.path.dirname(d)
+        if parent == d:
+            break
+        d = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", d)
+            continue
+        _fsync_dir(os.path.dirname(d))
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class _FilesystemWriter(FileWriter):
+    def __init__(self, driver_path: str, full: str, fd: int, size: int):
+        self._path = driver_path
+        self._full = full
+        self._fd: int | None = fd
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def _require_open(self) -> int:
+        if self._fd is None:
+            raise StorageError(f"writer for {self._path} is closed")
+        return self._fd
+
+    async def write(self, data: bytes) -> None:
+        fd = self._require_open()
+        with _translated(self._path):
+            await asyncio.to_thread(_write_all, fd, data)
+        self._size += len(data)
+
+    async def commit(self) -> None:
+        fd = self._require_open()
+        self._fd = None
+
+        def _commit() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        with _translated(self._path):
+            await asyncio.to_thread(_commit)
+
+    async def cancel(self) -> None:
+        fd, self._fd = self._fd, None
+
+        def _cancel() -> None:
+            if fd is not None:
+                os.close(fd)
+            try:
+                os.unlink(self._full)
+            except FileNotFoundError:
+                pass
+
+        with _translated(self._path):
+            await asyncio.to_thread(_cancel)
+
+    async def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            with _translated(self._path):
+                await asyncio.to_thread(os.close, fd)
+
+
+class FilesystemDriver(StorageDriver):
+    name = "filesystem"
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, exist_ok=True)
+
+    def _full(self, path: str) -> str:
+        validate_path(path)
+        return self.root if path == "/" else os.path.join(self.root, path[1:])
+
+    # ---- whole files ---------------------------------------------------
+    async def get_content(self, path: str) -> bytes:
+        full = self._full(path)
+
+        def _read() -> bytes:
+            with open(full, "rb") as f:
+                return f.read()
+
+        with _translated(path):
+            return await asyncio.to_thread(_read)
+
+    async def put_content(self, path: str, data: bytes) -> None:
+        full = self._full(path)
+        if path == "/":
+            raise InvalidPath(path, "cannot write the root")
+        with _translated(path):
+            await asyncio.to_thread(self._put_sync, full, bytes(data))
+
+    @staticmethod
+    def _put_sync(full: str, data: bytes) -> None:
+        directory = os.path.dirname(full)
+        for attempt in range(_RETRIES):
+            _makedirs_durable(directory)
+            tmp = os.path.join(directory, _temp_name())
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                if attempt == _RETRIES - 1:
+                    raise
+                continue  # the directory was deleted under us: recreate
+            try:
+                try:
+                    _write_all(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, full)
+            except BaseException:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                raise
+            _fsync_dir(directory)
+            return
+
+    # ---- streams -------------------------------------------------------
+    async def reader(self, path: str, offset: int = 0, length: int | None = None,
+                     chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+        full = self._full(path)
+
+        def _open():
+            f = open(full, "rb")
+            try:
+                size = os.fstat(f.fileno()).st_size
+                if offset < 0 or offset > size:
+                    raise InvalidOffset(path, offset)
+                f.seek(offset)
+            except BaseException:
+                f.close()
+                raise
+            return f
+
+        if length is not None and length < 0:
+            raise InvalidOffset(path, offset)
+        with _translated(path):
+            f = await asyncio.to_thread(_open)
+        try:
+            remaining = length
+            while remaining is None or remaining > 0:
+                n = chunk_size if remaining is None else min(chunk_size, remaining)
+                with _translated(path):
+                    data = await asyncio.to_thread(f.read, n)
+                if not data:
+                    break
+                if remaining is not None:
+                    remaining -= len(data)
+                yield data
+        finally:
+            f.close()
+
+    async def writer(self, path: str, append: bool = False) -> FileWriter:
+        full = self._full(path)
+        if path == "/":
+            raise InvalidPath(path, "cannot write the root")
+
+        def _open() -> tuple[int, int]:
+            _makedirs_durable(os.path.dirname(full))
+            flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
+            fd = os.open(full, flags, 0o644)
+            return fd, os.fstat(fd).st_size
+
+        with _translated(path):
+            fd, size = await asyncio.to_thread(_open)
+        return _FilesystemWriter(path, full, fd, size)
+
+    # ---- metadata ------------------------------------------------------
+    async def stat(self, path: str) -> FileInfo:
+        full = self._full(path)
+        with _translated(path):
+            st = await asyncio.to_thread(os.stat, full)
+        is_dir = stat_mode.S_ISDIR(st.st_mode)
+        return FileInfo(path=path, size=0 if is_dir else st.st_size,
+                        mtime=st.st_mtime, is_dir=is_dir)
+
+    async def list(self, path: str) -> list[str]:
+        full = self._full(path)
+
+        def _list() -> list[str]:
+            with os.scandir(full) as it:
+                return sorted(e.name for e in it if not e.name.startswith(TEMP_PREFIX))
+
+        with _translated(path):
+            names = await asyncio.to_thread(_list)
+        prefix = "" if path == "/" else path
+        return [f"{prefix}/{name}" for name in names]
+
+    # ---- changes -------------------------------------------------------
+    async def move(self, src: str, dst: str) -> None:
+        full_src, full_dst = self._full(src), self._full(dst)
+        if "/" in (src, dst):
+            raise InvalidPath("/", "cannot move the root")
+
+        def _move() -> None:
+            if not os.path.lexists(full_src):
+                raise PathNotFound(src)
+            dst_dir = os.path.dirname(full_dst)
+            for attempt in range(_RETRIES):
+                _makedirs_durable(dst_dir)
+                try:
+                    os.replace(full_src, full_dst)
+                    break
+                except FileNotFoundError:
+                    if not os.path.lexists(full_src) or attempt == _RETRIES - 1:
+                        raise PathNotFound(src) from None
+            _fsync_dir(dst_dir)
+            if os.path.dirname(full_src) != dst_dir:
+                _fsync_dir(os.path.dirname(full_src))
+
+        with _translated(src):
+            await asyncio.to_thread(_move)
+
+    async def delete(self, path: str) -> None:
+        full = self._full(path)
+        if path == "/":
+            raise InvalidPath(path, "cannot delete the root")
+
+        def _delete() -> None:
+            if os.path.isdir(full) and not os.path.islink(full):
+                # Hide the tree at once, then remove it at leisure.
+                hidden = os.path.join(os.path.dirname(full), _temp_name())
+                os.rename(full, hidden)
+                shutil.rmtree(hidden, ignore_errors=True)
+            else:
+                os.unlink(full)
+            _fsync_dir(os.path.dirname(full))
+
+        with _translated(path):
+            await asyncio.to_thread(_delete)
+
+    def local_path(self, path: str) -> str | None:
+        return self._full(path)
