@@ -77,3 +77,11 @@ class RangeInvalid(StoreError):
     def __init__(self, message: str, offset: int):
         super().__init__(message, {"offset": offset})
         self.offset = offset
+
+
+class ManifestTooLarge(SizeInvalid):
+    """A manifest over the store's size limit. The distribution spec answers
+    this with 413 Payload Too Large; `status` says so to registry.errors,
+    which honours a `status` attribute over its table."""
+
+    status = 413

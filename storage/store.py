@@ -6,15 +6,57 @@ Errors are the domain errors of `storage.errors` (each names its OCI code).
 
 CONTRACT NOTE: this file was first written as the interface both the storage
 and the registry work were built against. Signatures below are the contract;
-change them only together with registry/.
+change them only together with registry/. (Additions since: keyword-only
+`size=` on finish_upload/put_blob, `upload_started_at`, `purge_uploads`,
+`blob_exists`.)
+
+Several worker processes (or hosts) may share one storage root, so nothing
+here keeps state that another process could contradict: upload sessions live
+in storage, every mutation is a whole-file atomic write or a move, and the
+only in-process caches hold immutable things (manifest bytes by digest, a
+running hash that is dropped the moment the stored upload disagrees with it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import calendar
+import hashlib
+import json
+import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
-from storage.driver import StorageDriver
+from storage import layout, names
+from storage.driver import PathNotFound, StorageDriver
+from storage.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid,
+                            ManifestBlobUnknown, ManifestInvalid, ManifestTooLarge,
+                            ManifestUnknown, NameUnknown, RangeInvalid, SizeInvalid)
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
+IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
+INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+MANIFEST_TYPES = IMAGE_MANIFEST_TYPES | INDEX_TYPES
+# Content-Types that say nothing: the body's mediaType (or shape) decides.
+_GENERIC_CONTENT_TYPES = frozenset({"", "application/json", "application/octet-stream",
+                                    "text/plain", "*/*"})
+
+# The OCI empty descriptor: `{}` used as the config of artifacts. The store
+# provides it when a manifest needs it, so clients need not upload 2 bytes.
+EMPTY_MEDIA_TYPE = "application/vnd.oci.empty.v1+json"
+EMPTY_BLOB = b"{}"
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_BLOB).hexdigest()
+
+_WRITE_BATCH = 1 << 20          # bytes gathered from the network before one write
+_HASH_ON_LOOP_LIMIT = 64 << 10  # hash smaller buffers inline, larger in a thread
+_MAX_HASHERS = 1024             # in-process running hashes kept (an optimisation)
 
 
 @dataclass(frozen=True)
@@ -54,12 +96,89 @@ class StoreLimits:
     max_manifest_bytes: int = 4 * 1024 * 1024
     # digest algorithms accepted for blobs and manifests
     digest_algorithms: tuple[str, ...] = field(default=("sha256", "sha512"))
+    # in-process cache of manifest bytes by digest (immutable content only)
+    manifest_cache_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class _RunningHash:
+    """sha256 of an upload's first `offset` bytes, as this process wrote them."""
+    hasher: Any
+    offset: int
+
+
+@dataclass(frozen=True)
+class _ParsedManifest:
+    media_type: str
+    blobs: list[str]               # config and layers that must be linked
+    children: list[str]            # index entries that must be manifests here
+    subject: str | None
+    artifact_type: str | None
+    annotations: dict[str, str] | None
+
+
+class _BytesLRU:
+    """A byte-bounded LRU for immutable values (keyed by digest)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str) -> bytes | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: bytes) -> None:
+        if len(value) > self.max_bytes // 8 or key in self._items:
+            return
+        self._items[key] = value
+        self._bytes += len(value)
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= len(old)
+
+
+def _paginate(items: list[str], n: int | None, last: str | None) -> Page:
+    """items sorted; those after `last`, at most n (n=0: an empty page)."""
+    if last:
+        items = [i for i in items if i > last]
+    if n is None:
+        return Page(items, False)
+    n = max(n, 0)
+    return Page(items[:n], n > 0 and len(items) > n)
+
+
+async def _hash_update(hasher: Any, data: bytes) -> None:
+    if len(data) <= _HASH_ON_LOOP_LIMIT:
+        hasher.update(data)
+    else:
+        await asyncio.to_thread(hasher.update, data)
+
+
+def _digest_of(alg: str, data: bytes) -> str:
+    return f"{alg}:{hashlib.new(alg, data).hexdigest()}"
+
+
+def _hash_file(path: str, alg: str) -> tuple[str, int]:
+    h = hashlib.new(alg)
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{alg}:{h.hexdigest()}", size
 
 
 class ContentStore:
     def __init__(self, driver: StorageDriver, limits: StoreLimits | None = None):
         self.driver = driver
         self.limits = limits or StoreLimits()
+        self._hashers: OrderedDict[tuple[str, str], _RunningHash] = OrderedDict()
+        self._manifest_bytes = _BytesLRU(self.limits.manifest_cache_bytes)
+        self._catalogued: set[str] = set()
 
     # ---- names ---------------------------------------------------------
     @staticmethod
@@ -67,56 +186,179 @@ class ContentStore:
         """NameInvalid unless repo matches the spec's grammar
         `[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*(\\/[a-z0-9]+((\\.|_|__|-+)[a-z0-9]+)*)*`
         and is at most 255 characters."""
-        raise NotImplementedError
+        names.validate_name(repo)
 
     @staticmethod
     def validate_tag(tag: str) -> None:
         """TagInvalid unless tag matches `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`."""
-        raise NotImplementedError
+        names.validate_tag(tag)
 
     @staticmethod
     def parse_digest(digest: str) -> tuple[str, str]:
         """(algorithm, hex) or DigestInvalid (unknown algorithm, bad hex/length)."""
-        raise NotImplementedError
+        return names.parse_digest(digest)
+
+    def _parse_digest(self, digest: str) -> tuple[str, str]:
+        return names.parse_digest(digest, self.limits.digest_algorithms)
+
+    # ---- small helpers over the driver ----------------------------------
+    async def _exists(self, path: str) -> bool:
+        try:
+            await self.driver.stat(path)
+            return True
+        except PathNotFound:
+            return False
+
+    async def _delete_if_present(self, path: str) -> bool:
+        try:
+            await self.driver.delete(path)
+            return True
+        except PathNotFound:
+            return False
+
+    async def _register_repo(self, repo: str) -> None:
+        """Write the catalog entry the first time repo gets content."""
+        if repo in self._catalogued:
+            return
+        entry = layout.catalog_entry(repo)
+        if not await self._exists(entry):
+            await self.driver.put_content(entry, b"")
+        self._catalogued.add(repo)
+
+    async def _repo_exists(self, repo: str) -> bool:
+        return await self._exists(layout.repo_dir(repo))
 
     # ---- blobs ---------------------------------------------------------
-    async def stat_blob(self, repo: str, digest: str) -> BlobInfo:
-        """BlobUnknown unless the blob exists AND is linked into repo."""
-        raise NotImplementedError
+    async def blob_exists(self, digest: str) -> bool:
+        """True when the blob's bytes are in the global store (any repo)."""
+        self._parse_digest(digest)
+        return await self._exists(layout.blob_data(digest))
 
-    def read_blob(self, digest: str, offset: int = 0,
-                  length: int | None = None) -> AsyncIterator[bytes]:
-        """Stream a blob's bytes from the global store."""
-        raise NotImplementedError
+    async def stat_blob(self, repo: str, digest: str) -> BlobInfo:
+        """BlobUnknown unless the blob exists AND is linked into repo (as a
+        layer/config, or as a manifest revision: some clients fetch a
+        manifest through the blobs endpoint)."""
+        names.validate_name(repo)
+        self._parse_digest(digest)
+        linked = (await self._exists(layout.layer_link(repo, digest))
+                  or await self._exists(layout.manifest_revision_link(repo, digest)))
+        if linked:
+            try:
+                info = await self.driver.stat(layout.blob_data(digest))
+                return BlobInfo(digest, info.size)
+            except PathNotFound:
+                pass
+        raise BlobUnknown(f"blob unknown to repository {repo}: {digest}", {"digest": digest})
+
+    async def read_blob(self, digest: str, offset: int = 0,
+                        length: int | None = None) -> AsyncIterator[bytes]:
+        """Stream a blob's bytes from the global store. BlobUnknown if absent;
+        the driver's InvalidOffset for an offset past the end (callers check
+        ranges against stat_blob first)."""
+        self._parse_digest(digest)
+        try:
+            async for chunk in self.driver.reader(layout.blob_data(digest), offset, length):
+                yield chunk
+        except PathNotFound as exc:
+            raise BlobUnknown(f"blob unknown: {digest}", {"digest": digest}) from exc
 
     def blob_local_path(self, digest: str) -> str | None:
         """Filesystem path for sendfile, None on object stores."""
-        raise NotImplementedError
+        self._parse_digest(digest)
+        return self.driver.local_path(layout.blob_data(digest))
 
     async def blob_url(self, digest: str) -> str | None:
         """A direct download URL (S3 presigned) or None."""
-        raise NotImplementedError
+        self._parse_digest(digest)
+        return await self.driver.url_for(layout.blob_data(digest))
 
     async def delete_blob(self, repo: str, digest: str) -> None:
         """Unlink the blob from repo (BlobUnknown if not linked). The global
         bytes are left for garbage collection."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        self._parse_digest(digest)
+        if not await self._delete_if_present(layout.layer_link_dir(repo, digest)):
+            raise BlobUnknown(f"blob unknown to repository {repo}: {digest}", {"digest": digest})
 
     async def mount_blob(self, repo: str, digest: str,
                          from_repo: str | None) -> BlobInfo | None:
         """Link an existing blob into repo. With from_repo, only if it is
         linked there; without, if it exists anywhere. None when not possible
         (the registry then starts an ordinary upload)."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        self._parse_digest(digest)
+        if from_repo is not None:
+            names.validate_name(from_repo)
+            try:
+                info = await self.stat_blob(from_repo, digest)
+            except BlobUnknown:
+                return None
+        else:
+            try:
+                st = await self.driver.stat(layout.blob_data(digest))
+            except PathNotFound:
+                return None
+            info = BlobInfo(digest, st.size)
+        await self._link_blob(repo, digest)
+        return info
+
+    async def _link_blob(self, repo: str, digest: str) -> None:
+        await self.driver.put_content(layout.layer_link(repo, digest), digest.encode())
+        await self._register_repo(repo)
+
+    async def _commit_blob(self, src: str, digest: str) -> None:
+        """Move verified bytes into the global store; a no-op (src deleted)
+        when the blob is there already. Two processes moving the same digest
+        at once each replace identical bytes atomically: harmless."""
+        dst = layout.blob_data(digest)
+        if await self._exists(dst):
+            await self._delete_if_present(src)
+        else:
+            await self.driver.move(src, dst)
 
     # ---- uploads -------------------------------------------------------
     async def start_upload(self, repo: str) -> UploadStatus:
         """A new upload session, kept in storage (any worker may continue it)."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        upload_id = str(uuid.uuid4())
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        await self.driver.put_content(layout.upload_started_at(repo, upload_id), started.encode())
+        await self.driver.put_content(layout.upload_data(repo, upload_id), b"")
+        self._hashers[(repo, upload_id)] = _RunningHash(hashlib.sha256(), 0)
+        self._trim_hashers()
+        return UploadStatus(repo, upload_id, 0)
 
     async def upload_status(self, repo: str, upload_id: str) -> UploadStatus:
         """BlobUploadUnknown for an unknown, finished or cancelled session."""
-        raise NotImplementedError
+        return UploadStatus(repo, upload_id, await self._upload_size(repo, upload_id))
+
+    async def upload_started_at(self, repo: str, upload_id: str) -> float:
+        """When the session started (seconds since the epoch)."""
+        try:
+            raw = await self.driver.get_content(layout.upload_started_at(repo, upload_id))
+        except PathNotFound as exc:
+            raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
+        return float(calendar.timegm(time.strptime(raw.decode().strip(), "%Y-%m-%dT%H:%M:%SZ")))
+
+    async def _upload_size(self, repo: str, upload_id: str) -> int:
+        names.validate_name(repo)
+        try:
+            return (await self.driver.stat(layout.upload_data(repo, upload_id))).size
+        except PathNotFound as exc:
+            raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
+
+    def _trim_hashers(self) -> None:
+        while len(self._hashers) > _MAX_HASHERS:
+            self._hashers.popitem(last=False)
+
+    def _take_hasher(self, key: tuple[str, str], offset: int) -> _RunningHash | None:
+        """The running hash for an upload if it covers exactly the stored
+        bytes; otherwise forget it (another process appended, or a write
+        failed half way) and let finish re-hash from storage."""
+        running = self._hashers.pop(key, None)
+        if running is not None and running.offset == offset:
+            return running
+        return None
 
     async def append_upload(self, repo: str, upload_id: str,
                             chunks: AsyncIterator[bytes],
@@ -125,26 +367,207 @@ class ContentStore:
         unless start == current offset. Nothing of a chunk that fails half
         way is lost or duplicated for the next try: the offset reported after
         an error is one a client can resume from."""
-        raise NotImplementedError
+        size = await self._upload_size(repo, upload_id)
+        if start is not None and start != size:
+            raise RangeInvalid(f"chunk starts at {start}, upload is at {size}", size)
+        key = (repo, upload_id)
+        path = layout.upload_data(repo, upload_id)
+        writer = await self.driver.writer(path, append=True)
+        running = self._take_hasher(key, writer.size)
+        done = False
+        try:
+            batch = bytearray()
+            async for chunk in chunks:
+                batch += chunk
+                if len(batch) >= _WRITE_BATCH:
+                    await self._write_batch(writer, running, bytes(batch))
+                    batch.clear()
+            if batch:
+                await self._write_batch(writer, running, bytes(batch))
+            await writer.commit()
+            done = True
+        finally:
+            if not done:
+                # What reached the file stays (the status reports it); the
+                # running hash may not match it any more, so it is dropped.
+                try:
+                    await writer.close()
+                except Exception:
+                    pass
+        if running is not None:
+            running.offset = writer.size
+            self._hashers[key] = running
+            self._trim_hashers()
+        return UploadStatus(repo, upload_id, writer.size)
+
+    @staticmethod
+    async def _write_batch(writer, running: _RunningHash | None, data: bytes) -> None:
+        if running is None:
+            await writer.write(data)
+        else:
+            # Both release the GIL: write and hash in parallel threads.
+            await asyncio.gather(writer.write(data), _hash_update(running.hasher, data))
+
+    async def _digest_of_upload(self, repo: str, upload_id: str, alg: str,
+                                size: int) -> str:
+        running = self._take_hasher((repo, upload_id), size)
+        if running is not None and alg == "sha256":
+            return f"sha256:{running.hasher.hexdigest()}"
+        path = layout.upload_data(repo, upload_id)
+        local = self.driver.local_path(path)
+        if local is not None:
+            try:
+                digest, _ = await asyncio.to_thread(_hash_file, local, alg)
+                return digest
+            except FileNotFoundError as exc:
+                raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
+        hasher = hashlib.new(alg)
+        try:
+            async for chunk in self.driver.reader(path, chunk_size=4 << 20):
+                await _hash_update(hasher, chunk)
+        except PathNotFound as exc:
+            raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
+        return f"{alg}:{hasher.hexdigest()}"
 
     async def finish_upload(self, repo: str, upload_id: str, digest: str,
                             chunks: AsyncIterator[bytes] | None = None,
-                            start: int | None = None) -> BlobInfo:
+                            start: int | None = None, *,
+                            size: int | None = None) -> BlobInfo:
         """Append the final chunk (optional), verify the digest (DigestInvalid
         and nothing committed on mismatch, the session stays open), move the
         bytes into the global blob store (a no-op when already there), link
-        into repo, and delete the session."""
-        raise NotImplementedError
+        into repo, and delete the session. With size, SizeInvalid unless the
+        upload holds exactly that many bytes."""
+        alg, _ = self._parse_digest(digest)
+        if chunks is not None:
+            total = (await self.append_upload(repo, upload_id, chunks, start)).offset
+        else:
+            total = await self._upload_size(repo, upload_id)
+            if start is not None and start != total:
+                raise RangeInvalid(f"chunk starts at {start}, upload is at {total}", total)
+        if size is not None and size != total:
+            raise SizeInvalid(f"upload holds {total} bytes, expected {size}",
+                              {"expected": size, "actual": total})
+        actual = await self._digest_of_upload(repo, upload_id, alg, total)
+        if actual != digest:
+            raise DigestInvalid("provided digest did not match uploaded content",
+                                {"expected": digest, "actual": actual})
+        await self._commit_blob(layout.upload_data(repo, upload_id), digest)
+        await self._link_blob(repo, digest)
+        await self._delete_if_present(layout.upload_dir(repo, upload_id))
+        self._hashers.pop((repo, upload_id), None)
+        return BlobInfo(digest, total)
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
-        raise NotImplementedError
+        names.validate_name(repo)
+        self._hashers.pop((repo, upload_id), None)
+        if not await self._delete_if_present(layout.upload_dir(repo, upload_id)):
+            raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id})
 
     async def put_blob(self, repo: str, digest: str,
-                       chunks: AsyncIterator[bytes]) -> BlobInfo:
-        """Monolithic upload in one call (POST ?digest= with a body)."""
-        raise NotImplementedError
+                       chunks: AsyncIterator[bytes], *,
+                       size: int | None = None) -> BlobInfo:
+        """Monolithic upload in one call (POST ?digest= with a body). Staged
+        like any upload, and the session removed whatever happens."""
+        self._parse_digest(digest)
+        status = await self.start_upload(repo)
+        try:
+            return await self.finish_upload(repo, status.upload_id, digest, chunks, size=size)
+        except BaseException:
+            self._hashers.pop((repo, status.upload_id), None)
+            await self._delete_if_present(layout.upload_dir(repo, status.upload_id))
+            raise
+
+    async def purge_uploads(self, repo: str, older_than: float) -> list[str]:
+        """Delete sessions of repo started before `older_than` (epoch
+        seconds); the ids removed. For garbage collection."""
+        try:
+            entries = await self.driver.list(layout.uploads_dir(repo))
+        except PathNotFound:
+            return []
+        purged = []
+        for entry in entries:
+            upload_id = entry.rsplit("/", 1)[-1]
+            try:
+                started = await self.upload_started_at(repo, upload_id)
+            except (BlobUploadUnknown, ValueError):
+                started = 0.0  # no or unreadable start time: a crashed start
+            if started < older_than and await self._delete_if_present(entry):
+                purged.append(upload_id)
+        return purged
 
     # ---- manifests and tags --------------------------------------------
+    def _parse_manifest(self, body: bytes, content_type: str) -> _ParsedManifest:
+        try:
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise ManifestInvalid("manifest must be a JSON object")
+        media_type = _manifest_media_type(content_type, doc)
+        kind = media_type.lower()
+        if doc.get("schemaVersion") != 2 or isinstance(doc.get("schemaVersion"), bool):
+            raise ManifestInvalid("schemaVersion must be 2")
+        blobs: list[str] = []
+        children: list[str] = []
+        if kind in IMAGE_MANIFEST_TYPES:
+            config = _descriptor(doc.get("config"), "config")
+            layers = doc.get("layers")
+            if not isinstance(layers, list):
+                raise ManifestInvalid("layers must be a list")
+            blobs.append(config["digest"])
+            for i, item in enumerate(layers):
+                layer = _descriptor(item, f"layers[{i}]")
+                if not layer.get("urls"):  # foreign layers live elsewhere
+                    blobs.append(layer["digest"])
+        else:
+            manifests = doc.get("manifests")
+            if not isinstance(manifests, list):
+                raise ManifestInvalid("manifests must be a list")
+            for i, item in enumerate(manifests):
+                children.append(_descriptor(item, f"manifests[{i}]")["digest"])
+        subject = None
+        if "subject" in doc:
+            subject = _descriptor(doc["subject"], "subject")["digest"]
+        artifact_type = doc.get("artifactType")
+        if artifact_type is not None and not isinstance(artifact_type, str):
+            raise ManifestInvalid("artifactType must be a string")
+        if not artifact_type and kind in IMAGE_MANIFEST_TYPES:
+            artifact_type = doc["config"]["mediaType"]
+        annotations = doc.get("annotations")
+        if annotations is not None and not (
+                isinstance(annotations, dict)
+                and all(isinstance(k, str) and isinstance(v, str) for k, v in annotations.items())):
+            raise ManifestInvalid("annotations must map strings to strings")
+        return _ParsedManifest(media_type, blobs, children, subject,
+                               artifact_type or None, annotations or None)
+
+    async def _check_references(self, repo: str, parsed: _ParsedManifest) -> None:
+        async def blob_linked(digest: str) -> str | None:
+            if await self._exists(layout.layer_link(repo, digest)):
+                return None
+            if digest == EMPTY_DIGEST:
+                await self._provide_empty_blob(repo)
+                return None
+            if await self._exists(layout.manifest_revision_link(repo, digest)):
+                return None
+            return digest
+
+        async def manifest_present(digest: str) -> str | None:
+            return None if await self._exists(layout.manifest_revision_link(repo, digest)) else digest
+
+        checks = [blob_linked(d) for d in dict.fromkeys(parsed.blobs)]
+        checks += [manifest_present(d) for d in dict.fromkeys(parsed.children)]
+        missing = [d for d in await asyncio.gather(*checks) if d is not None]
+        if missing:
+            raise ManifestBlobUnknown(f"manifest references unknown content: {missing[0]}",
+                                      {"digest": missing[0]})
+
+    async def _provide_empty_blob(self, repo: str) -> None:
+        if not await self._exists(layout.blob_data(EMPTY_DIGEST)):
+            await self.driver.put_content(layout.blob_data(EMPTY_DIGEST), EMPTY_BLOB)
+        await self._link_blob(repo, EMPTY_DIGEST)
+
     async def put_manifest(self, repo: str, reference: str, body: bytes,
                            media_type: str,
                            extra_tags: list[str] = ()) -> PutManifestResult:
@@ -153,31 +576,217 @@ class ContentStore:
         ManifestBlobUnknown), store the bytes as a blob, link the revision,
         point the tag (reference if it is a tag, plus extra_tags), and index
         the `subject` for referrers. reference may be a digest, which must
-        match the body (DigestInvalid)."""
-        raise NotImplementedError
+        match the body (DigestInvalid). ManifestTooLarge (a SizeInvalid)
+        over limits.max_manifest_bytes."""
+        names.validate_name(repo)
+        tags: list[str] = []
+        if names.is_digest(reference):
+            alg, _ = self._parse_digest(reference)
+        else:
+            names.validate_tag(reference)
+            alg = "sha256"
+            tags.append(reference)
+        for tag in extra_tags:
+            names.validate_tag(tag)
+            if tag not in tags:
+                tags.append(tag)
+        body = bytes(body)
+        if len(body) > self.limits.max_manifest_bytes:
+            raise ManifestTooLarge(f"manifest is {len(body)} bytes, limit is "
+                                   f"{self.limits.max_manifest_bytes}",
+                                   {"size": len(body), "limit": self.limits.max_manifest_bytes})
+        if len(body) > _HASH_ON_LOOP_LIMIT:
+            digest = await asyncio.to_thread(_digest_of, alg, body)
+        else:
+            digest = _digest_of(alg, body)
+        if names.is_digest(reference) and reference != digest:
+            raise DigestInvalid("manifest digest does not match the reference",
+                                {"expected": reference, "actual": digest})
+        parsed = self._parse_manifest(body, media_type)
+        await self._check_references(repo, parsed)
+
+        if not await self._exists(layout.blob_data(digest)):
+            await self.driver.put_content(layout.blob_data(digest), body)
+        descriptor = {"mediaType": parsed.media_type, "digest": digest, "size": len(body)}
+        await self.driver.put_content(layout.manifest_revision_link(repo, digest),
+                                      json.dumps(descriptor).encode())
+        if parsed.subject is not None:
+            referrer = dict(descriptor)
+            if parsed.artifact_type:
+                referrer["artifactType"] = parsed.artifact_type
+            if parsed.annotations:
+                referrer["annotations"] = parsed.annotations
+            await self.driver.put_content(layout.referrer_entry(repo, parsed.subject, digest),
+                                          json.dumps(referrer).encode())
+        for tag in tags:
+            await self.driver.put_content(layout.tag_current_link(repo, tag), digest.encode())
+        await self._register_repo(repo)
+        self._manifest_bytes.put(digest, body)
+        return PutManifestResult(digest, parsed.subject)
+
+    async def _resolve(self, repo: str, reference: str) -> str:
+        """The manifest digest a tag or digest reference names in repo."""
+        names.validate_name(repo)
+        if names.is_digest(reference):
+            self._parse_digest(reference)
+            return reference
+        names.validate_tag(reference)
+        try:
+            return (await self.driver.get_content(layout.tag_current_link(repo, reference))).decode().strip()
+        except PathNotFound:
+            raise await self._manifest_unknown(repo, reference) from None
+
+    async def _manifest_unknown(self, repo: str, reference: str) -> Exception:
+        if not await self._repo_exists(repo):
+            return NameUnknown(f"repository name not known to registry: {repo}", {"name": repo})
+        return ManifestUnknown(f"manifest unknown: {repo}:{reference}"
+                               if not names.is_digest(reference)
+                               else f"manifest unknown: {repo}@{reference}",
+                               {"reference": reference})
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
-        """By tag or digest; ManifestUnknown (NameUnknown for an unknown repo
-        is acceptable too)."""
-        raise NotImplementedError
+        """By tag or digest; ManifestUnknown (NameUnknown for an unknown
+        repository)."""
+        digest = await self._resolve(repo, reference)
+        try:
+            link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
+        except PathNotFound:
+            raise await self._manifest_unknown(repo, reference) from None
+        body = self._manifest_bytes.get(digest)
+        if body is None:
+            try:
+                body = await self.driver.get_content(layout.blob_data(digest))
+            except PathNotFound:
+                raise await self._manifest_unknown(repo, reference) from None
+            self._manifest_bytes.put(digest, body)
+        return Manifest(digest, link["mediaType"], body)
 
     async def delete_manifest(self, repo: str, reference: str) -> None:
         """By digest: unlink the revision, drop tags pointing at it and its
         referrers entry. By tag: delete only the tag."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        if not names.is_digest(reference):
+            names.validate_tag(reference)
+            if not await self._delete_if_present(layout.tag_dir(repo, reference)):
+                raise await self._manifest_unknown(repo, reference)
+            return
+        manifest = await self.get_manifest(repo, reference)
+        digest = manifest.digest
+        # Tags first: a crash half way never leaves a tag naming nothing.
+        try:
+            tag_dirs = await self.driver.list(layout.tags_dir(repo))
+        except PathNotFound:
+            tag_dirs = []
+        for tag_path in tag_dirs:
+            tag = tag_path.rsplit("/", 1)[-1]
+            try:
+                current = await self.driver.get_content(layout.tag_current_link(repo, tag))
+            except PathNotFound:
+                continue
+            if current.decode().strip() == digest:
+                await self._delete_if_present(layout.tag_dir(repo, tag))
+        subject = _subject_of(manifest.body)
+        if subject is not None:
+            await self._delete_if_present(layout.referrer_entry(repo, subject, digest))
+        if not await self._delete_if_present(layout.manifest_revision_dir(repo, digest)):
+            raise await self._manifest_unknown(repo, reference)
 
     async def list_tags(self, repo: str, n: int | None = None,
                         last: str | None = None) -> Page:
         """Lexically sorted; NameUnknown for a repository that does not exist."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        try:
+            entries = await self.driver.list(layout.tags_dir(repo))
+        except PathNotFound:
+            if not await self._repo_exists(repo):
+                raise NameUnknown(f"repository name not known to registry: {repo}",
+                                  {"name": repo}) from None
+            entries = []
+        return _paginate(sorted(e.rsplit("/", 1)[-1] for e in entries), n, last)
 
     async def list_repositories(self, n: int | None = None,
                                 last: str | None = None) -> Page:
         """The catalog, lexically sorted, without walking blob data."""
-        raise NotImplementedError
+        try:
+            entries = await self.driver.list(layout.CATALOG)
+        except PathNotFound:
+            entries = []
+        return _paginate(sorted(layout.repo_from_catalog_entry(e) for e in entries), n, last)
 
     async def referrers(self, repo: str, digest: str,
                         artifact_type: str | None = None) -> list[dict]:
         """Descriptors (mediaType, digest, size, artifactType, annotations)
         of manifests whose subject is digest."""
-        raise NotImplementedError
+        names.validate_name(repo)
+        self._parse_digest(digest)
+        try:
+            entries = await self.driver.list(layout.referrers_dir(repo, digest))
+        except PathNotFound:
+            return []
+
+        async def load(path: str) -> dict | None:
+            try:
+                return json.loads(await self.driver.get_content(path))
+            except (PathNotFound, ValueError):
+                return None  # deleted meanwhile, or a torn write from a foreign tool
+
+        found = [d for d in await asyncio.gather(*(load(e) for e in entries)) if d]
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+        return found
+
+
+def _manifest_media_type(content_type: str, doc: dict) -> str:
+    """The media type a manifest is stored (and served) with: the pushed
+    Content-Type (parameters dropped), or, when that says nothing, the
+    body's mediaType, or its shape."""
+    pushed = (content_type or "").split(";", 1)[0].strip()
+    body_type = doc.get("mediaType")
+    if body_type is not None and not isinstance(body_type, str):
+        raise ManifestInvalid("mediaType must be a string")
+    if pushed.lower() in _GENERIC_CONTENT_TYPES:
+        if body_type:
+            chosen = body_type
+        elif "manifests" in doc:
+            chosen = OCI_INDEX
+        elif "config" in doc:
+            chosen = OCI_MANIFEST
+        else:
+            raise ManifestInvalid("cannot tell the manifest's media type")
+    else:
+        chosen = pushed
+        if body_type and body_type.lower() != pushed.lower():
+            raise ManifestInvalid(f"mediaType {body_type!r} does not match Content-Type {pushed!r}")
+    if chosen.lower() in DOCKER_SCHEMA1:
+        raise ManifestInvalid("Docker schema 1 manifests are not supported")
+    if chosen.lower() not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest media type: {chosen!r}")
+    return chosen if pushed.lower() not in _GENERIC_CONTENT_TYPES else chosen.lower()
+
+
+def _descriptor(value: Any, where: str) -> dict:
+    """A descriptor checked for shape: mediaType, digest and size."""
+    if not isinstance(value, dict):
+        raise ManifestInvalid(f"{where} must be a descriptor object")
+    media_type = value.get("mediaType")
+    if not isinstance(media_type, str) or not media_type:
+        raise ManifestInvalid(f"{where}.mediaType must be a non-empty string")
+    size = value.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ManifestInvalid(f"{where}.size must be a non-negative integer")
+    try:
+        names.parse_digest(value.get("digest"))
+    except DigestInvalid as exc:
+        raise ManifestInvalid(f"{where}.digest: {exc.message}") from exc
+    return value
+
+
+def _subject_of(body: bytes) -> str | None:
+    try:
+        subject = json.loads(body).get("subject")
+        digest = subject.get("digest") if isinstance(subject, dict) else None
+        if digest:
+            names.parse_digest(digest)
+        return digest
+    except (ValueError, AttributeError, DigestInvalid):
+        return None
