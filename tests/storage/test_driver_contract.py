@@ -1,0 +1,243 @@
+"""The one suite every storage driver passes.
+
+A new driver (S3, ...) adds a param to DRIVER_KINDS and a branch to
+`make_driver`; nothing else here names a driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from storage.driver import FileWriter, InvalidOffset, InvalidPath, PathNotFound, StorageDriver
+from storage.filesystem import FilesystemDriver
+
+DRIVER_KINDS = ["filesystem"]
+
+
+async def make_driver(kind: str, tmp_path) -> StorageDriver:
+    if kind == "filesystem":
+        return FilesystemDriver(str(tmp_path / "root"))
+    raise AssertionError(f"no fixture for driver {kind}")
+
+
+@pytest.fixture(params=DRIVER_KINDS)
+async def driver(request, tmp_path):
+    d = await make_driver(request.param, tmp_path)
+    yield d
+    await d.close()
+
+
+async def read_all(driver: StorageDriver, path: str, **kw) -> bytes:
+    return b"".join([chunk async for chunk in driver.reader(path, **kw)])
+
+
+async def walk(driver: StorageDriver, path: str = "/") -> list[str]:
+    """Every file below path, as the driver lists them."""
+    files = []
+    for child in await driver.list(path):
+        if (await driver.stat(child)).is_dir:
+            files += await walk(driver, child)
+        else:
+            files.append(child)
+    return files
+
+
+# ---- whole content ----------------------------------------------------------
+
+async def test_put_get_round_trip(driver):
+    payload = bytes(range(256)) * 1000
+    await driver.put_content("/a/b/blob", payload)
+    assert await driver.get_content("/a/b/blob") == payload
+    await driver.put_content("/a/b/blob", b"second")
+    assert await driver.get_content("/a/b/blob") == b"second"
+    await driver.put_content("/a/empty", b"")
+    assert await driver.get_content("/a/empty") == b""
+    info = await driver.stat("/a/b/blob")
+    assert (info.size, info.is_dir, info.path) == (6, False, "/a/b/blob")
+    assert (await driver.stat("/a/b")).is_dir
+
+
+async def test_no_temp_file_ever_listed(driver):
+    await asyncio.gather(*(driver.put_content(f"/d/f{i}", b"x" * (i * 1000)) for i in range(20)))
+    assert await walk(driver) == sorted(f"/d/f{i}" for i in range(20))
+    local = driver.local_path("/d")
+    if local is not None:  # and nothing left behind on disk either
+        assert sorted(os.listdir(local)) == sorted(f"f{i}" for i in range(20))
+
+
+async def test_concurrent_readers_see_old_or_new_never_partial(driver):
+    old, new = b"o" * 300_000, b"n" * 700_000
+    await driver.put_content("/atomic", old)
+    seen = set()
+
+    async def write_loop():
+        for i in range(30):
+            await driver.put_content("/atomic", new if i % 2 == 0 else old)
+
+    async def read_loop():
+        for _ in range(60):
+            data = await driver.get_content("/atomic")
+            assert data in (old, new), f"partial read of {len(data)} bytes"
+            seen.add(data[:1])
+
+    await asyncio.gather(write_loop(), read_loop(), read_loop())
+    assert seen  # the readers did read
+
+
+# ---- streams ----------------------------------------------------------------
+
+async def test_reader_offsets_and_lengths(driver):
+    payload = os.urandom(50_000)
+    await driver.put_content("/r", payload)
+    assert await read_all(driver, "/r") == payload
+    assert await read_all(driver, "/r", offset=1234) == payload[1234:]
+    assert await read_all(driver, "/r", offset=10, length=100) == payload[10:110]
+    assert await read_all(driver, "/r", offset=49_990, length=100) == payload[49_990:]
+    assert await read_all(driver, "/r", offset=50_000) == b""
+    assert await read_all(driver, "/r", length=0) == b""
+    chunks = [c async for c in driver.reader("/r", chunk_size=7000)]
+    assert len(chunks) == 8 and all(len(c) <= 7000 for c in chunks)
+    assert b"".join(chunks) == payload
+
+
+async def test_reader_invalid_offset(driver):
+    await driver.put_content("/r", b"0123456789")
+    with pytest.raises(InvalidOffset) as err:
+        await read_all(driver, "/r", offset=11)
+    assert err.value.offset == 11
+    with pytest.raises(InvalidOffset):
+        await read_all(driver, "/r", offset=-1)
+
+
+async def test_writer_appends_across_sessions(driver):
+    w = await driver.writer("/up/data")
+    assert isinstance(w, FileWriter) and w.size == 0
+    await w.write(b"hello ")
+    assert w.size == 6
+    await w.close()
+    w = await driver.writer("/up/data", append=True)
+    assert w.size == 6
+    await w.write(b"world")
+    await w.write(b"!")
+    assert w.size == 12
+    await w.commit()
+    assert await driver.get_content("/up/data") == b"hello world!"
+    assert (await driver.stat("/up/data")).size == 12
+    # without append, a writer starts the file afresh
+    w = await driver.writer("/up/data")
+    await w.write(b"new")
+    await w.commit()
+    assert await driver.get_content("/up/data") == b"new"
+
+
+async def test_writer_cancel_discards(driver):
+    w = await driver.writer("/up/data")
+    await w.write(b"junk")
+    await w.cancel()
+    with pytest.raises(PathNotFound):
+        await driver.stat("/up/data")
+
+
+# ---- listing and metadata -----------------------------------------------------
+
+async def test_list_is_sorted_full_paths(driver):
+    for name in ["zeta", "alpha", "Mid", "b/inner", "a-b", "a"]:
+        await driver.put_content(f"/dir/{name}", b"1")
+    assert await driver.list("/dir") == ["/dir/Mid", "/dir/a", "/dir/a-b", "/dir/alpha",
+                                         "/dir/b", "/dir/zeta"]
+    assert await driver.list("/") == ["/dir"]
+    assert await driver.list("/dir/b") == ["/dir/b/inner"]
+
+
+# ---- changes -------------------------------------------------------------------
+
+async def test_move_replaces_destination(driver):
+    await driver.put_content("/src/x", b"source")
+    await driver.put_content("/dst/y", b"old")
+    await driver.move("/src/x", "/dst/y")
+    assert await driver.get_content("/dst/y") == b"source"
+    with pytest.raises(PathNotFound):
+        await driver.stat("/src/x")
+    await driver.put_content("/src/z", b"z")
+    await driver.move("/src/z", "/new/deep/dir/z")  # parents are created
+    assert await driver.get_content("/new/deep/dir/z") == b"z"
+
+
+async def test_delete_file_and_tree(driver):
+    for p in ["/t/a/1", "/t/a/b/2", "/t/a/b/c/3", "/t/keep"]:
+        await driver.put_content(p, b"x")
+    await driver.delete("/t/a")
+    for p in ["/t/a", "/t/a/1", "/t/a/b/c/3"]:
+        with pytest.raises(PathNotFound):
+            await driver.stat(p)
+    assert await driver.list("/t") == ["/t/keep"]
+    await driver.delete("/t/keep")
+    assert await driver.list("/t") == []
+
+
+async def test_path_not_found_everywhere(driver):
+    await driver.put_content("/file", b"x")
+    with pytest.raises(PathNotFound):
+        await driver.get_content("/missing")
+    with pytest.raises(PathNotFound):
+        await read_all(driver, "/missing")
+    with pytest.raises(PathNotFound):
+        await driver.stat("/missing/deeper")
+    with pytest.raises(PathNotFound):
+        await driver.list("/missing")
+    with pytest.raises(PathNotFound):
+        await driver.list("/file")  # a file is not a directory
+    with pytest.raises(PathNotFound):
+        await driver.delete("/missing")
+    with pytest.raises(PathNotFound):
+        await driver.move("/missing", "/elsewhere")
+    with pytest.raises(PathNotFound):
+        await driver.stat("/elsewhere")
+
+
+BAD_PATHS = ["", "relative/path", "/a/../b", "/..", "/a/..", "/a//b", "/a/", "/a/./b",
+             "/a\x00b", "/.dockyard-tmp-123-abc", "/a/.dockyard-tmp-x/b"]
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS)
+async def test_invalid_paths_rejected(driver, bad):
+    with pytest.raises(InvalidPath):
+        await driver.put_content(bad, b"x")
+    with pytest.raises(InvalidPath):
+        await driver.get_content(bad)
+    with pytest.raises(InvalidPath):
+        await read_all(driver, bad)
+    with pytest.raises(InvalidPath):
+        await driver.writer(bad)
+    with pytest.raises(InvalidPath):
+        await driver.stat(bad)
+    with pytest.raises(InvalidPath):
+        await driver.list(bad)
+    with pytest.raises(InvalidPath):
+        await driver.delete(bad)
+    with pytest.raises(InvalidPath):
+        await driver.move(bad, "/ok")
+    with pytest.raises(InvalidPath):
+        await driver.move("/ok", bad)
+
+
+async def test_root_cannot_be_deleted_or_written(driver):
+    await driver.put_content("/x", b"1")
+    with pytest.raises(InvalidPath):
+        await driver.delete("/")
+    with pytest.raises(InvalidPath):
+        await driver.put_content("/", b"1")
+    assert await driver.get_content("/x") == b"1"
+
+
+async def test_direct_access_hints(driver):
+    await driver.put_content("/blob", b"bytes")
+    url = await driver.url_for("/blob")
+    assert url is None or isinstance(url, str)
+    local = driver.local_path("/blob")
+    if local is not None:
+        with open(local, "rb") as f:
+            assert f.read() == b"bytes"
