@@ -200,6 +200,7 @@ def podman(tmp_path_factory) -> Podman:
     # runroot holds sockets and locks: short path
     runroot = Path(tempfile.mkdtemp(prefix="dy-podrun-", dir="/tmp"))
     helper = Podman(binary, base / "root", runroot)
+    (base / "auth.json").write_text('{"auths": {}}')
     yield helper
     subprocess.run([*helper.base_args(), "system", "reset", "--force"], capture_output=True, timeout=120,
                    stdin=subprocess.DEVNULL)
@@ -217,9 +218,10 @@ class Skopeo:
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
         return run([self.binary, "--policy", str(self.policy), *args], timeout=timeout, check=check)
 
-    def copy(self, src: str, dest: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    def copy(self, src: str, dest: str, *extra: str, timeout: float = 300,
+             check: bool = True) -> subprocess.CompletedProcess:
         return self.run("copy", "--src-tls-verify=false", "--dest-tls-verify=false", *extra,
-                        src, dest, timeout=timeout)
+                        src, dest, timeout=timeout, check=check)
 
     def inspect(self, ref: str, *extra: str) -> subprocess.CompletedProcess:
         return self.run("inspect", "--tls-verify=false", *extra, ref)

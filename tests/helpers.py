@@ -505,3 +505,49 @@ def build_busybox_image(docker, tag: str, *, run_step: str | None = "echo hello 
     (context / "Dockerfile").write_text("\n".join(lines) + "\n")
     docker.run("build", "-q", "-t", tag, str(context), timeout=300)
     return docker.run("image", "inspect", "-f", "{{.Id}}", tag).stdout.strip()
+
+
+# ---- raw registry HTTP (for hand-made requests a client tool cannot make) -----------
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http_request(method: str, url: str, body: bytes | None = None,
+                 headers: Mapping[str, str] | None = None, timeout: float = 60) -> HttpResult:
+    """One HTTP request; any status is returned, never raised."""
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers or {}))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return HttpResult(response.status, response.headers, response.read())
+    except urllib.error.HTTPError as exc:
+        return HttpResult(exc.code, exc.headers, exc.read())
+
+
+def push_blob(base_url: str, repo: str, data: bytes) -> str:
+    """POST an upload then PUT it whole with ?digest=; returns the digest."""
+    digest = sha256_digest(data)
+    started = http_request("POST", f"{base_url}/v2/{repo}/blobs/uploads/", b"",
+                           {"Content-Length": "0"})
+    assert started.status == 202, (started.status, started.body[:500])
+    location = started.headers["Location"]
+    if location.startswith("/"):
+        location = base_url + location
+    sep = "&" if "?" in location else "?"
+    done = http_request("PUT", f"{location}{sep}digest={digest}", data,
+                        {"Content-Type": "application/octet-stream"})
+    assert done.status == 201, (done.status, done.body[:500])
+    return digest
+
+
+def put_manifest(base_url: str, repo: str, reference: str, manifest: dict | bytes,
+                 media_type: str = OCI_MANIFEST) -> HttpResult:
+    body = manifest if isinstance(manifest, bytes) else json.dumps(manifest, sort_keys=True).encode()
+    return http_request("PUT", f"{base_url}/v2/{repo}/manifests/{reference}", body,
+                        {"Content-Type": media_type})
