@@ -1,0 +1,265 @@
+"""`dockyard serve`: run the registry, in one process or N worker processes.
+
+With --workers N the parent reserves the port, forks N workers that each
+bind it with SO_REUSEPORT (the kernel spreads connections over them) and run
+their own event loop (uvloop when installed), and then only supervises:
+a worker that dies is restarted, SIGTERM/SIGINT stop them all. Workers share
+nothing but storage, which holds every upload session, so a chunked upload
+may hop between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+from registry.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("dockyard.serve")
+
+_READY_TIMEOUT = 30.0      # seconds a worker has to start listening
+_STOP_GRACE = 10.0         # seconds workers have to finish after SIGTERM
+_RESTART_WINDOW = 10.0     # a worker dying sooner than this after start ...
+_MAX_QUICK_DEATHS = 5      # ... this many times in a row stops the server
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="run the registry (OCI Distribution API)",
+        description="Run the Dockyard registry. Settings come from defaults, then "
+                    "--config FILE, then DOCKYARD_* environment variables, then these flags.")
+    p.add_argument("--config", metavar="FILE", help="YAML settings file (see deploy/config.example.yml)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 5000; 0 picks a free one)")
+    p.add_argument("--storage", metavar="DIR", help="filesystem storage root")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="worker processes sharing the port (default 1)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
+    p.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    p.set_defaults(func=serve_command)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    http: dict[str, Any] = {}
+    for key in ("host", "port", "workers"):
+        if getattr(args, key, None) is not None:
+            http[key] = getattr(args, key)
+    if getattr(args, "access_log", None):
+        http["access_log"] = True
+    out: dict[str, Any] = {}
+    if http:
+        out["http"] = http
+    if getattr(args, "storage", None):
+        out["storage"] = {"driver": "filesystem", "root": os.path.abspath(args.storage)}
+    if getattr(args, "log_level", None):
+        out["log"] = {"level": args.log_level}
+    return out
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(getattr(args, "config", None), overrides=_overrides(args))
+    except SettingsError as exc:
+        print(f"dockyard serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log.level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.storage.driver == "filesystem":
+        try:
+            os.makedirs(settings.storage.root, exist_ok=True)
+        except OSError as exc:
+            print(f"dockyard serve: cannot create storage root {settings.storage.root}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            return 2
+    try:
+        if settings.http.workers == 1:
+            return _run_worker(settings, reuse_port=False, announce=_announce)
+        return _supervise(settings)
+    except OSError as exc:
+        print(f"dockyard serve: cannot listen on {settings.http.host}:{settings.http.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except SettingsError as exc:
+        print(f"dockyard serve: {exc}", file=sys.stderr)
+        return 2
+
+
+def _announce(host: str, port: int) -> None:
+    shown = f"[{host}]" if ":" in host else host
+    print(f"listening on http://{shown}:{port}", flush=True)
+
+
+# ---- one worker ---------------------------------------------------------------
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def _run_worker(settings: Settings, *, reuse_port: bool,
+                announce: Callable[[str, int], None]) -> int:
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(_serve(settings, reuse_port, announce))
+    return 0
+
+
+async def _serve(settings: Settings, reuse_port: bool,
+                 announce: Callable[[str, int], None]) -> None:
+    from aiohttp import web
+
+    from registry.app import create_app
+
+    app = create_app(settings)
+    access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
+    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.http.host, settings.http.port,
+                           reuse_port=reuse_port or None, backlog=1024)
+        await site.start()
+        port = settings.http.port
+        server = getattr(site, "_server", None)
+        if server is not None and server.sockets:
+            port = server.sockets[0].getsockname()[1]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        announce(settings.http.host, port)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+# ---- the supervisor -------------------------------------------------------------
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker when the supervisor dies (even by SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _worker_main(settings: Settings, ready: Any, parent_pid: int) -> None:
+    _die_with_parent()
+    if os.getppid() != parent_pid:      # the parent died before prctl took effect
+        os._exit(0)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the group: the parent decides
+    code = _run_worker(settings, reuse_port=True, announce=lambda host, port: ready.set())
+    os._exit(code)
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) host:port with SO_REUSEPORT: resolves port 0 to one
+    port all workers then share, and keeps it ours while they restart."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class _Workers:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.ctx = multiprocessing.get_context("fork")  # no threads yet; spawn would re-run __main__
+        self.procs: dict[int, tuple[Any, float]] = {}   # slot -> (process, started at)
+
+    def start(self, slot: int) -> Any:
+        ready = self.ctx.Event()
+        proc = self.ctx.Process(target=_worker_main, args=(self.settings, ready, os.getpid()),
+                                name=f"dockyard-worker-{slot}", daemon=False)
+        proc.start()
+        self.procs[slot] = (proc, time.monotonic())
+        return ready
+
+    def stop_all(self) -> None:
+        for proc, _ in self.procs.values():
+            if proc.is_alive():
+                try:
+                    os.kill(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + _STOP_GRACE
+        for proc, _ in self.procs.values():
+            proc.join(max(0.0, deadline - time.monotonic()))
+        for proc, _ in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def _supervise(settings: Settings) -> int:
+    reservation = _reserve_port(settings.http.host, settings.http.port)
+    port = reservation.getsockname()[1]
+    settings = dataclasses.replace(settings, http=dataclasses.replace(settings.http, port=port))
+
+    stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    workers = _Workers(settings)
+    try:
+        events = [workers.start(slot) for slot in range(settings.http.workers)]
+        deadline = time.monotonic() + _READY_TIMEOUT
+        for slot, ready in enumerate(events):
+            while not ready.wait(0.1):
+                proc = workers.procs[slot][0]
+                if stopping:
+                    return 0
+                if not proc.is_alive():
+                    print(f"dockyard serve: worker {slot} exited with {proc.exitcode} "
+                          f"before listening", file=sys.stderr)
+                    return 1
+                if time.monotonic() > deadline:
+                    print(f"dockyard serve: worker {slot} did not start listening within "
+                          f"{_READY_TIMEOUT:.0f}s", file=sys.stderr)
+                    return 1
+        _announce(settings.http.host, port)
+        quick_deaths = 0
+        while not stopping:
+            sentinels = {proc.sentinel: slot for slot, (proc, _) in workers.procs.items()}
+            for sentinel in multiprocessing.connection.wait(list(sentinels), timeout=0.5):
+                if stopping:
+                    break
+                slot = sentinels[sentinel]
+                proc, started = workers.procs[slot]
+                proc.join()
+                quick_deaths = quick_deaths + 1 if time.monotonic() - started < _RESTART_WINDOW else 0
+                if quick_deaths >= _MAX_QUICK_DEATHS:
+                    print("dockyard serve: workers keep dying; stopping", file=sys.stderr)
+                    return 1
+                log.warning("worker %d exited with %s; restarting", slot, proc.exitcode)
+                workers.start(slot)
+        return 0
+    finally:
+        workers.stop_all()
+        reservation.close()

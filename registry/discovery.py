@@ -1,0 +1,73 @@
+"""Content discovery: the version check, tags list, catalog and referrers."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from registry.protocol import (JSON, OCI_FILTERS_HEADER, OCI_INDEX, absolute,
+                               next_link, parse_page_size)
+from registry.state import SETTINGS, STORE
+from storage.errors import NameUnknown
+from storage.store import ContentStore
+
+_BASE_BODY = b"{}"
+
+
+async def base(request: web.Request) -> web.Response:
+    """GET /v2/: this is a registry/2.0 (the middleware adds the header)."""
+    return web.Response(body=_BASE_BODY, content_type=JSON)
+
+
+def _json(data: object, headers: dict[str, str] | None = None,
+          content_type: str = JSON) -> web.Response:
+    return web.Response(body=json.dumps(data, separators=(",", ":")).encode(),
+                        content_type=content_type, headers=headers)
+
+
+async def list_tags(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    ContentStore.validate_name(name)
+    n = parse_page_size(request)
+    last = request.query.get("last") or None
+    store = request.app[STORE]
+    if n == 0:
+        # Still 404 for an unknown repository; never a Link header.
+        await store.list_tags(name, 1, last)
+        return _json({"name": name, "tags": []})
+    page = await store.list_tags(name, n, last)
+    headers = None
+    if page.has_more and page.items and n is not None:
+        headers = {"Link": next_link(absolute(request, f"/v2/{name}/tags/list"), n, page.items[-1])}
+    return _json({"name": name, "tags": page.items}, headers)
+
+
+async def catalog(request: web.Request) -> web.Response:
+    limit = request.app[SETTINGS].limits.catalog_max_entries
+    n = parse_page_size(request)
+    n = limit if n is None else min(n, limit)
+    last = request.query.get("last") or None
+    if n == 0:
+        return _json({"repositories": []})
+    page = await request.app[STORE].list_repositories(n, last)
+    headers = None
+    if page.has_more and page.items:
+        headers = {"Link": next_link(absolute(request, "/v2/_catalog"), n, page.items[-1])}
+    return _json({"repositories": page.items}, headers)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    digest = request.match_info["digest"]
+    ContentStore.validate_name(name)
+    ContentStore.parse_digest(digest)
+    artifact_type = request.query.get("artifactType") or None
+    try:
+        descriptors = await request.app[STORE].referrers(name, digest, artifact_type)
+    except NameUnknown:
+        descriptors = []  # the API is supported: an empty list, never a 404
+    headers = {OCI_FILTERS_HEADER: "artifactType"} if artifact_type else None
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}
+    return _json(index, headers, content_type=OCI_INDEX)
+

@@ -1,0 +1,226 @@
+"""Registry settings: typed, frozen, loaded in three layers.
+
+    defaults  <  YAML file (--config FILE)  <  DOCKYARD_* environment  <  CLI flags
+
+Environment variables name a key by its path, upper-cased and joined by
+underscores, under the prefix DOCKYARD_:
+
+    http.host                   DOCKYARD_HTTP_HOST
+    http.port                   DOCKYARD_HTTP_PORT
+    http.workers                DOCKYARD_HTTP_WORKERS
+    http.relative_urls          DOCKYARD_HTTP_RELATIVE_URLS
+    http.access_log             DOCKYARD_HTTP_ACCESS_LOG
+    storage.driver              DOCKYARD_STORAGE_DRIVER
+    storage.root                DOCKYARD_STORAGE_ROOT
+    storage.redirect            DOCKYARD_STORAGE_REDIRECT
+    storage.delete_enabled      DOCKYARD_STORAGE_DELETE_ENABLED
+    storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
+    limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
+    limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
+    log.level                   DOCKYARD_LOG_LEVEL
+
+`deploy/config.example.yml` documents every key. Any problem (unknown key,
+wrong type, bad value) is a `SettingsError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "DOCKYARD_"
+DRIVERS = ("filesystem", "s3")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class SettingsError(ValueError):
+    """A configuration problem, described in one line."""
+
+
+def default_storage_root() -> str:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "dockyard", "registry")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    workers: int = 1               # processes sharing the port (SO_REUSEPORT)
+    relative_urls: bool = True     # Location headers as paths (docker, skopeo, podman accept them)
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str = ""
+    region: str = ""
+    endpoint_url: str = ""         # for S3-compatible services (MinIO, Ceph)
+    prefix: str = ""               # key prefix inside the bucket
+    access_key_id: str = ""        # empty: the usual AWS credential chain
+    secret_access_key: str = ""
+    presign_expires: int = 1200
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    driver: str = "filesystem"
+    root: str = field(default_factory=default_storage_root)
+    redirect: bool = False         # GET blob -> 307 to a direct URL when the driver has one
+    delete_enabled: bool = True
+    s3: S3Settings = field(default_factory=S3Settings)
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_manifest_bytes: int = 4 * 1024 * 1024
+    catalog_max_entries: int = 1000
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Settings:
+    http: HttpSettings = field(default_factory=HttpSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def validate(self) -> "Settings":
+        if not 0 <= self.http.port <= 65535:
+            raise SettingsError(f"http.port must be 0..65535, got {self.http.port}")
+        if not 1 <= self.http.workers <= 256:
+            raise SettingsError(f"http.workers must be 1..256, got {self.http.workers}")
+        if self.storage.driver not in DRIVERS:
+            raise SettingsError(f"storage.driver must be one of {', '.join(DRIVERS)}, "
+                                f"got {self.storage.driver!r}")
+        if self.storage.driver == "filesystem" and not self.storage.root:
+            raise SettingsError("storage.root must be set for the filesystem driver")
+        if self.storage.driver == "s3" and not self.storage.s3.bucket:
+            raise SettingsError("storage.s3.bucket must be set for the s3 driver")
+        if self.limits.max_manifest_bytes < 1024:
+            raise SettingsError("limits.max_manifest_bytes must be at least 1024")
+        if self.limits.catalog_max_entries < 1:
+            raise SettingsError("limits.catalog_max_entries must be at least 1")
+        if self.log.level not in LOG_LEVELS:
+            raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
+        return self
+
+
+# ---- loading ----------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """Coerce a YAML/env value to the field's type, or SettingsError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.strip().lower() in ("0", "false", "no", "off", ""):
+            return False
+        raise SettingsError(f"{key}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(str(value).strip(), 10) if isinstance(value, str) else int(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}") from None
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise SettingsError(f"{key}: expected a string, got {type(value).__name__}")
+        return "" if value is None else str(value)
+    raise SettingsError(f"{key}: unsupported setting type")  # pragma: no cover
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise SettingsError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SettingsError(f"unknown setting {prefix}{unknown[0]}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kind = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value or {}, key + ".")
+        else:
+            kwargs[name] = _convert(value, kind, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, override: Mapping) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _env_overrides(cls: type, environ: Mapping[str, str], prefix: str = ENV_PREFIX) -> dict:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(kind):
+            nested = _env_overrides(kind, environ, name + "_")
+            if nested:
+                out[f.name] = nested
+        elif name in environ:
+            out[f.name] = environ[name]
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    import yaml
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise SettingsError(f"config file {path}{where}: invalid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"config file {path}: expected a mapping at the top level")
+    return data
+
+
+def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
+                  overrides: Mapping[str, Any] | None = None) -> Settings:
+    """defaults < config file < environment < overrides ({"http": {"port": 1}, ...})."""
+    environ = os.environ if environ is None else environ
+    data: dict = {}
+    if config_file:
+        data = _merge(data, load_yaml(config_file))
+    data = _merge(data, _env_overrides(Settings, environ))
+    if overrides:
+        data = _merge(data, overrides)
+    return _build(Settings, data, "").validate()
+
+
+def settings_for_tests(root: str | os.PathLike, **sections: Any) -> Settings:
+    """Settings with storage under root; keyword args replace whole sections."""
+    base = Settings(storage=StorageSettings(root=str(root)))
+    return dataclasses.replace(base, **sections).validate()

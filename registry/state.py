@@ -1,0 +1,11 @@
+"""Typed application state shared by the handlers (aiohttp `web.AppKey`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry.settings import Settings
+from storage.store import ContentStore
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", ContentStore)
