@@ -1,0 +1,387 @@
+"""Registry authentication: challenges, scopes, credentials, token cache.
+
+- `parse_challenges(header)`: RFC 7235 WWW-Authenticate parsing (several
+  challenges per header, quoted values with commas and escapes).
+- `Scope`: "repository:NAME:ACTIONS". NAME may itself contain ':' (a
+  repository under "host:port/..."), so the type is split at the first ':'
+  and the actions at the last one - never naively.
+- Credentials come from Docker's config (`$DOCKER_CONFIG/config.json` or
+  `~/.docker/config.json`): `auths[host].auth` (base64 "user:pass") or
+  `identitytoken`, `credsStore` and `credHelpers` through
+  `docker-credential-<helper> get|store|erase`. A user who ran `docker login`
+  is already logged in here, and `dockyard login` writes what docker reads.
+- `TokenCache`: bearer tokens per (realm, service, scopes, account) until
+  they expire.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from puller.reference import DOCKER_HUB, DOCKER_HUB_API
+
+DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+
+
+class AuthError(Exception):
+    """Authentication failed or was refused (one line for the user)."""
+
+
+class CredentialError(Exception):
+    """Reading or writing stored credentials failed."""
+
+
+# -- challenges -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Challenge:
+    scheme: str                      # lower-case: "bearer", "basic"
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def realm(self) -> str | None:
+        return self.params.get("realm")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t":
+        i += 1
+    return i
+
+
+def _read_token(text: str, i: int) -> tuple[str, int]:
+    start = i
+    while i < len(text) and text[i] not in " \t,=\"":
+        i += 1
+    return text[start:i], i
+
+
+def _read_quoted(text: str, i: int) -> tuple[str, int]:
+    # text[i] == '"'
+    i += 1
+    out = []
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            out.append(text[i + 1])
+            i += 2
+            continue
+        if c == '"':
+            return "".join(out), i + 1
+        out.append(c)
+        i += 1
+    return "".join(out), i  # unterminated: take what is there
+
+
+def parse_challenges(header: str) -> list[Challenge]:
+    """Parse one WWW-Authenticate header value into its challenges."""
+    challenges: list[Challenge] = []
+    i, n = 0, len(header)
+    current: Challenge | None = None
+    while i < n:
+        i = _skip_ws(header, i)
+        if i < n and header[i] == ",":
+            i += 1
+            continue
+        token, j = _read_token(header, i)
+        if not token:
+            i = j + 1
+            continue
+        k = _skip_ws(header, j)
+        if k < n and header[k] == "=" and current is not None:
+            # auth-param of the current challenge
+            k = _skip_ws(header, k + 1)
+            if k < n and header[k] == '"':
+                value, k = _read_quoted(header, k)
+            else:
+                value, k = _read_token(header, k)
+                # token68 padding like "abc==" is not a param; tolerate it
+            current.params[token.lower()] = value
+            i = k
+            continue
+        if k < n and header[k] == "=" and current is None:
+            i = k + 1
+            continue
+        # a new scheme
+        current = Challenge(token.lower(), {})
+        challenges.append(current)
+        i = k
+    return challenges
+
+
+def challenges_from_headers(values: list[str]) -> list[Challenge]:
+    out: list[Challenge] = []
+    for value in values:
+        out.extend(parse_challenges(value))
+    return out
+
+
+# -- scopes -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Scope:
+    type: str
+    name: str
+    actions: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> "Scope":
+        kind, sep, rest = text.partition(":")
+        name, sep2, actions = rest.rpartition(":")
+        if not sep or not sep2 or not kind or not name:
+            raise ValueError(f"invalid scope {text!r}")
+        return cls(kind, name, tuple(a for a in actions.split(",") if a))
+
+    @classmethod
+    def repository(cls, name: str, *actions: str) -> "Scope":
+        return cls("repository", name, tuple(actions))
+
+    def __str__(self) -> str:
+        return f"{self.type}:{self.name}:{','.join(self.actions)}"
+
+
+def parse_scope_list(text: str) -> list[Scope]:
+    out = []
+    for part in (text or "").split():
+        try:
+            out.append(Scope.parse(part))
+        except ValueError:
+            continue
+    return out
+
+
+def merge_scopes(scopes: list[Scope]) -> list[Scope]:
+    """Union of actions per resource, keeping first-seen order (so the push
+    scope asked first stays first)."""
+    merged: dict[tuple[str, str], list[str]] = {}
+    for scope in scopes:
+        actions = merged.setdefault((scope.type, scope.name), [])
+        for action in scope.actions:
+            if action not in actions:
+                actions.append(action)
+    return [Scope(kind, name, tuple(actions)) for (kind, name), actions in merged.items()]
+
+
+# -- credentials ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str | None = None
+    password: str | None = None
+    identity_token: str | None = None     # OAuth2 refresh token
+
+    @property
+    def anonymous(self) -> bool:
+        return not (self.username or self.password or self.identity_token)
+
+    def basic_header(self) -> str:
+        raw = f"{self.username or ''}:{self.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+
+ANONYMOUS = Credentials()
+
+
+def docker_config_dir() -> pathlib.Path:
+    env = os.environ.get("DOCKER_CONFIG")
+    return pathlib.Path(env) if env else pathlib.Path(os.path.expanduser("~")) / ".docker"
+
+
+def config_key(registry: str) -> str:
+    """The key Docker uses in config.json for a registry."""
+    if registry in (DOCKER_HUB, DOCKER_HUB_API, "index.docker.io"):
+        return DOCKER_HUB_AUTH_KEY
+    return registry
+
+
+def _normalise_key(key: str) -> str:
+    for prefix in ("https://", "http://"):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key.split("/", 1)[0]
+
+
+class DockerConfig:
+    """Docker's client config file, read and written the way docker does."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        self.dir = pathlib.Path(directory) if directory else docker_config_dir()
+        self.path = self.dir / "config.json"
+
+    def load(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise CredentialError(f"{self.path} is not valid JSON: {exc}") from None
+
+    def save(self, data: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".config.json.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent="\t")
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.path)
+
+    def helper_for(self, registry: str, data: dict | None = None) -> str | None:
+        data = self.load() if data is None else data
+        helpers = data.get("credHelpers") or {}
+        key = config_key(registry)
+        for candidate in (key, registry, _normalise_key(key)):
+            if candidate in helpers:
+                return helpers[candidate]
+        return data.get("credsStore") or None
+
+    def get(self, registry: str) -> Credentials:
+        data = self.load()
+        key = config_key(registry)
+        helper = self.helper_for(registry, data)
+        if helper:
+            creds = _helper_get(helper, key)
+            if creds is not None:
+                return creds
+        auths = data.get("auths") or {}
+        entry = auths.get(key)
+        if entry is None:
+            wanted = _normalise_key(key)
+            for name, value in auths.items():
+                if _normalise_key(name) == wanted:
+                    entry = value
+                    break
+        if not entry:
+            return ANONYMOUS
+        username, password = entry.get("username"), entry.get("password")
+        if entry.get("auth"):
+            try:
+                decoded = base64.b64decode(entry["auth"]).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise CredentialError(f"invalid auth entry for {key} in {self.path}") from None
+            username, _, password = decoded.partition(":")
+        return Credentials(username or None, password or None, entry.get("identitytoken") or None)
+
+    def store(self, registry: str, creds: Credentials) -> str:
+        """Save credentials; returns where they went (for the message)."""
+        data = self.load()
+        key = config_key(registry)
+        helper = self.helper_for(registry, data)
+        if helper:
+            secret = creds.identity_token or creds.password or ""
+            username = "<token>" if creds.identity_token else (creds.username or "")
+            _helper_run(helper, "store", json.dumps({"ServerURL": key, "Username": username, "Secret": secret}))
+            data.setdefault("auths", {})[key] = {}
+            self.save(data)
+            return f"credential helper docker-credential-{helper}"
+        entry = {"auth": base64.b64encode(f"{creds.username or ''}:{creds.password or ''}".encode()).decode()}
+        if creds.identity_token:
+            entry["identitytoken"] = creds.identity_token
+        data.setdefault("auths", {})[key] = entry
+        self.save(data)
+        return str(self.path)
+
+    def erase(self, registry: str) -> bool:
+        data = self.load()
+        key = config_key(registry)
+        helper = self.helper_for(registry, data)
+        found = False
+        if helper:
+            try:
+                _helper_run(helper, "erase", key)
+                found = True
+            except CredentialError:
+                pass
+        auths = data.get("auths") or {}
+        for name in list(auths):
+            if name == key or _normalise_key(name) == _normalise_key(key):
+                del auths[name]
+                found = True
+        if found:
+            self.save(data)
+        return found
+
+
+def _helper_run(helper: str, action: str, stdin: str) -> str:
+    program = f"docker-credential-{helper}"
+    if shutil.which(program) is None:
+        raise CredentialError(f"credential helper {program} not found on PATH")
+    proc = subprocess.run([program, action], input=stdin.encode(), capture_output=True, timeout=60)
+    if proc.returncode != 0:
+        message = (proc.stdout or proc.stderr).decode(errors="replace").strip()
+        raise CredentialError(f"{program} {action}: {message or 'failed'}")
+    return proc.stdout.decode()
+
+
+def _helper_get(helper: str, key: str) -> Credentials | None:
+    try:
+        out = _helper_run(helper, "get", key)
+    except CredentialError as exc:
+        if "credentials not found" in str(exc).lower():
+            return None
+        raise
+    try:
+        data = json.loads(out)
+    except ValueError:
+        raise CredentialError(f"docker-credential-{helper} get: invalid output") from None
+    username, secret = data.get("Username") or "", data.get("Secret") or ""
+    if username == "<token>":
+        return Credentials(identity_token=secret)
+    return Credentials(username or None, secret or None)
+
+
+# -- tokens -----------------------------------------------------------------------
+
+@dataclass
+class Token:
+    value: str
+    expires_at: float
+    refresh_token: str | None = None
+
+    def valid(self, now: float | None = None) -> bool:
+        return (now or time.monotonic()) < self.expires_at
+
+
+class TokenCache:
+    """Bearer tokens keyed by (realm, service, scopes, account)."""
+
+    MARGIN = 5.0  # seconds before expiry at which a token is no longer used
+
+    def __init__(self):
+        self._tokens: dict[tuple, Token] = {}
+
+    @staticmethod
+    def key(realm: str, service: str | None, scopes: list[Scope], account: str | None) -> tuple:
+        return (realm, service or "", tuple(str(s) for s in scopes), account or "")
+
+    def get(self, key: tuple) -> Token | None:
+        token = self._tokens.get(key)
+        if token and token.valid():
+            return token
+        self._tokens.pop(key, None)
+        return None
+
+    def put(self, key: tuple, token: Token) -> None:
+        self._tokens[key] = token
+
+    def drop(self, key: tuple) -> None:
+        self._tokens.pop(key, None)
+
+
+def token_from_response(body: dict) -> Token:
+    value = body.get("token") or body.get("access_token")
+    if not value:
+        raise AuthError("token server answered without a token")
+    try:
+        expires_in = int(body.get("expires_in") or 60)
+    except (TypeError, ValueError):
+        expires_in = 60
+    expires_in = max(expires_in, 60)  # the spec's minimum, as docker assumes
+    return Token(value=value, expires_at=time.monotonic() + expires_in - TokenCache.MARGIN,
+                 refresh_token=body.get("refresh_token"))

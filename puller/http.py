@@ -1,0 +1,654 @@
+"""The registry HTTP client: one aiohttp session, auth, redirects, retries.
+
+    async with RegistryClient(ClientOptions(...)) as client:
+        manifest = await client.get_manifest(ref, "latest")       # -> FetchedManifest
+        async with client.blob(ref, digest, offset=0) as response: ...
+        await client.blob_size(ref, digest)                        # HEAD, None if absent
+        await client.put_manifest(ref, "v1", body, media_type)
+        ...
+
+Scheme: HTTPS, except plain HTTP with --plain-http, or for a loopback
+registry (localhost, 127.0.0.0/8, ::1) that does not speak TLS - probed
+once per host, as Docker does for insecure registries.
+
+Auth: the first request to a host pings /v2/ to learn its challenge; Basic
+sends stored credentials; Bearer fetches a token from the realm for the
+scopes of the request (OAuth2 POST when there are credentials, falling back
+to GET on 404/405), cached per scope set until expiry. A 401 with a new
+challenge (e.g. insufficient_scope) gets one retry; a second 401 is an
+AuthError. Authorization is never sent to another host after a redirect
+(blob downloads are often redirected to object storage), and a token realm
+that is not HTTPS is refused unless the registry itself is plain HTTP on
+loopback.
+
+Errors (one line each, for the CLI):
+
+    ClientError
+     +-- AuthError (puller.auth)       401/403, bad credentials, refused realm
+     +-- NotFoundError                 404 manifest/blob/repository
+     +-- ManifestError                 not JSON, too big, digest mismatch, unsupported
+     +-- DigestMismatchError           blob bytes do not match their digest/size
+     +-- RegistryResponseError         other unexpected status
+     +-- TransportError                connection failures after retries
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+
+from puller.auth import (ANONYMOUS, AuthError, Challenge, Credentials, CredentialError, DockerConfig, Scope,
+                         TokenCache, challenges_from_headers, merge_scopes, parse_scope_list, token_from_response)
+from puller.reference import Reference, is_loopback
+
+MiB = 1024 * 1024
+MAX_MANIFEST_SIZE = 4 * MiB
+USER_AGENT = "dockyard/0.1"
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
+INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_LIST)
+MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT_MANIFESTS = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+
+RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
+TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+
+
+# -- errors -----------------------------------------------------------------------
+
+class ClientError(Exception):
+    """Base of every client failure; str() is one line for the user."""
+
+
+class NotFoundError(ClientError):
+    pass
+
+
+class ManifestError(ClientError):
+    pass
+
+
+class DigestMismatchError(ClientError):
+    pass
+
+
+class RegistryResponseError(ClientError):
+    def __init__(self, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class TransportError(ClientError):
+    pass
+
+
+# AuthError lives in puller.auth but belongs to the same family for callers
+CLIENT_ERRORS = (ClientError, AuthError, CredentialError)
+
+
+# -- options ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientOptions:
+    plain_http: bool = False            # --plain-http: never TLS
+    insecure: bool = False              # --insecure: TLS without verification
+    ca_file: str | None = None          # --ca-file: extra CA bundle
+    concurrency: int = 6                # parallel blob transfers
+    retries: int = 5                    # per request / per blob (resumed)
+    max_manifest_size: int = MAX_MANIFEST_SIZE
+    connect_timeout: float = 30.0
+    read_timeout: float = 300.0         # between two reads of a body
+    docker_config: str | None = None    # directory holding config.json (default $DOCKER_CONFIG, ~/.docker)
+    credentials: tuple[tuple[str, Credentials], ...] = ()   # (registry, creds) overriding the config
+    user_agent: str = USER_AGENT
+    chunk_size: int = MiB               # read / hash / write granularity
+    upload_chunk_size: int = 16 * MiB   # PATCH size for large uploads
+    monolithic_limit: int = 16 * MiB    # blobs up to this size are uploaded with one PUT
+
+    def credentials_for(self, registry: str) -> Credentials | None:
+        for name, creds in self.credentials:
+            if name == registry:
+                return creds
+        return None
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    data: bytes
+    media_type: str
+    digest: str
+    json: dict
+
+    @property
+    def is_index(self) -> bool:
+        return self.media_type in INDEX_MEDIA_TYPES
+
+    def descriptor(self) -> dict:
+        return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}
+
+
+@dataclass
+class _Endpoint:
+    base: str                                    # "https://host:port"
+    challenges: list[Challenge] = field(default_factory=list)
+    credentials: Credentials = ANONYMOUS
+
+
+def digest_of(data: bytes, algorithm: str = "sha256") -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _registry_error(status: int, body: bytes) -> tuple[str | None, str]:
+    try:
+        errors = json.loads(body).get("errors") or []
+        first = errors[0]
+        return first.get("code"), first.get("message") or first.get("code") or ""
+    except (ValueError, AttributeError, IndexError, TypeError):
+        text = body.decode(errors="replace").strip().splitlines()
+        return None, (text[0][:200] if text else "")
+
+
+class RegistryClient:
+    def __init__(self, options: ClientOptions | None = None):
+        self.options = options or ClientOptions()
+        self._session: aiohttp.ClientSession | None = None
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._endpoint_locks: dict[str, asyncio.Lock] = {}
+        self._token_locks: dict[tuple, asyncio.Lock] = {}
+        self._tokens = TokenCache()
+        self._docker_config = DockerConfig(self.options.docker_config)
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def __aenter__(self) -> "RegistryClient":
+        self.open()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        if self.options.insecure:
+            return False
+        context = ssl.create_default_context()
+        if self.options.ca_file:
+            context.load_verify_locations(cafile=self.options.ca_file)
+        return context
+
+    def open(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=max(4, self.options.concurrency * 2),
+                                             limit_per_host=max(2, self.options.concurrency + 2),
+                                             ssl=self._ssl_context(), enable_cleanup_closed=True)
+            timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout,
+                                            sock_read=self.options.read_timeout)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                                  headers={"User-Agent": self.options.user_agent})
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self.open()
+        return self._session
+
+    # -- endpoints and auth ---------------------------------------------------------------
+    async def endpoint(self, host: str) -> _Endpoint:
+        endpoint = self._endpoints.get(host)
+        if endpoint:
+            return endpoint
+        lock = self._endpoint_locks.setdefault(host, asyncio.Lock())
+        async with lock:
+            if host in self._endpoints:
+                return self._endpoints[host]
+            registry_name = "docker.io" if host == "registry-1.docker.io" else host
+            creds = self.options.credentials_for(registry_name) or self.options.credentials_for(host)
+            if creds is None:
+                creds = await asyncio.to_thread(self._docker_config.get, registry_name)
+            endpoint = await self._probe(host)
+            endpoint.credentials = creds
+            self._endpoints[host] = endpoint
+            return endpoint
+
+    async def _probe(self, host: str) -> _Endpoint:
+        """GET /v2/ to learn the scheme and the auth challenge."""
+        schemes = ["https"]
+        if self.options.plain_http:
+            schemes = ["http"]
+        elif is_loopback(host):
+            schemes = ["https", "http"]
+        last: Exception | None = None
+        for scheme in schemes:
+            base = f"{scheme}://{host}"
+            try:
+                async with self.session.get(f"{base}/v2/", allow_redirects=False) as response:
+                    await response.read()
+                    challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate", []))
+                    return _Endpoint(base=base, challenges=challenges if response.status == 401 else [])
+            except aiohttp.ClientConnectorCertificateError as exc:
+                raise TransportError(f"TLS certificate of {host} not trusted ({exc.certificate_error}); "
+                                     f"use --ca-file or --insecure") from None
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                last = exc  # e.g. TLS spoken to a plain HTTP loopback registry
+                continue
+        raise TransportError(f"cannot reach registry {host}: {_describe(last)}")
+
+    def _credentials(self, endpoint: _Endpoint) -> Credentials:
+        return endpoint.credentials
+
+    async def _authorization(self, host: str, endpoint: _Endpoint, scopes: list[Scope],
+                             force: bool = False) -> str | None:
+        for challenge in endpoint.challenges:
+            if challenge.scheme == "bearer" and challenge.realm:
+                return "Bearer " + await self._token(host, endpoint, challenge, scopes, force)
+        for challenge in endpoint.challenges:
+            if challenge.scheme == "basic" and not endpoint.credentials.anonymous:
+                return endpoint.credentials.basic_header()
+        return None
+
+    async def _token(self, host: str, endpoint: _Endpoint, challenge: Challenge, scopes: list[Scope],
+                     force: bool) -> str:
+        realm = challenge.realm
+        realm_scheme = urlsplit(realm).scheme
+        if realm_scheme != "https" and not (endpoint.base.startswith("http://") and is_loopback(host)):
+            raise AuthError(f"refusing token realm {realm}: not HTTPS")
+        service = challenge.params.get("service")
+        creds = endpoint.credentials
+        key = TokenCache.key(realm, service, scopes, creds.username or creds.identity_token)
+        if not force:
+            cached = self._tokens.get(key)
+            if cached:
+                return cached.value
+        lock = self._token_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            if not force:
+                cached = self._tokens.get(key)
+                if cached:
+                    return cached.value
+            token = await self._fetch_token(host, realm, service, scopes, creds)
+            self._tokens.put(key, token)
+            return token.value
+
+    async def _fetch_token(self, host: str, realm: str, service: str | None, scopes: list[Scope],
+                           creds: Credentials):
+        scope_strings = [str(s) for s in scopes]
+        if creds.identity_token or (creds.username and creds.password):
+            form = {"client_id": "dockyard", "access_type": "online"}
+            if service:
+                form["service"] = service
+            if scope_strings:
+                form["scope"] = " ".join(scope_strings)
+            if creds.identity_token:
+                form.update(grant_type="refresh_token", refresh_token=creds.identity_token)
+            else:
+                form.update(grant_type="password", username=creds.username, password=creds.password)
+            status, body = await self._token_request("POST", realm, data=form)
+            if status not in (404, 405):
+                return self._token_result(host, status, body)
+            if not (creds.username and creds.password):
+                creds = ANONYMOUS
+        params: list[tuple[str, str]] = []
+        if service:
+            params.append(("service", service))
+        params.extend(("scope", s) for s in scope_strings)
+        headers = {}
+        if creds.username:
+            params.append(("account", creds.username))
+            headers["Authorization"] = creds.basic_header()
+        url = realm + ("&" if "?" in realm else "?") + urlencode(params) if params else realm
+        status, body = await self._token_request("GET", url, headers=headers)
+        return self._token_result(host, status, body)
+
+    async def _token_request(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+        for attempt in range(self.options.retries + 1):
+            try:
+                async with self.session.request(method, url, allow_redirects=True, **kwargs) as response:
+                    body = await response.content.read(64 * 1024)
+                    if response.status in RETRYABLE_STATUS and attempt < self.options.retries:
+                        await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
+                        continue
+                    return response.status, body
+            except TRANSIENT_ERRORS as exc:
+                if attempt >= self.options.retries:
+                    raise TransportError(f"token server {urlsplit(url).netloc} unreachable: {_describe(exc)}") from None
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
+        raise TransportError("token server unreachable")  # pragma: no cover
+
+    def _token_result(self, host: str, status: int, body: bytes):
+        if status in (401, 403):
+            raise AuthError(f"authentication to {host} failed: incorrect username or password")
+        if status != 200:
+            _, message = _registry_error(status, body)
+            raise AuthError(f"token server for {host} answered {status}: {message}".rstrip(": "))
+        try:
+            return token_from_response(json.loads(body))
+        except ValueError:
+            raise AuthError(f"token server for {host} answered something that is not JSON") from None
+
+    # -- requests -------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def request(self, method: str, host: str, path_or_url: str, *, scopes: list[Scope],
+                      headers: dict | None = None, data: bytes | Callable[[], object] | None = None,
+                      params: dict | None = None, follow_redirects: bool = True,
+                      retry: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+        """Send one request with auth (one retry after a 401 challenge), retrying
+        transient failures when `retry`. `data` is bytes or a zero-argument
+        callable returning a fresh body (so a body can be sent again)."""
+        endpoint = await self.endpoint(host)
+        url = path_or_url if "://" in path_or_url else endpoint.base + path_or_url
+        if params:
+            url += ("&" if "?" in url else "?") + urlencode(params)
+        scopes = merge_scopes(scopes)
+        attempts = self.options.retries if retry else 0
+        reauthed = False
+        for attempt in range(attempts + 1):
+            auth = await self._authorization(host, endpoint, scopes, force=reauthed)
+            body = data() if callable(data) else data
+            try:
+                response = await self._send(method, url, endpoint, auth, headers or {}, body, follow_redirects)
+            except TRANSIENT_ERRORS as exc:
+                if attempt >= attempts:
+                    raise TransportError(f"{method} {urlsplit(url).path} on {host} failed: {_describe(exc)}") from None
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
+                continue
+            if response.status == 401 and not reauthed:
+                challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate", []))
+                response.release()
+                if challenges:
+                    endpoint.challenges = challenges
+                    for challenge in challenges:
+                        if challenge.scheme == "bearer":
+                            scopes = merge_scopes(scopes + parse_scope_list(challenge.params.get("scope", "")))
+                reauthed = True
+                if await self._authorization(host, endpoint, scopes, force=True) is None:
+                    raise AuthError(f"authentication required by {host}: run 'dockyard login {host}'")
+                continue
+            if response.status == 401:
+                code, message = _registry_error(401, await response.read())
+                response.release()
+                if endpoint.credentials.anonymous:
+                    raise AuthError(f"authentication required by {host}: run 'dockyard login {host}'")
+                raise AuthError(f"authentication to {host} failed: {message or 'unauthorized'}")
+            if response.status in RETRYABLE_STATUS and attempt < attempts:
+                response.release()
+                await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
+                continue
+            try:
+                yield response
+            finally:
+                response.release()
+            return
+        raise TransportError(f"{method} {path_or_url} on {host}: retries exhausted")
+
+    async def _send(self, method: str, url: str, endpoint: _Endpoint, auth: str | None, headers: dict,
+                    body, follow_redirects: bool) -> aiohttp.ClientResponse:
+        registry_origin = _origin(endpoint.base)
+        for _ in range(10):
+            request_headers = dict(headers)
+            if auth and _origin(url) == registry_origin:
+                request_headers["Authorization"] = auth
+            response = await self.session.request(method, url, headers=request_headers, data=body,
+                                                  allow_redirects=False)
+            if not follow_redirects or response.status not in (301, 302, 303, 307, 308):
+                return response
+            location = response.headers.get("Location")
+            response.release()
+            if not location:
+                raise RegistryResponseError(f"redirect without Location from {urlsplit(url).netloc}")
+            url = urljoin(url, location)
+            if response.status == 303:
+                method, body = "GET", None
+        raise RegistryResponseError("too many redirects")
+
+    async def error_for(self, response: aiohttp.ClientResponse, what: str) -> ClientError:
+        body = await response.content.read(64 * 1024)
+        code, message = _registry_error(response.status, body)
+        if response.status == 404:
+            return NotFoundError(f"{what}: not found" + (f" ({message})" if message else ""))
+        if response.status == 403:
+            return AuthError(f"{what}: denied" + (f" ({message})" if message else ""))
+        return RegistryResponseError(f"{what}: registry answered {response.status}"
+                                     + (f" {code}" if code else "") + (f": {message}" if message else ""),
+                                     response.status, code)
+
+    # -- manifests --------------------------------------------------------------------------
+    async def get_manifest(self, ref: Reference, identifier: str | None = None,
+                           accept: str = ACCEPT_MANIFESTS) -> FetchedManifest:
+        identifier = identifier or ref.identifier
+        what = f"manifest {ref.name}{'@' if ':' in identifier else ':'}{identifier}"
+        scopes = [Scope.repository(ref.repository, "pull")]
+        async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                scopes=scopes, headers={"Accept": accept}) as response:
+            if response.status != 200:
+                raise await self.error_for(response, what)
+            limit = self.options.max_manifest_size
+            if response.content_length is not None and response.content_length > limit:
+                raise ManifestError(f"{what}: {response.content_length} bytes exceeds the {limit} byte limit")
+            data = await response.content.read(limit + 1)
+            if len(data) > limit:
+                raise ManifestError(f"{what}: exceeds the {limit} byte limit")
+            while len(data) < (response.content_length or 0):
+                more = await response.content.read(limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            header_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+        return self._check_manifest(what, identifier, data, header_type)
+
+    def _check_manifest(self, what: str, identifier: str, data: bytes, header_type: str) -> FetchedManifest:
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            raise ManifestError(f"{what}: not valid JSON") from None
+        if not isinstance(parsed, dict):
+            raise ManifestError(f"{what}: not a JSON object")
+        if ":" in identifier:
+            algorithm = identifier.split(":", 1)[0]
+            try:
+                actual = digest_of(data, algorithm)
+            except ValueError:
+                raise ManifestError(f"{what}: unsupported digest algorithm {algorithm}") from None
+            if actual != identifier:
+                raise ManifestError(f"{what}: content does not match its digest (got {actual})")
+            digest = actual
+        else:
+            digest = digest_of(data)
+        media_type = parsed.get("mediaType") or header_type
+        if parsed.get("schemaVersion") == 1 or media_type in DOCKER_SCHEMA1:
+            raise ManifestError(f"{what}: Docker schema 1 manifests are not supported")
+        if media_type not in INDEX_MEDIA_TYPES + MANIFEST_MEDIA_TYPES:
+            # artifacts and untyped manifests: infer from the shape
+            media_type = OCI_INDEX if "manifests" in parsed else (media_type or OCI_MANIFEST)
+        if media_type in INDEX_MEDIA_TYPES and not isinstance(parsed.get("manifests"), list):
+            raise ManifestError(f"{what}: index without a manifests list")
+        if media_type in MANIFEST_MEDIA_TYPES and not isinstance(parsed.get("config"), dict):
+            raise ManifestError(f"{what}: manifest without a config descriptor")
+        return FetchedManifest(data=data, media_type=media_type, digest=digest, json=parsed)
+
+    async def head_manifest(self, ref: Reference, identifier: str) -> dict | None:
+        scopes = [Scope.repository(ref.repository, "pull")]
+        async with self.request("HEAD", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                scopes=scopes, headers={"Accept": ACCEPT_MANIFESTS}) as response:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise await self.error_for(response, f"manifest {ref.name}:{identifier}")
+            return {"mediaType": (response.headers.get("Content-Type") or "").split(";")[0],
+                    "digest": response.headers.get("Docker-Content-Digest"),
+                    "size": int(response.headers.get("Content-Length") or 0)}
+
+    async def put_manifest(self, ref: Reference, identifier: str, data: bytes, media_type: str) -> dict:
+        scopes = [Scope.repository(ref.repository, "pull", "push")]
+        async with self.request("PUT", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                scopes=scopes, headers={"Content-Type": media_type}, data=data) as response:
+            if response.status not in (200, 201, 202):
+                raise await self.error_for(response, f"push manifest {ref.name}:{identifier}")
+            return {"digest": response.headers.get("Docker-Content-Digest"),
+                    "subject": response.headers.get("OCI-Subject")}
+
+    async def list_tags(self, ref: Reference) -> list[str]:
+        scopes = [Scope.repository(ref.repository, "pull")]
+        tags: list[str] = []
+        path = f"/v2/{ref.repository}/tags/list"
+        for _ in range(1000):
+            async with self.request("GET", ref.api_host, path, scopes=scopes) as response:
+                if response.status != 200:
+                    raise await self.error_for(response, f"tags of {ref.name}")
+                body = await response.json(content_type=None)
+                tags.extend(body.get("tags") or [])
+                link = response.headers.get("Link")
+            if not link or 'rel="next"' not in link:
+                break
+            path = link.split(";")[0].strip().strip("<>")
+        return tags
+
+    async def referrers(self, ref: Reference, digest: str) -> list[dict]:
+        """Descriptors of manifests whose subject is `digest`: the referrers API,
+        or the referrers tag schema (sha256-<hex>) when the API answers 404."""
+        scopes = [Scope.repository(ref.repository, "pull")]
+        async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/referrers/{digest}",
+                                scopes=scopes, headers={"Accept": OCI_INDEX}) as response:
+            if response.status == 200:
+                body = await response.json(content_type=None)
+                return list(body.get("manifests") or [])
+            if response.status not in (404, 405, 400):
+                raise await self.error_for(response, f"referrers of {ref.name}@{digest}")
+        tag = digest.replace(":", "-")
+        try:
+            fallback = await self.get_manifest(ref, tag, accept=OCI_INDEX)
+        except NotFoundError:
+            return []
+        return list(fallback.json.get("manifests") or [])
+
+    # -- blobs ------------------------------------------------------------------------------
+    async def blob_size(self, ref: Reference, digest: str, *, push: bool = False) -> int | None:
+        """HEAD a blob: its size, or None when the repository lacks it."""
+        actions = ("pull", "push") if push else ("pull",)
+        scopes = [Scope.repository(ref.repository, *actions)]
+        async with self.request("HEAD", ref.api_host, f"/v2/{ref.repository}/blobs/{digest}",
+                                scopes=scopes) as response:
+            if response.status == 404:
+                return None
+            if response.status != 200:
+                raise await self.error_for(response, f"blob {digest} in {ref.name}")
+            return int(response.headers.get("Content-Length") or 0)
+
+    @contextlib.asynccontextmanager
+    async def blob(self, ref: Reference, digest: str, offset: int = 0) -> AsyncIterator[aiohttp.ClientResponse]:
+        """GET a blob from `offset` (Range); yields the 200/206 response."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        scopes = [Scope.repository(ref.repository, "pull")]
+        async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/blobs/{digest}",
+                                scopes=scopes, headers=headers) as response:
+            if response.status not in (200, 206):
+                raise await self.error_for(response, f"blob {digest} in {ref.name}")
+            yield response
+
+    async def start_upload(self, ref: Reference, mount: str | None = None,
+                           mount_from: str | None = None) -> str | None:
+        """POST an upload session. With `mount`/`mount_from`, try a cross-repository
+        mount first: returns None when the blob was mounted, else the upload URL."""
+        scopes = [Scope.repository(ref.repository, "pull", "push")]
+        params = None
+        if mount and mount_from:
+            scopes.append(Scope.repository(mount_from, "pull"))
+            params = {"mount": mount, "from": mount_from}
+        async with self.request("POST", ref.api_host, f"/v2/{ref.repository}/blobs/uploads/", scopes=scopes,
+                                params=params, headers={"Content-Length": "0"}, data=b"") as response:
+            if response.status == 201 and params:
+                return None
+            if response.status != 202:
+                raise await self.error_for(response, f"start upload to {ref.name}")
+            location = response.headers.get("Location")
+            if not location:
+                raise RegistryResponseError(f"upload to {ref.name}: no Location in the answer")
+            return urljoin(str(response.url), location)
+
+    async def upload_blob(self, ref: Reference, location: str, digest: str, size: int,
+                          read_chunks: Callable[[int, int], AsyncIterator[bytes]],
+                          on_progress: Callable[[int], None] | None = None) -> None:
+        """Upload `size` bytes to the session at `location`. `read_chunks(start,
+        length)` yields the blob's bytes; small blobs go in one PUT, large ones in
+        PATCH chunks with Content-Range, then a closing PUT with the digest."""
+        scopes = [Scope.repository(ref.repository, "pull", "push")]
+        host = ref.api_host
+        what = f"upload {digest} to {ref.name}"
+
+        def body(start: int, length: int):
+            async def generate():
+                async for chunk in read_chunks(start, length):
+                    if on_progress:
+                        on_progress(len(chunk))
+                    yield chunk
+            return generate()
+
+        if size <= self.options.monolithic_limit:
+            async with self.request("PUT", host, location, scopes=scopes, params={"digest": digest},
+                                    headers={"Content-Type": "application/octet-stream",
+                                             "Content-Length": str(size)},
+                                    data=lambda: body(0, size), retry=False) as response:
+                if response.status not in (201, 204):
+                    raise await self.error_for(response, what)
+            return
+        offset = 0
+        step = self.options.upload_chunk_size
+        while offset < size:
+            length = min(step, size - offset)
+            async with self.request("PATCH", host, location, scopes=scopes,
+                                    headers={"Content-Type": "application/octet-stream",
+                                             "Content-Range": f"{offset}-{offset + length - 1}",
+                                             "Content-Length": str(length)},
+                                    data=lambda o=offset, n=length: body(o, n), retry=False) as response:
+                if response.status != 202:
+                    raise await self.error_for(response, what)
+                location = urljoin(str(response.url), response.headers.get("Location") or location)
+            offset += length
+        async with self.request("PUT", host, location, scopes=scopes, params={"digest": digest},
+                                headers={"Content-Length": "0"}, data=b"", retry=False) as response:
+            if response.status not in (201, 204):
+                raise await self.error_for(response, what)
+
+    async def check_login(self, host: str) -> None:
+        """Verify the credentials of `host` (Basic: GET /v2/; Bearer: get a token)."""
+        endpoint = await self.endpoint(host)
+        if not endpoint.challenges:
+            return
+        async with self.request("GET", host, "/v2/", scopes=[]) as response:
+            if response.status != 200:
+                raise await self.error_for(response, f"login to {host}")
+
+    def set_credentials(self, host: str, creds: Credentials) -> None:
+        if host in self._endpoints:
+            self._endpoints[host].credentials = creds
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown error"
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,320 @@
+"""`dockyard pull`: fetch an image into the local store.
+
+    result = await pull("127.0.0.1:5000/busybox:latest", store=LocalStore(),
+                        platform=None, all_platforms=False, options=ClientOptions(),
+                        progress=None, on_layer=None)
+
+Tag -> manifest (OCI and Docker media types); an index is narrowed to one
+platform (the host's, or `platform` "os/arch[/variant]"), or kept whole
+with `all_platforms`. Layers download concurrently (options.concurrency),
+each streamed to STORE/ingest/, hashed on the way (1 MiB steps, off the
+event loop), verified for size AND digest, then renamed into blobs/ - a
+partial blob never has a final name. A dropped connection resumes with a
+Range request from what is already staged (also across runs); blobs already
+in the store are not downloaded again.
+
+`on_layer(index, descriptor, blob_path)` is awaited for each layer of the
+chosen platform's manifest IN LAYER ORDER (index 0 first), as soon as that
+layer and every layer before it are verified in the store - so unpacking can
+start while later layers still download. Calls never overlap.
+
+index.json then records the reference (full normalised name in
+org.opencontainers.image.ref.name): the platform manifest for a single
+platform pull, the index itself with `all_platforms`.
+
+PullResult: reference (normalised), digest (what the tag resolved to),
+manifest_digest (chosen platform), media_type (of manifest_digest), layers
+(list of descriptors), config_digest, bytes_downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import pathlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from puller.http import (ClientOptions, DigestMismatchError, FetchedManifest, RegistryClient, TransportError,
+                         TRANSIENT_ERRORS, ClientError)
+from puller.progress import Progress
+from puller.reference import (ReferenceError, Reference, choose_platform, describe_platform, host_platform,
+                              parse_platform, parse_reference)
+from puller.store import LocalStore
+
+OnLayer = Callable[[int, dict, pathlib.Path], Awaitable[None]]
+
+
+@dataclass
+class PullResult:
+    reference: str
+    digest: str
+    manifest_digest: str
+    media_type: str
+    layers: list[dict]
+    config_digest: str
+    bytes_downloaded: int = 0
+    platforms: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"reference": self.reference, "digest": self.digest, "manifest_digest": self.manifest_digest,
+                "media_type": self.media_type, "config_digest": self.config_digest,
+                "layers": self.layers, "bytes_downloaded": self.bytes_downloaded,
+                "platforms": self.platforms}
+
+
+class _Staged:
+    """An ingest file for one digest, locked so two pulls never write it at once."""
+
+    def __init__(self, store: LocalStore, digest: str):
+        self.path = store.ingest_path(digest)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.handle = open(self.path, "ab+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # someone else is fetching the same blob: use a private file
+            self.handle.close()
+            self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+            self.handle = open(self.path, "ab+")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+
+
+def _hash_file_prefix(handle, length: int, chunk: int) -> "hashlib._Hash":
+    hasher = hashlib.sha256()
+    handle.seek(0)
+    remaining = length
+    while remaining > 0:
+        data = handle.read(min(chunk, remaining))
+        if not data:
+            break
+        hasher.update(data)
+        remaining -= len(data)
+    return hasher
+
+
+def _write_and_hash(handle, hasher, data: bytes) -> None:
+    handle.write(data)
+    hasher.update(data)  # hashlib releases the GIL for large buffers
+
+
+class BlobFetcher:
+    """Downloads blobs of one repository into a store: bounded concurrency,
+    one download per digest at a time, verified, resumable."""
+
+    def __init__(self, client: RegistryClient, store: LocalStore, progress: Progress | None = None):
+        self.client = client
+        self.store = store
+        self.progress = progress or Progress()
+        self.semaphore = asyncio.Semaphore(max(1, client.options.concurrency))
+        self._inflight: dict[str, asyncio.Task] = {}
+        self.bytes_downloaded = 0
+
+    def fetch(self, ref: Reference, descriptor: dict, label: str | None = None) -> "asyncio.Task[pathlib.Path]":
+        digest = descriptor["digest"]
+        task = self._inflight.get(digest)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch(ref, descriptor, label or digest[7:19]))
+            self._inflight[digest] = task
+        return task
+
+    async def _fetch(self, ref: Reference, descriptor: dict, label: str) -> pathlib.Path:
+        digest, size = descriptor["digest"], int(descriptor.get("size", -1))
+        if not digest.startswith("sha256:"):
+            raise DigestMismatchError(f"blob {digest}: only sha256 blobs are supported")
+        final = self.store.blob_path(digest)
+        if await asyncio.to_thread(final.is_file):
+            self.progress.start(digest, label, size if size >= 0 else None)
+            self.progress.done(digest, skipped=True)
+            return final
+        async with self.semaphore:
+            self.progress.start(digest, label, size if size >= 0 else None)
+            await asyncio.to_thread(self.store.ensure)
+            staged = await asyncio.to_thread(_Staged, self.store, digest)
+            try:
+                await self._download(ref, digest, size, staged)
+                await asyncio.to_thread(self.store.commit_blob, staged.path, digest)
+            finally:
+                await asyncio.to_thread(staged.close)
+        self.progress.done(digest)
+        return final
+
+    async def _download(self, ref: Reference, digest: str, size: int, staged: _Staged) -> None:
+        chunk = self.client.options.chunk_size
+        handle = staged.handle
+        offset = await asyncio.to_thread(lambda: os.fstat(handle.fileno()).st_size)
+        if size >= 0 and offset > size:
+            await asyncio.to_thread(handle.truncate, 0)
+            offset = 0
+        hasher = await asyncio.to_thread(_hash_file_prefix, handle, offset, chunk)
+        resumed_from_disk = offset > 0
+        failures = 0
+        while True:
+            if size >= 0 and offset == size:
+                break
+            if offset:
+                self.progress.reset(digest, offset)
+            pending: asyncio.Future | None = None
+            try:
+                async with self.client.blob(ref, digest, offset) as response:
+                    if offset and response.status == 200:
+                        # the server ignored Range: start again from zero
+                        await asyncio.to_thread(handle.truncate, 0)
+                        hasher, offset = hashlib.sha256(), 0
+                        self.progress.reset(digest, 0)
+                    await asyncio.to_thread(handle.seek, offset)
+                    buffer = bytearray()
+                    async for data in response.content.iter_chunked(chunk):
+                        buffer += data
+                        if size >= 0 and offset + len(buffer) > size:
+                            raise DigestMismatchError(f"blob {digest}: registry sent more than {size} bytes")
+                        if len(buffer) >= chunk:
+                            if pending is not None:
+                                await pending
+                            block, buffer = bytes(buffer), bytearray()
+                            pending = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, handle, hasher, block))
+                            offset += len(block)
+                            self.bytes_downloaded += len(block)
+                            self.progress.advance(digest, len(block))
+                    if pending is not None:
+                        await pending
+                        pending = None
+                    if buffer:
+                        await asyncio.to_thread(_write_and_hash, handle, hasher, bytes(buffer))
+                        offset += len(buffer)
+                        self.bytes_downloaded += len(buffer)
+                        self.progress.advance(digest, len(buffer))
+                    if size < 0:
+                        break
+                    if offset < size:
+                        raise aiohttp_payload_error(f"connection closed after {offset} of {size} bytes")
+            except TRANSIENT_ERRORS + (TransportError,) as exc:
+                if pending is not None:
+                    with contextlib.suppress(Exception):
+                        await pending
+                    pending = None
+                # keep what arrived: write nothing partial under a final name,
+                # and continue from the staged size with Range
+                await asyncio.to_thread(handle.flush)
+                failures += 1
+                if failures > self.client.options.retries:
+                    raise TransportError(f"blob {digest}: download failed after {failures} attempts "
+                                         f"({offset} of {size} bytes): {exc}") from None
+                await asyncio.sleep(min(0.1 * 2 ** failures, 2))
+                offset = await asyncio.to_thread(lambda: (handle.flush(), os.fstat(handle.fileno()).st_size)[1])
+                continue
+            finally:
+                if pending is not None:
+                    with contextlib.suppress(BaseException):
+                        await pending
+        await asyncio.to_thread(lambda: (handle.flush(), os.fsync(handle.fileno())))
+        actual = "sha256:" + hasher.hexdigest()
+        if actual != digest or (size >= 0 and offset != size):
+            await asyncio.to_thread(handle.truncate, 0)
+            if resumed_from_disk:
+                # a stale or corrupt partial from an earlier run: one fresh attempt
+                self.progress.reset(digest, 0)
+                await self._download(ref, digest, size, staged)
+                return
+            with contextlib.suppress(OSError):
+                staged.path.unlink()
+            raise DigestMismatchError(f"blob {digest}: content does not match its digest (got {actual}, "
+                                      f"{offset} bytes); not stored")
+
+
+def aiohttp_payload_error(message: str) -> Exception:
+    import aiohttp
+    return aiohttp.ClientPayloadError(message)
+
+
+async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,
+                              identifier: str) -> FetchedManifest:
+    manifest = await client.get_manifest(ref, identifier)
+    await asyncio.to_thread(store.write_blob, manifest.data, manifest.digest)
+    return manifest
+
+
+async def pull(reference: str, *, store: LocalStore, platform: str | None = None, all_platforms: bool = False,
+               options: ClientOptions | None = None, progress: Progress | None = None,
+               on_layer: OnLayer | None = None, client: RegistryClient | None = None,
+               record_as: str | None = None) -> PullResult:
+    ref = parse_reference(reference)
+    wanted = parse_platform(platform) if platform else host_platform()
+    progress = progress or Progress()
+    own_client = client is None
+    client = client or RegistryClient(options)
+    try:
+        await asyncio.to_thread(store.ensure)
+        fetcher = BlobFetcher(client, store, progress)
+        top = await fetch_manifest_into(client, store, ref, ref.identifier)
+        platforms_pulled: list[str] = []
+        chosen = top
+        chosen_desc = top.descriptor()
+        children: list[tuple[dict, FetchedManifest]] = []
+        if top.is_index:
+            entries = top.json.get("manifests") or []
+            pick = choose_platform(entries, wanted)
+            if pick is None:
+                available = ", ".join(sorted({describe_platform(e.get("platform")) for e in entries})) or "none"
+                raise ClientError(f"{ref}: no image for platform {wanted} (available: {available})")
+            targets = entries if all_platforms else [pick]
+            fetched = await asyncio.gather(*(fetch_manifest_into(client, store, ref, e["digest"]) for e in targets))
+            children = list(zip(targets, fetched))
+            for desc, manifest in children:
+                if desc["digest"] == pick["digest"]:
+                    chosen, chosen_desc = manifest, dict(desc)
+            platforms_pulled = [describe_platform(d.get("platform")) for d, _ in children]
+        else:
+            children = [(chosen_desc, top)]
+
+        # every blob of every manifest being pulled; layers of the chosen one first
+        blob_tasks: dict[str, asyncio.Task] = {}
+        ordered = sorted(children, key=lambda item: item[1].digest != chosen.digest)
+        for _, manifest in ordered:
+            if manifest.is_index:
+                continue
+            body = manifest.json
+            blobs = [body.get("config")] + list(body.get("layers") or [])
+            for i, desc in enumerate(b for b in blobs if b):
+                if desc.get("urls") and "foreign" in desc.get("mediaType", ""):
+                    continue  # non-distributable layer, fetched from its own URLs by whoever needs it
+                label = "config" if i == 0 else desc["digest"][7:19]
+                blob_tasks[desc["digest"]] = fetcher.fetch(ref, desc, label)
+        try:
+            if on_layer is not None and not chosen.is_index:
+                for index, layer in enumerate(chosen.json.get("layers") or []):
+                    task = blob_tasks.get(layer["digest"])
+                    if task is None:
+                        continue
+                    path = await task
+                    await on_layer(index, layer, path)
+            await asyncio.gather(*blob_tasks.values())
+        except BaseException:
+            for task in blob_tasks.values():
+                task.cancel()
+            await asyncio.gather(*blob_tasks.values(), return_exceptions=True)
+            raise
+
+        name = record_as or str(ref)
+        if top.is_index and all_platforms:
+            await asyncio.to_thread(store.record, name, top.descriptor())
+        else:
+            await asyncio.to_thread(store.record, name, chosen_desc)
+        config = chosen.json.get("config") or {}
+        return PullResult(reference=str(ref), digest=top.digest, manifest_digest=chosen.digest,
+                          media_type=chosen.media_type, layers=list(chosen.json.get("layers") or []),
+                          config_digest=config.get("digest", ""), bytes_downloaded=fetcher.bytes_downloaded,
+                          platforms=platforms_pulled)
+    finally:
+        if own_client:
+            await client.close()
+
+
+__all__ = ["pull", "PullResult", "BlobFetcher", "OnLayer", "ReferenceError"]

@@ -1,0 +1,279 @@
+"""The local store: one OCI image layout shared by every pulled image.
+
+    STORE/oci-layout            {"imageLayoutVersion": "1.0.0"}
+    STORE/index.json            one descriptor per reference, annotated with
+                                org.opencontainers.image.ref.name = the full
+                                normalised reference ("127.0.0.1:5000/busybox:latest")
+    STORE/blobs/sha256/<hex>    only complete, verified blobs ever live here
+    STORE/ingest/               partial downloads (resumable), never read as blobs
+
+skopeo (`skopeo inspect oci:STORE:REF`) and umoci (`umoci ls --layout STORE`)
+read it as an ordinary layout.
+
+API (stable; used by puller.unpack / puller.run):
+
+    store = LocalStore(root=None)                # default $XDG_DATA_HOME/dockyard/store
+    store.root                                   # pathlib.Path
+    store.blob_path(digest) -> Path
+    store.has_blob(digest) -> bool
+    store.read_blob(digest) -> bytes
+    store.resolve(reference) -> str | None       # digest recorded for a reference
+    store.image_for_platform(reference, platform=None) -> (manifest_digest, manifest, config)
+    store.references() -> list[(ref name, descriptor)]
+    store.record(reference, descriptor)          # atomic index.json update
+    store.ingest_path(digest) / store.commit_blob(tmp_path, digest)
+    store.write_blob(data) -> digest             # small blobs (manifests, configs)
+
+`reference` is either a normalised reference (as `dockyard pull` records) or
+anything the user typed: it is normalised with puller.reference when it
+parses, and otherwise looked up verbatim (plain OCI layout tags like "v1").
+All methods here are synchronous and do blocking I/O: call them from a thread
+(asyncio.to_thread) when on the event loop with anything large.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+
+from puller.reference import (ReferenceError, choose_platform, host_platform, parse_platform,
+                              parse_reference, platform_matches)
+
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+
+
+class StoreError(Exception):
+    """Something missing or inconsistent in the local store (one line)."""
+
+
+def default_store_root() -> pathlib.Path:
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return pathlib.Path(base) / "dockyard" / "store"
+
+
+def split_digest(digest: str) -> tuple[str, str]:
+    algorithm, sep, hexpart = digest.partition(":")
+    if not sep or not algorithm.isalnum() or not hexpart or not all(c in "0123456789abcdef" for c in hexpart):
+        raise StoreError(f"invalid digest {digest!r}")
+    return algorithm, hexpart
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def media_type_of(manifest: dict, fallback: str | None = None) -> str:
+    if manifest.get("mediaType"):
+        return manifest["mediaType"]
+    if fallback:
+        return fallback
+    return ("application/vnd.oci.image.index.v1+json" if "manifests" in manifest
+            else "application/vnd.oci.image.manifest.v1+json")
+
+
+class LocalStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = pathlib.Path(root) if root is not None else default_store_root()
+
+    # -- layout -----------------------------------------------------------------
+    def ensure(self) -> None:
+        (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (self.root / "ingest").mkdir(parents=True, exist_ok=True)
+        layout = self.root / "oci-layout"
+        if not layout.exists():
+            self._atomic_write(layout, json.dumps(LAYOUT_VERSION).encode())
+        if not (self.root / "index.json").exists():
+            with self._index_lock():
+                if not (self.root / "index.json").exists():
+                    self._write_index({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                                       "manifests": []})
+
+    # -- blobs ------------------------------------------------------------------
+    def blob_path(self, digest: str) -> pathlib.Path:
+        algorithm, hexpart = split_digest(digest)
+        return self.root / "blobs" / algorithm / hexpart
+
+    def has_blob(self, digest: str) -> bool:
+        try:
+            return self.blob_path(digest).is_file()
+        except StoreError:
+            return False
+
+    def read_blob(self, digest: str) -> bytes:
+        try:
+            return self.blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise StoreError(f"blob {digest} is not in the store {self.root}") from None
+
+    def read_json(self, digest: str) -> dict:
+        try:
+            return json.loads(self.read_blob(digest))
+        except ValueError:
+            raise StoreError(f"blob {digest} is not valid JSON") from None
+
+    def ingest_path(self, digest: str) -> pathlib.Path:
+        """Where a download of `digest` is staged (kept between runs to resume)."""
+        algorithm, hexpart = split_digest(digest)
+        return self.root / "ingest" / f"{algorithm}-{hexpart}.partial"
+
+    def commit_blob(self, staged: pathlib.Path, digest: str) -> pathlib.Path:
+        """Move a verified staged file to its final name (atomic rename)."""
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(staged, 0o644)
+        os.replace(staged, final)
+        return final
+
+    def write_blob(self, data: bytes, digest: str | None = None) -> str:
+        """Store small content (manifests, configs); verifies `digest` if given."""
+        actual = sha256_digest(data)
+        if digest and digest != actual:
+            raise StoreError(f"content does not match digest {digest} (got {actual})")
+        final = self.blob_path(actual)
+        if not final.exists():
+            final.parent.mkdir(parents=True, exist_ok=True)
+            (self.root / "ingest").mkdir(parents=True, exist_ok=True)
+            self._atomic_write(final, data, staging=self.root / "ingest")
+        return actual
+
+    # -- index.json ---------------------------------------------------------------
+    def index(self) -> dict:
+        try:
+            return json.loads((self.root / "index.json").read_text())
+        except FileNotFoundError:
+            return {"schemaVersion": 2, "manifests": []}
+        except ValueError:
+            raise StoreError(f"{self.root / 'index.json'} is not valid JSON") from None
+
+    def references(self) -> list[tuple[str, dict]]:
+        return [(d.get("annotations", {}).get(REF_NAME, ""), d) for d in self.index().get("manifests", [])]
+
+    def _lookup_names(self, reference: str) -> list[str]:
+        names = [reference]
+        try:
+            ref = parse_reference(reference)
+        except ReferenceError:
+            return names
+        names.insert(0, str(ref))
+        if ref.tag and ref.digest:
+            names.append(str(ref.with_tag(None).with_digest(ref.digest)))
+        return names
+
+    def descriptor(self, reference: str) -> dict | None:
+        entries = self.references()
+        for name in self._lookup_names(reference):
+            for ref_name, desc in entries:
+                if ref_name == name:
+                    return desc
+        # name@digest not recorded as such: the digest itself is enough
+        if "@" in reference:
+            digest = reference.rsplit("@", 1)[1]
+            for _, desc in entries:
+                if desc.get("digest") == digest:
+                    return desc
+            if self.has_blob(digest):
+                manifest = self.read_json(digest)
+                return {"mediaType": media_type_of(manifest), "digest": digest,
+                        "size": self.blob_path(digest).stat().st_size}
+        return None
+
+    def resolve(self, reference: str) -> str | None:
+        desc = self.descriptor(reference)
+        return desc["digest"] if desc else None
+
+    def record(self, reference: str, descriptor: dict) -> None:
+        """Point `reference` at `descriptor` (replacing an older entry), atomically."""
+        self.ensure()
+        entry = {k: v for k, v in descriptor.items() if k in ("mediaType", "digest", "size", "platform")}
+        annotations = dict(descriptor.get("annotations") or {})
+        annotations[REF_NAME] = reference
+        entry["annotations"] = annotations
+        with self._index_lock():
+            index = self.index()
+            manifests = [d for d in index.get("manifests", [])
+                         if d.get("annotations", {}).get(REF_NAME) != reference]
+            manifests.append(entry)
+            index["manifests"] = manifests
+            index.setdefault("schemaVersion", 2)
+            self._write_index(index)
+
+    def forget(self, reference: str) -> bool:
+        with self._index_lock():
+            index = self.index()
+            before = len(index.get("manifests", []))
+            index["manifests"] = [d for d in index.get("manifests", [])
+                                  if d.get("annotations", {}).get(REF_NAME) != reference]
+            self._write_index(index)
+            return len(index["manifests"]) != before
+
+    # -- images -------------------------------------------------------------------
+    def image_for_platform(self, reference: str, platform: str | None = None) -> tuple[str, dict, dict]:
+        """(manifest digest, manifest, config) of `reference` for one platform
+        (default: the host's). Raises StoreError when it is not in the store."""
+        desc = self.descriptor(reference)
+        if desc is None:
+            raise StoreError(f"{reference} is not in the store {self.root} (pull it first)")
+        digest = desc["digest"]
+        manifest = self.read_json(digest)
+        if media_type_of(manifest, desc.get("mediaType")) in INDEX_TYPES:
+            wanted = parse_platform(platform) if platform else host_platform()
+            child = choose_platform(manifest.get("manifests", []), wanted)
+            if child is None:
+                raise StoreError(f"{reference} has no image for platform {wanted}")
+            digest = child["digest"]
+            manifest = self.read_json(digest)
+        elif platform:
+            config = self.read_json(manifest["config"]["digest"])
+            wanted = parse_platform(platform)
+            if not platform_matches({"os": config.get("os"), "architecture": config.get("architecture"),
+                                      "variant": config.get("variant")}, wanted):
+                raise StoreError(f"{reference} is {config.get('os')}/{config.get('architecture')}, "
+                                 f"not {wanted}")
+        config = self.read_json(manifest["config"]["digest"])
+        return digest, manifest, config
+
+    # -- helpers ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _index_lock(self):
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "ingest").mkdir(exist_ok=True)
+        with open(self.root / "ingest" / ".index.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _write_index(self, index: dict) -> None:
+        self._atomic_write(self.root / "index.json", json.dumps(index, indent=2).encode())
+
+    @staticmethod
+    def _atomic_write(path: pathlib.Path, data: bytes, staging: pathlib.Path | None = None) -> None:
+        # staged next to the target (or in ingest/ for blobs: nothing partial under blobs/)
+        fd, tmp = tempfile.mkstemp(dir=staging or path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
