@@ -543,25 +543,29 @@ class ContentStore:
                                artifact_type or None, annotations or None)
 
     async def _check_references(self, repo: str, parsed: _ParsedManifest) -> None:
-        async def blob_linked(digest: str) -> str | None:
-            if await self._exists(layout.layer_link(repo, digest)):
-                return None
-            if digest == EMPTY_DIGEST:
-                await self._provide_empty_blob(repo)
-                return None
-            if await self._exists(layout.manifest_revision_link(repo, digest)):
+        """ManifestBlobUnknown unless every blob is linked in repo and every
+        child is a manifest there. Only once everything else is present is
+        a missing OCI empty blob provided, so a rejected push links nothing."""
+        async def blob_missing(digest: str) -> str | None:
+            if (await self._exists(layout.layer_link(repo, digest))
+                    or await self._exists(layout.manifest_revision_link(repo, digest))):
                 return None
             return digest
 
-        async def manifest_present(digest: str) -> str | None:
+        async def manifest_missing(digest: str) -> str | None:
             return None if await self._exists(layout.manifest_revision_link(repo, digest)) else digest
 
-        checks = [blob_linked(d) for d in dict.fromkeys(parsed.blobs)]
-        checks += [manifest_present(d) for d in dict.fromkeys(parsed.children)]
+        checks = [blob_missing(d) for d in dict.fromkeys(parsed.blobs)]
+        checks += [manifest_missing(d) for d in dict.fromkeys(parsed.children)]
         missing = [d for d in await asyncio.gather(*checks) if d is not None]
+        needs_empty = EMPTY_DIGEST in missing and EMPTY_DIGEST not in parsed.children
+        if needs_empty:
+            missing.remove(EMPTY_DIGEST)
         if missing:
             raise ManifestBlobUnknown(f"manifest references unknown content: {missing[0]}",
                                       {"digest": missing[0]})
+        if needs_empty:
+            await self._provide_empty_blob(repo)
 
     async def _provide_empty_blob(self, repo: str) -> None:
         if not await self._exists(layout.blob_data(EMPTY_DIGEST)):

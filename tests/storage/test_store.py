@@ -339,6 +339,13 @@ async def test_manifest_size_limit_and_digest_reference(root):
 async def test_artifact_with_empty_config_needs_no_config_upload(store):
     subject, _ = await push_image(store, "art", "v1")
     blob = b"sbom contents"
+    empty_config = {"mediaType": "application/vnd.oci.empty.v1+json", "digest": EMPTY_DIGEST, "size": 2}
+    rejected = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": empty_config,
+                           "layers": [descriptor("application/spdx+json", blob)]}).encode()
+    with pytest.raises(ManifestBlobUnknown):  # the layer is missing: nothing gets linked
+        await store.put_manifest("art", "rejected", rejected, OCI_MANIFEST)
+    with pytest.raises(BlobUnknown):
+        await store.stat_blob("art", EMPTY_DIGEST)
     await push_blob(store, "art", blob)
     artifact = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
