@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat as stat_mode
@@ -31,18 +32,21 @@ _MAX_PATH = 4096
 _RETRIES = 3  # a concurrent delete of a parent directory is retried this often
 
 
+# An empty, "." or ".." component, a temp-file component, or a trailing "/".
+_BAD_COMPONENT = re.compile(r"//|/\.\.?(?:/|$)|/" + re.escape(TEMP_PREFIX) + r"|/$")
+
+
 def validate_path(path: str) -> None:
     """InvalidPath unless path is "/" or "/c1/c2/..." with ordinary
     components: no "", ".", "..", NUL, or temp-file component."""
     if not isinstance(path, str) or not path.startswith("/"):
         raise InvalidPath(str(path), "path must be absolute")
-    if len(path) > _MAX_PATH or "\x00" in path:
-        raise InvalidPath(path)
     if path == "/":
         return
-    for part in path[1:].split("/"):
-        if part in ("", ".", "..") or part.startswith(TEMP_PREFIX):
-            raise InvalidPath(path, "invalid path component")
+    if len(path) > _MAX_PATH or "\x00" in path:
+        raise InvalidPath(path)
+    if _BAD_COMPONENT.search(path):
+        raise InvalidPath(path, "invalid path component")
 
 
 def _temp_name() -> str:

@@ -57,6 +57,7 @@ EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_BLOB).hexdigest()
 _WRITE_BATCH = 1 << 20          # bytes gathered from the network before one write
 _HASH_ON_LOOP_LIMIT = 64 << 10  # hash smaller buffers inline, larger in a thread
 _MAX_HASHERS = 1024             # in-process running hashes kept (an optimisation)
+_MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,10 @@ class ContentStore:
         self.limits = limits or StoreLimits()
         self._hashers: OrderedDict[tuple[str, str], _RunningHash] = OrderedDict()
         self._manifest_bytes = _BytesLRU(self.limits.manifest_cache_bytes)
+        # (repo, digest) -> media type of a revision seen in this process.
+        # Used only behind a tag just read from storage: tags are deleted
+        # before the revision they name, so a live tag vouches for it.
+        self._media_types: OrderedDict[tuple[str, str], str] = OrderedDict()
         self._catalogued: set[str] = set()
 
     # ---- names ---------------------------------------------------------
@@ -626,6 +631,7 @@ class ContentStore:
             await self.driver.put_content(layout.tag_current_link(repo, tag), digest.encode())
         await self._register_repo(repo)
         self._manifest_bytes.put(digest, body)
+        self._remember_media_type((repo, digest), parsed.media_type)
         return PutManifestResult(digest, parsed.subject)
 
     async def _resolve(self, repo: str, reference: str) -> str:
@@ -650,12 +656,20 @@ class ContentStore:
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
         """By tag or digest; ManifestUnknown (NameUnknown for an unknown
-        repository)."""
+        repository). Manifest GET is hot: a tag costs one small read (the
+        tag link) when this process has seen the revision, a digest one read
+        (the revision link); the bytes come from a cache keyed by digest."""
         digest = await self._resolve(repo, reference)
-        try:
-            link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
-        except PathNotFound:
-            raise await self._manifest_unknown(repo, reference) from None
+        key = (repo, digest)
+        media_type = None if names.is_digest(reference) else self._media_types.get(key)
+        if media_type is None:
+            try:
+                link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
+            except PathNotFound:
+                self._media_types.pop(key, None)
+                raise await self._manifest_unknown(repo, reference) from None
+            media_type = link["mediaType"]
+            self._remember_media_type(key, media_type)
         body = self._manifest_bytes.get(digest)
         if body is None:
             try:
@@ -663,7 +677,13 @@ class ContentStore:
             except PathNotFound:
                 raise await self._manifest_unknown(repo, reference) from None
             self._manifest_bytes.put(digest, body)
-        return Manifest(digest, link["mediaType"], body)
+        return Manifest(digest, media_type, body)
+
+    def _remember_media_type(self, key: tuple[str, str], media_type: str) -> None:
+        self._media_types[key] = media_type
+        self._media_types.move_to_end(key)
+        while len(self._media_types) > _MAX_MEDIA_TYPES:
+            self._media_types.popitem(last=False)
 
     async def delete_manifest(self, repo: str, reference: str) -> None:
         """By digest: unlink the revision, drop tags pointing at it and its
@@ -676,6 +696,7 @@ class ContentStore:
             return
         manifest = await self.get_manifest(repo, reference)
         digest = manifest.digest
+        self._media_types.pop((repo, digest), None)
         # Tags first: a crash half way never leaves a tag naming nothing.
         try:
             tag_dirs = await self.driver.list(layout.tags_dir(repo))
