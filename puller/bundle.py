@@ -1,0 +1,636 @@
+"""OCI runtime bundles: a cached root filesystem plus a config.json.
+
+Cache scheme (chainID snapshots, hard-linked, never written after commit)
+-------------------------------------------------------------------------
+
+    CACHE/                     mode 0700 (it holds setuid binaries and devices)
+      snapshots/<chainid-hex>/ the full tree after applying layers 0..n,
+                               where chainid = ChainID(L0|...|Ln) (config.md)
+      staging/                 snapshots being built (renamed into place)
+      diffids/<blob-hex>       diff ID learnt for a compressed blob, so a
+                               pipelined pull can find a cached snapshot
+                               before the image config is there
+
+Snapshot n is built from snapshot n-1 by a hard-linked copy (`cp -al`: new
+directories, shared file inodes, no data copied), then layer n is applied to
+it with `shared_inodes=True`: the applier never modifies an existing inode in
+place (a changed file is a new inode, directories are per snapshot, and a hard
+link whose header would change a shared inode's attributes gets a private copy
+instead), so older snapshots are never altered. A snapshot becomes visible
+only by an atomic rename of a complete tree; two builders racing for the same
+chain both succeed and one copy is dropped. A second image that shares a base
+(same diff IDs in the same order) finds the base's chain snapshot and only
+applies its own layers.
+
+The bundle's rootfs must be private to the container (a write there must not
+reach the cache through a shared inode), so it is MATERIALISED: `cp -a
+--reflink=auto` of the top snapshot (a reflink on btrfs/xfs, an in-kernel
+copy elsewhere; hard-link groups, owners, modes, xattrs and devices kept), or
+for `dockyard run` as root an overlayfs mount with the snapshot as the
+read-only lower dir and the bundle's own upper dir (O(1), what containerd
+does). `cache=None` skips all of this and applies the layers straight into
+the bundle.
+
+Bundles are assembled in a sibling `DIR.tmp-XXXX` (mode 0700) and renamed to
+DIR only when complete, so a failure never leaves something that looks like
+a bundle.
+
+config.json is generated from the image config, which is untrusted: the user
+is looked up in the rootfs' /etc/passwd and /etc/group opened INSIDE the root
+(a symlink out of it resolves under the root), the working directory is
+canonicalised inside the root and refused under /proc, /sys and /dev (which
+the runtime mounts over: `/proc/self/fd/N`-style escapes, CVE-2024-21626),
+and image `Volumes` never become host bind mounts (their data simply stays in
+the container's private rootfs).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from puller.unpack import (ApplyOptions, UnpackError, apply_layer, chain_ids, clean_name,
+                           open_in_root)
+
+Layer = tuple[Path, str, str | None]   # (blob path, media type, diff ID or None)
+
+# ---- snapshot cache ------------------------------------------------------------------------
+
+
+def _hex(digest: str) -> str:
+    algorithm, _, hexpart = digest.partition(":")
+    if algorithm != "sha256" or len(hexpart) != 64 or not all(c in "0123456789abcdef" for c in hexpart):
+        raise UnpackError(f"invalid digest {digest!r}")
+    return hexpart
+
+
+def _private_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+    return path
+
+
+def _run_cp(args: list[str]) -> None:
+    proc = subprocess.run(["cp", *args], capture_output=True)
+    if proc.returncode != 0:
+        raise UnpackError(f"copy failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+class SnapshotCache:
+    def __init__(self, root: str | os.PathLike):
+        self.root = _private_dir(Path(root))
+        self.snapshots = _private_dir(self.root / "snapshots")
+        self.staging = _private_dir(self.root / "staging")
+        self.diffids = _private_dir(self.root / "diffids")
+
+    def path(self, chain_id: str) -> Path:
+        return self.snapshots / _hex(chain_id)
+
+    def has(self, chain_id: str) -> bool:
+        return self.path(chain_id).is_dir()
+
+    def known_diff_id(self, blob_digest: str) -> str | None:
+        try:
+            value = (self.diffids / _hex(blob_digest)).read_text().strip()
+            _hex(value)
+            return value
+        except (OSError, UnpackError):
+            return None
+
+    def remember_diff_id(self, blob_digest: str, diff_id: str) -> None:
+        target = self.diffids / _hex(blob_digest)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(diff_id)
+        os.replace(tmp, target)
+
+    def apply_next(self, parent_chain: str | None, blob: Path, media_type: str,
+                   diff_id: str | None, options: ApplyOptions | None = None,
+                   blob_digest: str | None = None) -> str:
+        """Build the snapshot for parent + this layer; return its chain ID.
+        With diff_id None the digest measured while applying names it."""
+        options = options or ApplyOptions()
+        if diff_id is not None:
+            chain = self._chain(parent_chain, diff_id)
+            if self.has(chain):
+                return chain
+        work = Path(tempfile.mkdtemp(prefix="snap-", dir=self.staging))
+        try:
+            tree = work / "tree"
+            if parent_chain is None:
+                tree.mkdir(mode=0o755)
+            else:
+                _run_cp(["-al", "--", str(self.path(parent_chain)), str(tree)])
+            stats = apply_layer(tree, blob, media_type, diff_id,
+                                ApplyOptions(limits=options.limits, as_root=options.as_root,
+                                             decompressor=options.decompressor, shared_inodes=True,
+                                             force_portable_resolver=options.force_portable_resolver))
+            chain = self._chain(parent_chain, stats.diff_id)
+            if blob_digest:
+                self.remember_diff_id(blob_digest, stats.diff_id)
+            try:
+                os.rename(tree, self.path(chain))
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            return chain
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    @staticmethod
+    def _chain(parent_chain: str | None, diff_id: str) -> str:
+        return diff_id if parent_chain is None else chain_ids([parent_chain, diff_id])[1]
+
+    def ensure(self, layers: Sequence[Layer], options: ApplyOptions | None = None) -> Path:
+        """The snapshot of the whole layer list, building what is missing."""
+        diff_ids = [d for _, _, d in layers]
+        chains = chain_ids(diff_ids) if all(diff_ids) else []
+        start = 0
+        if chains:
+            for n in range(len(chains), 0, -1):
+                if self.has(chains[n - 1]):
+                    start = n
+                    break
+        parent = chains[start - 1] if start else None
+        for blob, media_type, diff_id in layers[start:]:
+            parent = self.apply_next(parent, blob, media_type, diff_id, options)
+        if parent is None:  # an image without layers
+            parent = "sha256:" + "0" * 64
+            if not self.has(parent):
+                empty = Path(tempfile.mkdtemp(prefix="snap-", dir=self.staging))
+                os.chmod(empty, 0o755)
+                try:
+                    os.rename(empty, self.path(parent))
+                except OSError:
+                    shutil.rmtree(empty, ignore_errors=True)
+        return self.path(parent)
+
+
+def materialize(snapshot: Path, rootfs: Path) -> None:
+    """A private copy of a snapshot tree (reflinks where the filesystem can)."""
+    _run_cp(["-a", "--reflink=auto", "--", str(snapshot), str(rootfs)])
+
+
+# ---- atomic bundle directories ---------------------------------------------------------------
+
+
+class BundleBuilder:
+    """with BundleBuilder(dest) as tmp: ...fill tmp...  -> renamed to dest on success."""
+
+    def __init__(self, dest: str | os.PathLike):
+        self.dest = Path(dest).absolute()
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.dest.exists() and (not self.dest.is_dir() or any(self.dest.iterdir())):
+            raise UnpackError(f"{self.dest} already exists and is not empty")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=self.dest.name + ".tmp-", dir=self.dest.parent))
+        os.chmod(self.tmp, 0o700)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                if self.dest.is_dir():
+                    self.dest.rmdir()  # an empty directory given by the user
+                os.rename(self.tmp, self.dest)
+                return
+            except OSError as err:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise UnpackError(f"cannot create bundle {self.dest}: {err.strerror}") from None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def build_rootfs(layers: Sequence[Layer], rootfs: Path, *, cache: SnapshotCache | None,
+                 options: ApplyOptions | None = None) -> None:
+    """Fill rootfs (which must not exist) with the image's layers."""
+    if cache is None:
+        rootfs.mkdir(mode=0o755)
+        for blob, media_type, diff_id in layers:
+            apply_layer(rootfs, blob, media_type, diff_id, options)
+    else:
+        materialize(cache.ensure(layers, options), rootfs)
+
+
+# ---- runtime config ----------------------------------------------------------------------------
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+# Docker's default capability set
+DEFAULT_CAPABILITIES = (
+    "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+    "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+)
+MASKED_PATHS = (
+    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+DEFAULT_NOFILE = 1048576
+READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+# the runtime mounts its own filesystems here: nothing from the image may point into them
+RUNTIME_MOUNTED = ("proc", "sys", "dev")
+
+
+@dataclass(frozen=True)
+class Volume:
+    host: str
+    container: str
+    readonly: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "Volume":
+        parts = spec.split(":")
+        readonly = False
+        if len(parts) == 3 and parts[2] in ("ro", "rw"):
+            readonly = parts[2] == "ro"
+            parts = parts[:2]
+        if len(parts) != 2 or not parts[0] or not parts[1]:
+            raise UnpackError(f"invalid volume {spec!r} (want HOST:CONTAINER[:ro])")
+        if not parts[1].startswith("/"):
+            raise UnpackError(f"invalid volume {spec!r}: the container path must be absolute")
+        return cls(os.path.abspath(parts[0]), parts[1], readonly)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the user asks for on top of the image config."""
+    command: tuple[str, ...] | None = None      # replaces Cmd
+    entrypoint: tuple[str, ...] | None = None   # replaces Entrypoint
+    env: tuple[str, ...] = ()                   # K=V, override the image's
+    user: str | None = None
+    workdir: str | None = None
+    volumes: tuple[Volume, ...] = ()
+    network: str = "none"                       # "none" (own namespace, loopback) | "host"
+    hostname: str | None = None
+    tty: bool = False
+    readonly_rootfs: bool = False
+
+
+class ConfigError(UnpackError):
+    """The image config (or the user's settings) cannot be turned into a runtime config."""
+
+
+# -- reading files inside the rootfs
+
+
+def read_in_root(rootfs: Path, path: str, limit: int = 4 << 20) -> bytes | None:
+    """A regular file of the rootfs, resolved inside it; None if missing."""
+    rootfd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fd = open_in_root(rootfd, clean_name(path), os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path} in the image: {exc.strerror}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{path} in the image is not a regular file")
+            data = os.read(fd, limit + 1)
+            if len(data) > limit:
+                raise ConfigError(f"{path} in the image is larger than {limit} bytes")
+            return data
+        finally:
+            os.close(fd)
+    finally:
+        os.close(rootfd)
+
+
+def _colon_file(data: bytes | None, fields: int) -> list[list[str]]:
+    rows = []
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split(":")
+        if len(parts) >= fields:
+            rows.append(parts)
+    return rows
+
+
+def _id(text: str) -> int | None:
+    if text.isdigit():
+        value = int(text)
+        if value < 2**32 - 1:
+            return value
+        raise ConfigError(f"id {text} is out of range")
+    return None
+
+
+@dataclass(frozen=True)
+class ResolvedUser:
+    uid: int
+    gid: int
+    additional_gids: tuple[int, ...] = ()
+    home: str = "/"
+
+
+def resolve_user(rootfs: Path, spec: str | None) -> ResolvedUser:
+    """`user`, `uid`, `user:group`, `uid:gid`, `uid:group`, `user:gid` (config.md)."""
+    spec = (spec or "").strip()
+    user_part, _, group_part = spec.partition(":")
+    passwd = _colon_file(read_in_root(rootfs, "/etc/passwd"), 7)
+    uid = _id(user_part) if user_part else 0
+    entry = None
+    if uid is None:
+        entry = next((p for p in passwd if p[0] == user_part), None)
+        if entry is None:
+            raise ConfigError(f"unable to find user {user_part}: no matching entries in passwd file")
+    else:
+        entry = next((p for p in passwd if p[2] == str(uid)), None)
+    if entry is not None:
+        uid = _id(entry[2])
+        gid = _id(entry[3]) if entry[3].isdigit() else 0
+        home = entry[5] or "/"
+        name = entry[0]
+    else:
+        gid, home, name = 0, "/", None
+    if uid is None:
+        raise ConfigError(f"invalid uid for user {user_part!r} in the image's /etc/passwd")
+    extra: list[int] = []
+    if group_part:
+        gid_value = _id(group_part)
+        if gid_value is None:
+            groups = _colon_file(read_in_root(rootfs, "/etc/group"), 4)
+            match = next((g for g in groups if g[0] == group_part), None)
+            if match is None or _id(match[2]) is None:
+                raise ConfigError(f"unable to find group {group_part}: no matching entries in group file")
+            gid_value = _id(match[2])
+        gid = gid_value
+    elif name is not None and not user_part.isdigit():
+        # supplementary groups only for a named user without an explicit group (conversion.md)
+        for g in _colon_file(read_in_root(rootfs, "/etc/group"), 4):
+            members = [m.strip() for m in g[3].split(",") if m.strip()]
+            gid_value = _id(g[2]) if g[2].isdigit() else None
+            if name in members and gid_value is not None and gid_value != gid and gid_value not in extra:
+                extra.append(gid_value)
+    return ResolvedUser(uid, gid, tuple(extra), home)
+
+
+def safe_workdir(rootfs: Path, workdir: str | None) -> str:
+    """Canonical in-root path for the working directory, created if missing.
+
+    Symlinks are followed inside the root; the result never lies under the
+    runtime's own mounts (/proc, /sys, /dev)."""
+    wanted = workdir or "/"
+    if not isinstance(wanted, str) or "\0" in wanted:
+        raise ConfigError("invalid working directory in the image config")
+    parts: list[str] = []
+    todo = list(reversed(wanted.split("/")))
+    hops = 0
+    rootfd = os.open(rootfs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if parts:
+                    parts.pop()
+                continue
+            dfd = _open_dir(rootfd, parts)
+            try:
+                try:
+                    st = os.stat(part, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    st = None
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    hops += 1
+                    if hops > 40:
+                        raise ConfigError(f"working directory {wanted!r}: too many symlinks")
+                    target = os.readlink(part, dir_fd=dfd)
+                    if target.startswith("/"):
+                        parts = []
+                    todo.extend(reversed(target.split("/")))
+                    continue
+                if st is not None and not stat.S_ISDIR(st.st_mode):
+                    raise ConfigError(f"working directory {wanted!r} is not a directory in the image")
+                if not parts and part in RUNTIME_MOUNTED:
+                    raise ConfigError(f"working directory {wanted!r} resolves under /{part}, "
+                                      "which the runtime mounts over")
+                if st is None:
+                    os.mkdir(part, 0o755, dir_fd=dfd)
+                parts.append(part)
+            finally:
+                os.close(dfd)
+    finally:
+        os.close(rootfd)
+    return "/" + "/".join(parts)
+
+
+def _open_dir(rootfd: int, parts: list[str]) -> int:
+    """The directory rootfs/parts..., every component opened without following."""
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=rootfd)
+    for part in parts:
+        try:
+            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = nxt
+    return fd
+
+
+def _clean_container_path(path: str) -> str:
+    cleaned = "/" + clean_name(path.replace("\\", "/")) if path.startswith("/") else None
+    if not cleaned:
+        raise ConfigError(f"container path {path!r} must be absolute")
+    return cleaned
+
+
+def _merge_env(image_env: Iterable[str], overrides: Iterable[str]) -> list[str]:
+    merged: dict[str, str] = {}
+    for item in list(image_env or []) + list(overrides or []):
+        if not isinstance(item, str) or not item or "\0" in item:
+            continue
+        key, sep, value = item.partition("=")
+        if not key:
+            continue
+        if not sep:  # `-e NAME` takes the value from our environment, like docker
+            if key in os.environ:
+                merged[key] = os.environ[key]
+            continue
+        merged[key] = value
+    if "PATH" not in merged:
+        merged["PATH"] = DEFAULT_PATH.partition("=")[2]
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def _annotations(image_config: dict) -> dict[str, str]:
+    cfg = image_config.get("config") or {}
+    out: dict[str, str] = {}
+    for field_, key in (("os", "os"), ("architecture", "architecture"), ("variant", "variant"),
+                        ("os.version", "os.version"), ("author", "author"), ("created", "created")):
+        value = image_config.get(field_)
+        if isinstance(value, str) and value:
+            out[f"org.opencontainers.image.{key}"] = value
+    if isinstance(image_config.get("os.features"), list):
+        out["org.opencontainers.image.os.features"] = ",".join(map(str, image_config["os.features"]))
+    if isinstance(cfg.get("StopSignal"), str):
+        out["org.opencontainers.image.stopSignal"] = cfg["StopSignal"]
+    if isinstance(cfg.get("ExposedPorts"), dict) and cfg["ExposedPorts"]:
+        out["org.opencontainers.image.exposedPorts"] = ",".join(sorted(cfg["ExposedPorts"]))
+    for key, value in (cfg.get("Labels") or {}).items():
+        if isinstance(key, str) and isinstance(value, str):
+            out[key] = value  # labels win over implicit annotations
+    return out
+
+
+def _str_list(value, what: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return ["/bin/sh", "-c", value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"image config {what} is not a list of strings")
+    return list(value)
+
+
+def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: RunSettings,
+                   container_id: str) -> tuple[dict, dict[str, str]]:
+    """The OCI runtime config.json for this image and these settings, and the
+    bundle files it refers to ({path relative to the bundle: content}); bind
+    mount sources name them under `bundle` (the bundle's final path)."""
+    cfg = image_config.get("config") or {}
+    entrypoint = list(settings.entrypoint) if settings.entrypoint is not None \
+        else _str_list(cfg.get("Entrypoint"), "Entrypoint")
+    if settings.command is not None:
+        cmd = list(settings.command)
+    elif settings.entrypoint is not None:
+        cmd = []  # a new entrypoint resets the image's Cmd, as docker does
+    else:
+        cmd = _str_list(cfg.get("Cmd"), "Cmd")
+    args = entrypoint + cmd
+    if not args:
+        raise ConfigError("no command: the image has no Entrypoint or Cmd, give one")
+    user = resolve_user(rootfs, settings.user if settings.user is not None else cfg.get("User"))
+    cwd = safe_workdir(rootfs, settings.workdir if settings.workdir is not None else cfg.get("WorkingDir"))
+    hostname = settings.hostname or container_id[:12]
+    env = _merge_env(cfg.get("Env") or [], [f"HOSTNAME={hostname}", *settings.env])
+    if settings.tty and not any(e.startswith("TERM=") for e in env):
+        env.append("TERM=xterm")
+    if user.home and not any(e.startswith("HOME=") for e in env):
+        env.append(f"HOME={user.home}")
+
+    host_net = settings.network == "host"
+    mounts = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
+        {"destination": "/sys", "type": "bind", "source": "/sys",
+         "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]} if host_net else
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+        {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
+         "options": ["ro", "nosuid", "noexec", "nodev"]},
+        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+    ]
+    # /etc/hostname, /etc/hosts, /etc/resolv.conf: files of the bundle, like docker's
+    files = {
+        "etc/hostname": hostname + "\n",
+        "etc/hosts": ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                      f"127.0.1.1\t{hostname}\n"),
+        "etc/resolv.conf": _resolv_conf(host_net),
+    }
+    for rel in files:
+        mounts.append({"destination": "/" + rel, "type": "bind", "source": str(bundle / rel),
+                       "options": ["rbind", "rprivate"]})
+    for volume in settings.volumes:
+        dest = _clean_container_path(volume.container)
+        if dest == "/" or dest.split("/")[1] in RUNTIME_MOUNTED:
+            raise ConfigError(f"cannot mount a volume at {dest}")
+        source = Path(volume.host)
+        source.mkdir(parents=True, exist_ok=True)
+        options = ["rbind", "rprivate"] + (["ro"] if volume.readonly else [])
+        mounts.append({"destination": dest, "type": "bind", "source": str(source.resolve()),
+                       "options": options})
+
+    namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
+    if not host_net:
+        namespaces.append({"type": "network"})
+    caps = list(DEFAULT_CAPABILITIES)
+    nofile = _nofile_limit()
+    config = {
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": settings.tty,
+            "user": {"uid": user.uid, "gid": user.gid,
+                     **({"additionalGids": list(user.additional_gids)} if user.additional_gids else {})},
+            "args": args,
+            "env": env,
+            "cwd": cwd,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": nofile, "soft": nofile}],
+            "noNewPrivileges": False,
+        },
+        "root": {"path": "rootfs", "readonly": settings.readonly_rootfs},
+        "hostname": hostname,
+        "mounts": mounts,
+        "annotations": _annotations(image_config),
+        "linux": {
+            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
+            "namespaces": namespaces,
+            "maskedPaths": list(MASKED_PATHS),
+            "readonlyPaths": list(READONLY_PATHS),
+        },
+    }
+    return config, files
+
+
+def write_bundle_files(directory: Path, config: dict, files: dict[str, str]) -> None:
+    for rel, content in files.items():
+        target = directory / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+        os.chmod(target, 0o644)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _nofile_limit() -> int:
+    """Docker's 1048576, unless our own hard limit is lower (raising it needs
+    CAP_SYS_RESOURCE, which a nested host may not grant)."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return DEFAULT_NOFILE
+    return min(DEFAULT_NOFILE, hard)
+
+
+def _resolv_conf(host_net: bool) -> str:
+    try:
+        text = Path("/etc/resolv.conf").read_text()
+    except OSError:
+        text = ""
+    if host_net:
+        return text
+    # a private network namespace cannot reach the host's loopback resolvers
+    lines = [l for l in text.splitlines()
+             if not (l.startswith("nameserver") and (" 127." in l or " ::1" in l))]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def write_bundle(bundle_dir: str | os.PathLike, layers: Sequence[Layer], image_config: dict, *,
+                 cache: SnapshotCache | None, settings: RunSettings | None = None,
+                 options: ApplyOptions | None = None, container_id: str | None = None) -> Path:
+    """`dockyard unpack`: DIR/rootfs + DIR/config.json, atomically."""
+    settings = settings or RunSettings()
+    container_id = container_id or uuid.uuid4().hex
+    with BundleBuilder(bundle_dir) as tmp:
+        rootfs = tmp / "rootfs"
+        build_rootfs(layers, rootfs, cache=cache, options=options)
+        config, files = runtime_config(image_config, rootfs, Path(bundle_dir).absolute(), settings,
+                                       container_id)
+        write_bundle_files(tmp, config, files)
+    return Path(bundle_dir).absolute()

@@ -1,0 +1,147 @@
+"""`dockyard unpack` and `dockyard run`.
+
+    dockyard unpack [--store DIR] [--cache DIR | --no-cache] REF DIR
+    dockyard run [--rm] [-e K=V] [-v HOST:CONTAINER[:ro]] [--network none|host]
+                 [--runtime runc|crun] [--name NAME] [-u USER] [-w DIR]
+                 [--entrypoint CMD] REF [CMD...]
+
+REF is a reference (pulled into the local store if it is not there) or
+`oci:LAYOUTDIR[:TAG]`. Errors are one line on stderr and a non-zero exit;
+`run` exits with the container's exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from puller.bundle import RunSettings, SnapshotCache, Volume, write_bundle
+from puller.unpack import ApplyOptions, UnpackError, UnpackLimits
+
+GiB = 1 << 30
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    from puller.cli_client import _add_store_flag, _add_transport_flags
+    _add_store_flag(parser)
+    _add_transport_flags(parser)
+    parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform (default: host)")
+    parser.add_argument("--cache", metavar="DIR",
+                        help="unpacked-layer cache (default: next to the store, 'unpacked')")
+    parser.add_argument("--max-layer-size", type=float, default=64, metavar="GiB",
+                        help="refuse a layer whose uncompressed tar exceeds this (64)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no pull progress")
+
+
+def _setup(args):
+    from puller.cli_client import _options
+    from puller.progress import make_progress
+    from puller.reference import parse_reference
+    from puller.run import default_cache_dir, parse_layout_ref
+    from puller.store import LocalStore
+
+    store = LocalStore(args.store)
+    options = ApplyOptions(limits=UnpackLimits(max_layer_bytes=int(args.max_layer_size * GiB)))
+    cache = None
+    if not getattr(args, "no_cache", False):
+        cache = SnapshotCache(Path(args.cache) if args.cache else default_cache_dir(store.root))
+    registries: list[str] = []
+    if parse_layout_ref(args.reference) is None:
+        try:
+            ref = parse_reference(args.reference)
+            registries = [ref.registry, ref.api_host]
+        except Exception:
+            pass
+    client_options = _options(args, registries)
+    progress = make_progress("quiet" if args.quiet or not sys.stderr.isatty() else "auto")
+    return store, cache, options, client_options, progress
+
+
+def _prepare(args, store, cache, options, client_options, progress):
+    from puller.run import prepare_image
+
+    async def main():
+        try:
+            return await prepare_image(args.reference, store=store, cache=cache, platform=args.platform,
+                                       client_options=client_options, progress=progress, options=options)
+        finally:
+            progress.close(None)
+    try:
+        import uvloop
+        return uvloop.run(main())
+    except ImportError:
+        return asyncio.run(main())
+
+
+def _fail(exc: BaseException) -> int:
+    text = str(exc).strip()
+    message = text.splitlines()[0] if text else type(exc).__name__
+    print(f"dockyard: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _expected_errors() -> tuple:
+    from puller.cli_client import EXPECTED_ERRORS
+    return (UnpackError, *EXPECTED_ERRORS)
+
+
+def cmd_unpack(args) -> int:
+    try:
+        store, cache, options, client_options, progress = _setup(args)
+        layers, config = _prepare(args, store, cache, options, client_options, progress)
+        bundle = write_bundle(args.directory, layers, config, cache=cache, options=options)
+    except _expected_errors() as exc:
+        return _fail(exc)
+    if not args.quiet:
+        print(f"{args.reference}: unpacked {len(layers)} layers into {bundle}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from puller.run import find_runtime, run_container
+    try:
+        runtime = find_runtime(args.runtime)
+        settings = RunSettings(
+            command=tuple(args.command) if args.command else None,
+            entrypoint=tuple(args.entrypoint.split()) if args.entrypoint is not None else None,
+            env=tuple(args.env or ()), user=args.user, workdir=args.workdir,
+            volumes=tuple(Volume.parse(v) for v in args.volume or ()),
+            network=args.network, hostname=args.hostname, tty=args.tty,
+            readonly_rootfs=args.read_only)
+        args.no_cache = False
+        store, cache, options, client_options, progress = _setup(args)
+        layers, config = _prepare(args, store, cache, options, client_options, progress)
+        return run_container(layers, config, settings, cache=cache, runtime=runtime, name=args.name,
+                             remove=args.rm, options=options)
+    except _expected_errors() as exc:
+        return _fail(exc)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("unpack", help="unpack an image into an OCI runtime bundle (rootfs + config.json)")
+    p.add_argument("reference", help="NAME[:TAG|@DIGEST] or oci:LAYOUTDIR[:TAG]")
+    p.add_argument("directory", help="bundle directory to create (must not exist or be empty)")
+    p.add_argument("--no-cache", action="store_true", help="apply layers straight into the bundle")
+    _common(p)
+    p.set_defaults(func=cmd_unpack)
+
+    p = subparsers.add_parser("run", help="run an image with runc or crun")
+    p.add_argument("reference", help="NAME[:TAG|@DIGEST] or oci:LAYOUTDIR[:TAG]")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)")
+    p.add_argument("--rm", action="store_true", help="remove the container's bundle when it exits")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="set an environment variable")
+    p.add_argument("-v", "--volume", action="append", metavar="HOST:CONTAINER[:ro]", help="bind mount")
+    p.add_argument("--network", choices=("none", "host"), default="none",
+                   help="none: own network namespace with loopback (default); host: the host's")
+    p.add_argument("--runtime", choices=("runc", "crun"), help="OCI runtime (default: runc, else crun)")
+    p.add_argument("--name", help="container name (default: random)")
+    p.add_argument("-u", "--user", help="USER[:GROUP] or UID[:GID]")
+    p.add_argument("-w", "--workdir", help="working directory inside the container")
+    p.add_argument("--entrypoint", help="override the image's entrypoint")
+    p.add_argument("--hostname", help="container host name (default: the ID's first 12 characters)")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+    _common(p)
+    p.set_defaults(func=cmd_run)
