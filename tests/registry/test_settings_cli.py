@@ -1,0 +1,141 @@
+"""Settings: defaults, YAML < environment < flags, one-line errors; the
+example config in deploy/ is complete and loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import yaml
+
+from registry.settings import Settings, SettingsError, load_settings
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO_ROOT / "deploy" / "config.example.yml"
+
+
+def test_defaults(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    settings = load_settings(environ={})
+    assert settings.http.host == "127.0.0.1"
+    assert settings.http.port == 5000
+    assert settings.http.workers == 1
+    assert settings.storage.driver == "filesystem"
+    assert settings.storage.root == str(tmp_path / "xdg" / "dockyard" / "registry")
+    assert settings.limits.max_manifest_bytes == 4 * 1024 * 1024
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.http.port = 1  # type: ignore[misc]
+
+
+def test_layers_file_env_flags(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({
+        "http": {"host": "0.0.0.0", "port": 6000, "workers": 3},
+        "storage": {"root": "/srv/from-file", "delete_enabled": False},
+        "log": {"level": "warning"},
+    }))
+    settings = load_settings(str(config), environ={})
+    assert (settings.http.host, settings.http.port, settings.http.workers) == ("0.0.0.0", 6000, 3)
+    assert settings.storage.root == "/srv/from-file" and settings.storage.delete_enabled is False
+
+    env = {"DOCKYARD_HTTP_PORT": "7000", "DOCKYARD_STORAGE_DELETE_ENABLED": "true",
+           "DOCKYARD_STORAGE_S3_BUCKET": "bkt", "DOCKYARD_LIMITS_MAX_MANIFEST_BYTES": "8388608"}
+    settings = load_settings(str(config), environ=env)
+    assert settings.http.port == 7000 and settings.http.host == "0.0.0.0"
+    assert settings.storage.delete_enabled is True
+    assert settings.storage.s3.bucket == "bkt"
+    assert settings.limits.max_manifest_bytes == 8 * 1024 * 1024
+
+    settings = load_settings(str(config), environ=env, overrides={"http": {"port": 8000}})
+    assert settings.http.port == 8000 and settings.http.workers == 3
+
+
+@pytest.mark.parametrize("content, environ, fragment", [
+    ("http:\n  prot: 1\n", {}, "unknown setting http.prot"),
+    ("http:\n  port: abc\n", {}, "http.port: expected an integer"),
+    ("http:\n  port: 70000\n", {}, "http.port must be"),
+    ("storage:\n  driver: ftp\n", {}, "storage.driver must be one of"),
+    ("storage:\n  driver: s3\n", {}, "storage.s3.bucket must be set"),
+    ("http: [1, 2]\n", {}, "http: expected a mapping"),
+    ("http:\n  port: [1\n", {}, "invalid YAML"),
+    ("- just a list\n", {}, "expected a mapping at the top level"),
+    ("", {"DOCKYARD_HTTP_RELATIVE_URLS": "maybe"}, "http.relative_urls: expected true/false"),
+    ("", {"DOCKYARD_HTTP_WORKERS": "0"}, "http.workers must be"),
+    ("", {"DOCKYARD_LOG_LEVEL": "loud"}, "log.level must be one of"),
+])
+def test_errors_are_one_line(tmp_path, content, environ, fragment):
+    config = tmp_path / "config.yml"
+    config.write_text(content)
+    with pytest.raises(SettingsError) as info:
+        load_settings(str(config), environ=environ)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(SettingsError, match="cannot read config file"):
+        load_settings(str(tmp_path / "absent.yml"), environ={})
+
+
+def _leaf_keys(cls, prefix="") -> set[str]:
+    keys = set()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= _leaf_keys(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            keys.add(f"{prefix}{f.name}")
+    return keys
+
+
+def _yaml_keys(data: dict, prefix="") -> set[str]:
+    keys = set()
+    for key, value in data.items():
+        if isinstance(value, dict):
+            keys |= _yaml_keys(value, f"{prefix}{key}.")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_example_config_documents_every_key():
+    data = yaml.safe_load(EXAMPLE.read_text())
+    assert _yaml_keys(data) == _leaf_keys(Settings)
+    settings = load_settings(str(EXAMPLE), environ={})
+    assert settings.storage.driver == "filesystem"
+
+
+def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "puller", "serve", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_bad_config_prints_one_line(tmp_path):
+    config = tmp_path / "bad.yml"
+    config.write_text("storage:\n  driver: floppy\n")
+    proc = _serve("--config", str(config))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("dockyard serve: storage.driver must be one of")
+
+
+def test_serve_port_in_use_prints_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _serve("--port", str(port), "--storage", str(tmp_path / "s"))
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"dockyard serve: cannot listen on 127.0.0.1:{port}")
