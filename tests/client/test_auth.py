@@ -1,0 +1,388 @@
+"""Authentication: parsing, Docker's config, and the real thing against CNCF
+Distribution with token auth (a test token server signing JWTs with a test
+RSA key) and with htpasswd Basic auth."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from puller.auth import (AuthError, Credentials, DockerConfig, Scope, merge_scopes, parse_challenges)
+from puller.http import ClientOptions, RegistryClient
+from puller.pull import pull
+from puller.push import LayoutSource, push_image
+from puller.reference import parse_reference
+from puller.store import LocalStore
+
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS))
+from helpers import ServerProcess, free_port, require_tool, write_oci_layout  # noqa: E402
+
+REPO_ROOT = TESTS.parent
+
+
+# -- parsing ------------------------------------------------------------------------
+
+def test_challenge_with_quoted_commas_and_several_schemes():
+    header = ('Bearer realm="https://auth.example/token?a=1,b=2",service="reg,istry",'
+              'scope="repository:127.0.0.1:5000/ns/app:pull,push repository:other:pull",error="insufficient_scope", '
+              'Basic realm="say \\"hi\\""')
+    bearer, basic = parse_challenges(header)
+    assert bearer.scheme == "bearer" and basic.scheme == "basic"
+    assert bearer.realm == "https://auth.example/token?a=1,b=2"
+    assert bearer.params["service"] == "reg,istry"
+    assert bearer.params["error"] == "insufficient_scope"
+    assert basic.realm == 'say "hi"'
+
+
+def test_scope_keeps_host_port_in_repository_name():
+    scope = Scope.parse("repository:127.0.0.1:5000/ns/app:pull,push")
+    assert (scope.type, scope.name, scope.actions) == ("repository", "127.0.0.1:5000/ns/app", ("pull", "push"))
+    assert str(scope) == "repository:127.0.0.1:5000/ns/app:pull,push"
+    merged = merge_scopes([Scope.repository("dst", "pull", "push"), Scope.repository("src", "pull"),
+                           Scope.repository("dst", "pull")])
+    assert [str(s) for s in merged] == ["repository:dst:pull,push", "repository:src:pull"]
+
+
+def test_docker_config_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "auths": {"https://index.docker.io/v1/": {"auth": base64.b64encode(b"hub:pw").decode()},
+                  "http://reg.example:5000/v2/": {"auth": base64.b64encode(b"bob:pa:ss").decode()}},
+        "other": "kept"}))
+    config = DockerConfig()
+    assert config.get("docker.io") == Credentials("hub", "pw")
+    assert config.get("reg.example:5000") == Credentials("bob", "pa:ss")
+    assert config.get("unknown:1").anonymous
+    config.store("127.0.0.1:9999", Credentials("u", "p"))
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert base64.b64decode(data["auths"]["127.0.0.1:9999"]["auth"]) == b"u:p"
+    assert data["other"] == "kept"
+    assert stat.S_IMODE((tmp_path / "config.json").stat().st_mode) == 0o600
+    assert config.erase("127.0.0.1:9999") and config.get("127.0.0.1:9999").anonymous
+
+
+def test_credential_helper_protocol(tmp_path, monkeypatch):
+    """credHelpers: docker-credential-<name> get/store/erase over stdin/stdout."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    vault = tmp_path / "vault.json"
+    helper = bin_dir / "docker-credential-testvault"
+    helper.write_text(f"""#!{sys.executable}
+import json, sys
+path = {str(vault)!r}
+try:
+    data = json.load(open(path))
+except FileNotFoundError:
+    data = {{}}
+action = sys.argv[1]
+payload = sys.stdin.read()
+if action == "store":
+    item = json.loads(payload); data[item["ServerURL"]] = item; json.dump(data, open(path, "w"))
+elif action == "get":
+    key = payload.strip()
+    if key not in data:
+        print("credentials not found in native keychain"); sys.exit(1)
+    print(json.dumps(data[key]))
+elif action == "erase":
+    data.pop(payload.strip(), None); json.dump(data, open(path, "w"))
+""")
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "cfg"))
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"credHelpers": {"reg.test:5000": "testvault"}}))
+    config = DockerConfig()
+    assert config.get("reg.test:5000").anonymous
+    config.store("reg.test:5000", Credentials("carol", "t0ken"))
+    assert json.loads(vault.read_text())["reg.test:5000"]["Secret"] == "t0ken"
+    assert "\"auth\":" not in (tmp_path / "cfg" / "config.json").read_text()  # the secret stays in the helper
+    assert config.get("reg.test:5000") == Credentials("carol", "t0ken")
+    assert config.erase("reg.test:5000")
+    assert config.get("reg.test:5000").anonymous
+
+
+# -- a token server and Distribution with token auth ----------------------------------
+
+def _make_key_and_cert(directory: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dockyard test token signer")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / "signer.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return key_pem, base64.b64encode(der).decode()
+
+
+class TokenServer:
+    """Docker token auth + OAuth2 POST. alice/wonderland gets what she asks for;
+    anonymous callers get pull on public/*; wrong credentials get 401."""
+
+    SERVICE = "dockyard-test-registry"
+    ISSUER = "dockyard-test-issuer"
+    USERS = {"alice": "wonderland"}
+
+    def __init__(self, key_pem: bytes, x5c: str):
+        self.key_pem, self.x5c = key_pem, x5c
+        self.post_status: int | None = None      # e.g. 404: "no OAuth2 here"
+        self.calls: list[dict] = []
+
+    def _grant(self, user: str | None, scopes: list[str]) -> list[dict]:
+        access = []
+        for text in scopes:
+            scope = Scope.parse(text)
+            if user:
+                actions = list(scope.actions)
+            else:
+                actions = [a for a in scope.actions if a == "pull" and scope.name.startswith("public/")]
+            access.append({"type": scope.type, "name": scope.name, "actions": actions})
+        return access
+
+    def _token(self, user: str | None, scopes: list[str]) -> web.Response:
+        import jwt
+        now = int(time.time())
+        claims = {"iss": self.ISSUER, "sub": user or "", "aud": self.SERVICE, "exp": now + 300,
+                  "nbf": now - 30, "iat": now, "jti": uuid.uuid4().hex, "access": self._grant(user, scopes)}
+        token = jwt.encode(claims, self.key_pem, algorithm="RS256", headers={"x5c": [self.x5c]})
+        return web.json_response({"token": token, "access_token": token, "expires_in": 300,
+                                  "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.method == "POST":
+            form = await request.post()
+            self.calls.append({"method": "POST", "grant_type": form.get("grant_type"),
+                               "scopes": (form.get("scope") or "").split(), "user": form.get("username")})
+            if self.post_status:
+                return web.Response(status=self.post_status)
+            user, password = form.get("username"), form.get("password")
+            if self.USERS.get(user) != password:
+                return web.json_response({"error": "invalid_grant"}, status=401)
+            return self._token(user, (form.get("scope") or "").split())
+        scopes = request.query.getall("scope", [])
+        user = None
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            if self.USERS.get(user) != password:
+                self.calls.append({"method": "GET", "scopes": scopes, "user": user, "denied": True})
+                return web.json_response({"details": "bad credentials"}, status=401)
+        self.calls.append({"method": "GET", "scopes": scopes, "user": user,
+                           "account": request.query.get("account")})
+        return self._token(user, scopes)
+
+
+TOKEN_REGISTRY_CONFIG = """\
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+auth:
+{auth}
+"""
+
+
+def _start_distribution(workdir: Path, auth_yaml: str) -> tuple[ServerProcess, str]:
+    binary = require_tool("docker-registry")
+    port = free_port()
+    (workdir / "storage").mkdir(parents=True, exist_ok=True)
+    config = workdir / "config.yml"
+    config.write_text(TOKEN_REGISTRY_CONFIG.format(root=workdir / "storage", port=port, auth=auth_yaml))
+    server = ServerProcess([binary, "serve", str(config)], ready_url=f"http://127.0.0.1:{port}/v2/",
+                           log_path=workdir / "registry.log", name="docker-registry")
+    server.start(30)
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def token_registry(tmp_path):
+    key_pem, x5c = _make_key_and_cert(tmp_path)
+    tokens = TokenServer(key_pem, x5c)
+    app = web.Application()
+    app.router.add_route("*", "/token", tokens.handle)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    token_port = site._server.sockets[0].getsockname()[1]
+    auth = (f"  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: {TokenServer.SERVICE}\n"
+            f"    issuer: {TokenServer.ISSUER}\n    rootcertbundle: {tmp_path / 'signer.pem'}\n")
+    server, host = await asyncio.to_thread(_start_distribution, tmp_path / "registry", auth)
+    tokens.host = host
+    yield tokens
+    await asyncio.to_thread(server.stop)
+    await runner.cleanup()
+
+
+ALICE = Credentials("alice", "wonderland")
+
+
+def _options(host: str, creds: Credentials | None = ALICE, **extra) -> ClientOptions:
+    return ClientOptions(credentials=((host, creds),) if creds else (), docker_config="/nonexistent-dockyard",
+                         **extra)
+
+
+async def _push_layout(tmp_path: Path, host: str, name: str, creds=ALICE, tag: str = "v1"):
+    image = await asyncio.to_thread(write_oci_layout, tmp_path / f"layout-{uuid.uuid4().hex[:6]}",
+                                    layer_sizes=[50_000, 2000], tag=tag)
+    async with RegistryClient(_options(host, creds)) as client:
+        result = await push_image(LayoutSource(LocalStore(image.path), tag), client, parse_reference(f"{host}/{name}:{tag}"))
+    return image, result
+
+
+@pytest.mark.interop
+async def test_bearer_dance_oauth_post_push_and_pull(token_registry, tmp_path):
+    host = token_registry.host
+    image, pushed = await _push_layout(tmp_path, host, "private/app")
+    assert pushed.digest == image.digest and pushed.blobs_uploaded == 3
+    posts = [c for c in token_registry.calls if c["method"] == "POST"]
+    assert posts and all(c["grant_type"] == "password" and c["user"] == "alice" for c in posts)
+    assert ["repository:private/app:pull,push"] in [c["scopes"] for c in posts]
+    # one token per scope set, reused: far fewer token calls than registry requests
+    assert len(token_registry.calls) <= 3, token_registry.calls
+    store = LocalStore(tmp_path / "store")
+    result = await pull(f"{host}/private/app:v1", store=store, options=_options(host))
+    assert result.manifest_digest == image.digest
+    assert ["repository:private/app:pull"] in [c["scopes"] for c in token_registry.calls]
+
+
+@pytest.mark.interop
+async def test_oauth_post_404_falls_back_to_get(token_registry, tmp_path):
+    token_registry.post_status = 404
+    host = token_registry.host
+    image, _ = await _push_layout(tmp_path, host, "private/fallback")
+    methods = [c["method"] for c in token_registry.calls]
+    assert methods[0] == "POST" and "GET" in methods
+    gets = [c for c in token_registry.calls if c["method"] == "GET"]
+    assert all(c["user"] == "alice" and c["account"] == "alice" for c in gets)
+    store = LocalStore(tmp_path / "store")
+    assert (await pull(f"{host}/private/fallback:v1", store=store, options=_options(host))).manifest_digest \
+        == image.digest
+
+
+@pytest.mark.interop
+async def test_oauth_post_405_falls_back_to_get(token_registry, tmp_path):
+    token_registry.post_status = 405
+    image, _ = await _push_layout(tmp_path, token_registry.host, "private/fallback405")
+    assert [c["method"] for c in token_registry.calls][:2] == ["POST", "GET"]
+
+
+@pytest.mark.interop
+async def test_anonymous_pull_public_and_refused_private(token_registry, tmp_path):
+    host = token_registry.host
+    image, _ = await _push_layout(tmp_path, host, "public/app")
+    await _push_layout(tmp_path, host, "private/secret")
+    store = LocalStore(tmp_path / "store")
+    result = await pull(f"{host}/public/app:v1", store=store, options=_options(host, None))
+    assert result.manifest_digest == image.digest
+    anonymous = [c for c in token_registry.calls if c.get("user") is None]
+    assert anonymous and all(c["method"] == "GET" for c in anonymous)
+    with pytest.raises(AuthError):
+        await pull(f"{host}/private/secret:v1", store=store, options=_options(host, None))
+
+
+@pytest.mark.interop
+async def test_wrong_password_is_a_clear_auth_error(token_registry, tmp_path):
+    host = token_registry.host
+    await _push_layout(tmp_path, host, "private/app2")
+    with pytest.raises(AuthError, match="incorrect username or password"):
+        await pull(f"{host}/private/app2:v1", store=LocalStore(tmp_path / "s"),
+                   options=_options(host, Credentials("alice", "wrong")))
+
+
+@pytest.mark.interop
+async def test_cross_repo_mount_asks_both_scopes_push_first(token_registry, tmp_path):
+    host = token_registry.host
+    image, _ = await _push_layout(tmp_path, host, "private/base")
+    store = LocalStore(tmp_path / "store")
+    await pull(f"{host}/private/base:v1", store=store, options=_options(host))
+    token_registry.calls.clear()
+    async with RegistryClient(_options(host)) as client:
+        result = await push_image(LayoutSource(store, f"{host}/private/base:v1"), client,
+                                  parse_reference(f"{host}/private/derived:v1"))
+    assert result.blobs_mounted == 3 and result.blobs_uploaded == 0
+    assert ["repository:private/derived:pull,push", "repository:private/base:pull"] in \
+        [c["scopes"] for c in token_registry.calls]
+
+
+@pytest.mark.interop
+async def test_cli_login_then_pull_with_docker_config(token_registry, tmp_path):
+    host = token_registry.host
+    image, _ = await _push_layout(tmp_path, host, "private/cli")
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "dockercfg"), "PYTHONPATH": str(REPO_ROOT)}
+
+    async def cli(*args, stdin: bytes | None = None):
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "puller", *args, env=env,
+                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+        return proc.returncode, out.decode(), err.decode()
+
+    code, _, err = await cli("login", host, "-u", "alice", "--password-stdin", stdin=b"nope\n")
+    assert code == 1 and "incorrect username or password" in err and "Traceback" not in err
+    code, out, err = await cli("login", host, "-u", "alice", "--password-stdin", stdin=b"wonderland\n")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "dockercfg" / "config.json").read_text())
+    assert base64.b64decode(saved["auths"][host]["auth"]) == b"alice:wonderland"
+    code, out, err = await cli("pull", "--json", "--store", str(tmp_path / "store"), f"{host}/private/cli:v1")
+    assert code == 0, err
+    assert json.loads(out)["manifest_digest"] == image.digest
+    code, out, _ = await cli("logout", host)
+    assert code == 0 and host not in json.loads((tmp_path / "dockercfg" / "config.json").read_text())["auths"]
+
+
+# -- htpasswd (Basic) ---------------------------------------------------------------
+
+@pytest.fixture
+def basic_registry(tmp_path):
+    import bcrypt
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("bob:" + bcrypt.hashpw(b"builder", bcrypt.gensalt(rounds=5)).decode() + "\n")
+    auth = f"  htpasswd:\n    realm: basic-realm\n    path: {htpasswd}\n"
+    server, host = _start_distribution(tmp_path / "registry", auth)
+    yield host
+    server.stop()
+
+
+@pytest.mark.interop
+async def test_basic_auth_against_htpasswd(basic_registry, tmp_path):
+    host = basic_registry
+    bob = Credentials("bob", "builder")
+    image, pushed = await _push_layout(tmp_path, host, "team/app", creds=bob)
+    assert pushed.digest == image.digest
+    store = LocalStore(tmp_path / "store")
+    result = await pull(f"{host}/team/app:v1", store=store, options=_options(host, bob))
+    assert result.manifest_digest == image.digest
+    with pytest.raises(AuthError, match="authentication to .* failed"):
+        await pull(f"{host}/team/app:v1", store=store, options=_options(host, Credentials("bob", "nope")))
+    with pytest.raises(AuthError, match="dockyard login"):
+        await pull(f"{host}/team/app:v1", store=store, options=_options(host, None))
