@@ -657,10 +657,15 @@ class _Tree:
         self.forget_dirs()
         os.close(self.rootfd)
 
-    def forget_dirs(self) -> None:
-        for fd in self._dirs.values():
-            os.close(fd)
-        self._dirs.clear()
+    def forget_dirs(self, keep: int | None = None) -> None:
+        """Drop cached directory fds (except `keep`, which the caller holds)."""
+        kept = {}
+        for key, fd in self._dirs.items():
+            if fd == keep:
+                kept[key] = fd
+            else:
+                os.close(fd)
+        self._dirs = kept
 
     def parent(self, rel: str, create: bool = True) -> int | None:
         """A directory fd for rel's parent, resolved in the root; missing
@@ -789,7 +794,7 @@ class LayerApplier:
         _remove(name, parent, existing)
         if stat.S_ISDIR(existing.st_mode) or stat.S_ISLNK(existing.st_mode):
             # cached parent fds may sit below (or behind) what was removed
-            self.tree.forget_dirs()
+            self.tree.forget_dirs(keep=parent)
 
     def _directory(self, rel, name, parent, existing, entry) -> None:
         if existing is None or not stat.S_ISDIR(existing.st_mode):
@@ -835,17 +840,9 @@ class LayerApplier:
         else:
             self._replace(name, parent, existing)
             os.mkfifo(name, 0o600, dir_fd=parent)
-        # O_PATH gives an fd on the node without opening the device / fifo
-        fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
-            self._owner_proc(fd, entry)
-            os.chmod(f"/proc/self/fd/{fd}", entry.mode)
-            self._xattrs_proc(fd, entry)
-            os.utime(f"/proc/self/fd/{fd}", ns=(_ns(entry.mtime),) * 2)
-            if self.options.shared_inodes:
-                self.created_inodes.add(os.fstat(fd).st_ino)
-        finally:
-            os.close(fd)
+        self._node_attrs(name, parent, entry)
+        if self.options.shared_inodes:
+            self.created_inodes.add(os.stat(name, dir_fd=parent, follow_symlinks=False).st_ino)
 
     def _hardlink(self, rel, name, parent, existing, entry) -> None:
         target = clean_name(entry.linkname)
@@ -863,10 +860,9 @@ class LayerApplier:
         if existing is not None and existing.st_ino == src.st_ino and existing.st_dev == src.st_dev:
             return
         self._replace(name, parent, existing)
-        if sparent is not parent and self.tree._dirs.get(target.rpartition("/")[0]) is None:
-            sparent = self.tree.parent(target, create=False)  # cache was reset by _replace
-            if sparent is None:
-                raise UnsafeEntry(f"hard link {entry.name!r} points at missing {entry.linkname!r}")
+        sparent = self.tree.parent(target, create=False)  # _replace may have reset the cache
+        if sparent is None or _lstat(sname, sparent) is None:
+            raise UnsafeEntry(f"hard link {entry.name!r} points at missing {entry.linkname!r}")
         if (self.options.shared_inodes and src.st_ino not in self.created_inodes
                 and stat.S_ISREG(src.st_mode) and not self._same_attrs(src, entry)):
             # changing attributes of an inode shared with a cached snapshot: copy up
@@ -876,13 +872,7 @@ class LayerApplier:
         if stat.S_ISLNK(src.st_mode) or self._same_attrs(src, entry):
             return
         # Docker applies the link header's attributes to the (shared) inode
-        fd = os.open(name, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-        try:
-            self._owner_proc(fd, entry)
-            os.chmod(f"/proc/self/fd/{fd}", entry.mode)
-            os.utime(f"/proc/self/fd/{fd}", ns=(_ns(entry.mtime),) * 2)
-        finally:
-            os.close(fd)
+        self._node_attrs(name, parent, Entry(**{**entry.__dict__, "xattrs": {}}))
 
     def _same_attrs(self, st: os.stat_result, entry: Entry) -> bool:
         if stat.S_IMODE(st.st_mode) != entry.mode:
@@ -975,13 +965,14 @@ class LayerApplier:
         if self.root:
             os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
 
-    def _owner_proc(self, opath_fd: int, entry: Entry) -> None:
-        if self.root:
-            os.chown(f"/proc/self/fd/{opath_fd}", entry.uid, entry.gid, follow_symlinks=False)
-
-    def _xattrs_proc(self, opath_fd: int, entry: Entry) -> None:
-        for key, value in entry.xattrs.items():
-            self._setxattr(f"/proc/self/fd/{opath_fd}", key, value)
+    def _node_attrs(self, name: str, parent: int, entry: Entry) -> None:
+        """Attributes of a node we just made (fifo, device, hard link; never a
+        symlink): *at() calls relative to its directory; opening a fifo or a
+        device to get an fd would block or have side effects."""
+        self._owner(name, parent, entry)
+        os.chmod(name, entry.mode, dir_fd=parent)
+        self._xattrs_nofollow(name, parent, entry)
+        os.utime(name, ns=(_ns(entry.mtime),) * 2, dir_fd=parent, follow_symlinks=False)
 
     def _xattrs_nofollow(self, name: str, parent: int, entry: Entry) -> None:
         for key, value in entry.xattrs.items():
