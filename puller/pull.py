@@ -20,7 +20,10 @@ start while later layers still download. Calls never overlap.
 
 index.json then records the reference (full normalised name in
 org.opencontainers.image.ref.name): the platform manifest for a single
-platform pull, the index itself with `all_platforms`.
+platform pull, the index itself with `all_platforms`. A Docker-typed image
+is recorded through an OCI view (same blobs, OCI media types) so skopeo and
+umoci can read it; `LocalStore.resolve` / `image_for_platform` still answer
+with the registry's own digest and manifest (see LocalStore.source_descriptor).
 
 PullResult: reference (normalised), digest (what the tag resolved to),
 manifest_digest (chosen platform), media_type (of manifest_digest), layers

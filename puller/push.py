@@ -93,11 +93,11 @@ class LayoutSource(ImageSource):
         self.name = name
 
     def _root_descriptor(self) -> dict:
-        desc = self.store.descriptor(self.name) if self.name else None
+        desc = self.store.source_descriptor(self.name) if self.name else None
         if desc is None and not self.name:
             entries = self.store.references()
             if len(entries) == 1:
-                desc = entries[0][1]
+                desc = self.store.source_descriptor(entries[0][0]) or entries[0][1]
             elif entries:
                 raise StoreError(f"{self.store.root} holds several images: name one (oci:DIR:TAG)")
         if desc is None:

@@ -17,7 +17,7 @@ API (stable; used by puller.unpack / puller.run):
     store.blob_path(digest) -> Path
     store.has_blob(digest) -> bool
     store.read_blob(digest) -> bytes
-    store.resolve(reference) -> str | None       # digest recorded for a reference
+    store.resolve(reference) -> str | None       # digest recorded for a reference (the registry's digest)
     store.image_for_platform(reference, platform=None) -> (manifest_digest, manifest, config)
     store.references() -> list[(ref name, descriptor)]
     store.record(reference, descriptor)          # atomic index.json update
@@ -55,6 +55,23 @@ MANIFEST_TYPES = {
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 }
+
+
+# Docker media types -> their OCI equivalents, for the OCI view of a Docker image
+DOCKER_TO_OCI = {
+    "application/vnd.docker.distribution.manifest.v2+json": "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.container.image.v1+json": "application/vnd.oci.image.config.v1+json",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip":
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+}
+# on an index.json entry that is an OCI view: the image as the registry serves it
+SOURCE_DIGEST = "io.dockyard.source.digest"
+SOURCE_MEDIA_TYPE = "io.dockyard.source.mediaType"
+SOURCE_SIZE = "io.dockyard.source.size"
 
 
 class StoreError(Exception):
@@ -192,15 +209,65 @@ class LocalStore:
                         "size": self.blob_path(digest).stat().st_size}
         return None
 
-    def resolve(self, reference: str) -> str | None:
+    def source_descriptor(self, reference: str) -> dict | None:
+        """The image as its registry serves it (digest preserved): the recorded
+        entry, or for a Docker image the original behind its OCI view."""
         desc = self.descriptor(reference)
+        if desc is None:
+            return None
+        annotations = desc.get("annotations") or {}
+        if SOURCE_DIGEST in annotations:
+            out = {"mediaType": annotations.get(SOURCE_MEDIA_TYPE), "digest": annotations[SOURCE_DIGEST],
+                   "size": int(annotations.get(SOURCE_SIZE) or 0)}
+            if desc.get("platform"):
+                out["platform"] = desc["platform"]
+            return out
+        return desc
+
+    def resolve(self, reference: str) -> str | None:
+        desc = self.source_descriptor(reference)
         return desc["digest"] if desc else None
 
+    def oci_view(self, descriptor: dict) -> dict:
+        """A Docker manifest (list) rewritten with OCI media types, stored as a
+        blob sharing every layer; skopeo and umoci only read OCI entries of
+        index.json. OCI content is returned unchanged."""
+        media_type = descriptor.get("mediaType")
+        if media_type not in DOCKER_TO_OCI:
+            return descriptor
+        body = self.read_json(descriptor["digest"])
+        if "manifests" in body:
+            children = []
+            for child in body.get("manifests") or []:
+                if self.has_blob(child["digest"]):
+                    children.append({**child, **self.oci_view(child)})
+            converted = {"schemaVersion": 2, "mediaType": DOCKER_TO_OCI[media_type], "manifests": children}
+        else:
+            def convert(d: dict) -> dict:
+                return {**d, "mediaType": DOCKER_TO_OCI.get(d.get("mediaType"), d.get("mediaType"))}
+            converted = {"schemaVersion": 2, "mediaType": DOCKER_TO_OCI[media_type],
+                         "config": convert(body["config"]), "layers": [convert(l) for l in body.get("layers") or []]}
+            if body.get("annotations"):
+                converted["annotations"] = body["annotations"]
+        data = json.dumps(converted, separators=(",", ":")).encode()
+        digest = self.write_blob(data)
+        view = {"mediaType": DOCKER_TO_OCI[media_type], "digest": digest, "size": len(data)}
+        if descriptor.get("platform"):
+            view["platform"] = descriptor["platform"]
+        return view
+
     def record(self, reference: str, descriptor: dict) -> None:
-        """Point `reference` at `descriptor` (replacing an older entry), atomically."""
+        """Point `reference` at `descriptor` (replacing an older entry), atomically.
+        A Docker image is recorded through its OCI view, annotated with the
+        original (see source_descriptor)."""
         self.ensure()
-        entry = {k: v for k, v in descriptor.items() if k in ("mediaType", "digest", "size", "platform")}
         annotations = dict(descriptor.get("annotations") or {})
+        view = self.oci_view(descriptor)
+        if view is not descriptor:
+            annotations.update({SOURCE_DIGEST: descriptor["digest"], SOURCE_MEDIA_TYPE: descriptor["mediaType"],
+                                SOURCE_SIZE: str(descriptor["size"])})
+            descriptor = view
+        entry = {k: v for k, v in descriptor.items() if k in ("mediaType", "digest", "size", "platform")}
         annotations[REF_NAME] = reference
         entry["annotations"] = annotations
         with self._index_lock():
@@ -225,7 +292,7 @@ class LocalStore:
     def image_for_platform(self, reference: str, platform: str | None = None) -> tuple[str, dict, dict]:
         """(manifest digest, manifest, config) of `reference` for one platform
         (default: the host's). Raises StoreError when it is not in the store."""
-        desc = self.descriptor(reference)
+        desc = self.source_descriptor(reference)
         if desc is None:
             raise StoreError(f"{reference} is not in the store {self.root} (pull it first)")
         digest = desc["digest"]
