@@ -140,8 +140,7 @@ def find_runtime(name: str | None = None) -> Runtime:
     if name and name not in RUNTIMES:
         raise RunError(f"unknown runtime {name!r} (runc or crun)")
     for candidate in names:
-        path = shutil.which(candidate) or next(
-            (p for p in (f"/usr/sbin/{candidate}", f"/usr/bin/{candidate}") if os.access(p, os.X_OK)), None)
+        path = shutil.which(candidate)
         if path:
             base = Path("/run/dockyard") if os.geteuid() == 0 else \
                 Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dockyard-{os.getuid()}")
