@@ -41,7 +41,7 @@ if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip python3-venv </dev/null
   fi
 fi
-pip_args=(-q --disable-pip-version-check)
+pip_args=(-q --disable-pip-version-check --root-user-action=ignore)
 # Debian's own python refuses pip into the system site without this (PEP 668)
 if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
   pip_args+=(--break-system-packages)

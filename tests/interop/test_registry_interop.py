@@ -356,3 +356,33 @@ def test_four_clients_upload_same_blob_by_hand(registry):
     got = http_request("GET", f"{registry.url}/v2/{repo}/blobs/{digests[0]}")
     assert got.status == 200 and got.body == data
     assert len(files_with_digest(registry.storage, digests[0], len(data))) == 1
+
+
+def test_real_clients_through_two_worker_processes(dockerd, skopeo, start_dockyard, tmp_path):
+    """Behind SO_REUSEPORT each connection may land on either worker: docker and
+    four concurrent skopeo pushes must still complete and read back intact."""
+    if os.environ.get("DOCKYARD_INTEROP_TARGET") == "distribution":
+        pytest.skip("Dockyard-specific (worker processes)")
+    server = start_dockyard(workers=2)
+    ref = f"{server.host}/interop/workers:1"
+    build_busybox_image(dockerd, ref, run_step="echo through-workers > /hello.txt")
+    dockerd.run("push", ref)
+
+    images = [write_oci_layout(tmp_path / f"src{i}", layer_sizes=[800_000, 300_000 + i])
+              for i in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(
+            lambda pair: skopeo.copy(pair[1].ref, f"docker://{server.host}/interop/workers-{pair[0]}:1",
+                                     "--preserve-digests", check=False, timeout=180),
+            enumerate(images)))
+    assert [r.stderr for r in results if r.returncode != 0] == []
+    for i, image in enumerate(images):
+        assert manifest_of(server, f"interop/workers-{i}", "1")[0] == image.digest
+        for layer in image.layers:
+            got = http_request("GET", f"{server.url}/v2/interop/workers-{i}/blobs/{layer}")
+            assert got.status == 200 and sha256_digest(got.body) == layer
+
+    dockerd.run("rmi", ref)
+    out = dockerd.run("run", "--rm", "--network", "none", ref, "cat", "/hello.txt")
+    assert out.stdout.strip() == "through-workers"
+    assert leftover_uploads(server.storage) == []
