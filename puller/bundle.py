@@ -496,7 +496,7 @@ def _str_list(value, what: str) -> list[str]:
 
 
 def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: RunSettings,
-                   container_id: str) -> tuple[dict, dict[str, str]]:
+                   container_id: str, require_command: bool = True) -> tuple[dict, dict[str, str]]:
     """The OCI runtime config.json for this image and these settings, and the
     bundle files it refers to ({path relative to the bundle: content}); bind
     mount sources name them under `bundle` (the bundle's final path)."""
@@ -510,7 +510,7 @@ def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: Run
     else:
         cmd = _str_list(cfg.get("Cmd"), "Cmd")
     args = entrypoint + cmd
-    if not args:
+    if not args and require_command:
         raise ConfigError("no command: the image has no Entrypoint or Cmd, give one")
     user = resolve_user(rootfs, settings.user if settings.user is not None else cfg.get("User"))
     cwd = safe_workdir(rootfs, settings.workdir if settings.workdir is not None else cfg.get("WorkingDir"))
@@ -631,6 +631,6 @@ def write_bundle(bundle_dir: str | os.PathLike, layers: Sequence[Layer], image_c
         rootfs = tmp / "rootfs"
         build_rootfs(layers, rootfs, cache=cache, options=options)
         config, files = runtime_config(image_config, rootfs, Path(bundle_dir).absolute(), settings,
-                                       container_id)
+                                       container_id, require_command=False)
         write_bundle_files(tmp, config, files)
     return Path(bundle_dir).absolute()
