@@ -6,13 +6,11 @@ Fixture names are a contract for the other rooms' tests: add, do not rename.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable

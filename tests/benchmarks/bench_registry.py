@@ -61,23 +61,28 @@ class Plan:
 
 @dataclass(frozen=True)
 class Images:
-    big: helpers.LayoutImage
-    small: helpers.LayoutImage
+    """`repeats` distinct copies of each image: skopeo remembers where it saw a
+    blob and mounts it instead of uploading, so a timed push needs blobs the
+    registry has never seen."""
+    big: tuple[helpers.LayoutImage, ...]
+    small: tuple[helpers.LayoutImage, ...]
     big_bytes: int
     small_bytes: int
 
 
 def make_images(work: Path, plan: Plan) -> Images:
-    big = helpers.write_oci_layout(work / "big", layer_sizes=[plan.big_layer_size] * plan.big_layers,
-                                   tag="big")
-    small = helpers.write_oci_layout(work / "small",
-                                     layer_sizes=[plan.small_layer_size] * plan.small_layers, tag="small")
+    big = tuple(helpers.write_oci_layout(work / f"big{i}", tag="big",
+                                         layer_sizes=[plan.big_layer_size] * plan.big_layers)
+                for i in range(plan.repeats))
+    small = tuple(helpers.write_oci_layout(work / f"small{i}", tag="small",
+                                           layer_sizes=[plan.small_layer_size] * plan.small_layers)
+                  for i in range(plan.repeats))
 
     def size(image: helpers.LayoutImage) -> int:
         blobs = image.path / "blobs" / "sha256"
         return sum((blobs / d.split(":")[1]).stat().st_size for d in image.layers)
 
-    return Images(big, small, size(big), size(small))
+    return Images(big, small, size(big[0]), size(small[0]))
 
 
 class Skopeo:
@@ -102,65 +107,110 @@ def pull_into(skopeo: Skopeo, remote: str, target: Path) -> None:
     skopeo.copy(remote, f"oci:{target}:x", "--dest-oci-accept-uncompressed-layers")
 
 
-def measure(label: str, server: helpers.RegistryServer, rows: dict[str, Row], images: Images,
-            plan: Plan, skopeo: Skopeo, work: Path) -> None:
-    host, url = server.host, server.url
+class Bench:
+    """The measurements. Each step runs on every registry before the next step
+    starts, the order rotating from step to step, so a busy moment on the
+    machine does not land on one registry only."""
 
-    def record(name: str, unit: str, higher: bool, value: float) -> None:
-        rows.setdefault(name, Row(name, unit, higher)).values[label] = value
-        print(f"  {label:>16}  {name:<34} {value:10.2f} {unit}", file=sys.stderr)
+    def __init__(self, servers: dict[str, helpers.RegistryServer], images: Images, plan: Plan,
+                 skopeo: Skopeo, work: Path):
+        self.servers, self.images, self.plan, self.skopeo, self.work = servers, images, plan, skopeo, work
+        self.rows: dict[str, Row] = {}
 
-    counter = iter(range(1_000_000))
-    big_mib = images.big_bytes / MiB
-    small_n = len(images.small.layers)
+    def run(self) -> list[Row]:
+        steps = [self.push_big, self.push_small, self.pull_big, self.pull_small, self.pull_four,
+                 self.manifest_get, self.tags_list, self.blob_get_one, self.blob_get_four]
+        labels = list(self.servers)
+        for n, step in enumerate(steps):
+            order = labels[n % len(labels):] + labels[:n % len(labels)]
+            for label in order:
+                step(label, self.servers[label])
+        return list(self.rows.values())
 
-    # push: a fresh repo each time, so blobs are uploaded, not found
-    push_big = best_of(plan.repeats, lambda: push_fresh(skopeo, images.big, host, f"bench/big{next(counter)}"))
-    record(f"push {plan.big_layers}x{plan.big_layer_size // MiB}MiB image (skopeo)", "MB/s", True,
-           big_mib / push_big)
-    # a later push reuses the same blob store: dedup path; keep one reference repo
-    big_remote = push_fresh(skopeo, images.big, host, "bench/big")
-    push_small = best_of(plan.repeats, lambda: push_fresh(skopeo, images.small, host,
-                                                          f"bench/small{next(counter)}"))
-    record(f"push {small_n}-layer image (skopeo)", "s", False, push_small)
-    small_remote = push_fresh(skopeo, images.small, host, "bench/small")
+    def record(self, label: str, name: str, unit: str, higher: bool, value: float) -> None:
+        self.rows.setdefault(name, Row(name, unit, higher)).values[label] = value
+        print(f"  {label:>14}  {name:<34} {value:10.2f} {unit}", file=sys.stderr)
 
-    pulled = work / f"pull-{label.replace(' ', '_')}"
-    pull_big = best_of(plan.repeats, lambda: pull_into(skopeo, big_remote, pulled))
-    record(f"pull {plan.big_layers}x{plan.big_layer_size // MiB}MiB image (skopeo)", "MB/s", True,
-           big_mib / pull_big)
-    pull_small = best_of(plan.repeats, lambda: pull_into(skopeo, small_remote, pulled))
-    record(f"pull {small_n}-layer image (skopeo)", "s", False, pull_small)
+    @property
+    def big_name(self) -> str:
+        return f"{self.plan.big_layers}x{self.plan.big_layer_size // MiB}MiB image"
 
-    def pull_four() -> None:
-        parallel(4, lambda i: pull_into(skopeo, big_remote, work / f"{pulled.name}-{i}"))
-    four = timed(pull_four)
-    record("4 concurrent pulls, big image", "MB/s", True, 4 * big_mib / four)
-    for i in range(4):
-        shutil.rmtree(work / f"{pulled.name}-{i}", ignore_errors=True)
-    shutil.rmtree(pulled, ignore_errors=True)
+    @property
+    def small_name(self) -> str:
+        return f"{len(self.images.small[0].layers)}-layer image"
 
-    manifest = wrk(f"{url}/v2/bench/big/manifests/big", seconds=plan.wrk_seconds,
-                   headers=[f"Accept: {helpers.MANIFEST_ACCEPT}"])
-    if manifest.non_2xx or manifest.errors:
-        raise BenchError(f"{label}: manifest GET had {manifest.non_2xx} non-2xx, {manifest.errors} errors")
-    record("manifest GET (wrk -c32)", "req/s", True, manifest.requests_per_second)
-    if manifest.latency_p99_ms is not None:
-        record("manifest GET p99 latency", "ms", False, manifest.latency_p99_ms)
-    tags = wrk(f"{url}/v2/bench/big/tags/list", seconds=plan.wrk_seconds)
-    if tags.non_2xx or tags.errors:
-        raise BenchError(f"{label}: tags list had {tags.non_2xx} non-2xx, {tags.errors} errors")
-    record("tags list (wrk -c32)", "req/s", True, tags.requests_per_second)
+    # every timed push sends blobs this registry has never seen
+    def push_big(self, label: str, server: helpers.RegistryServer) -> None:
+        seconds = min(timed(lambda: push_fresh(self.skopeo, image, server.host, f"bench/big{i}"))
+                      for i, image in enumerate(self.images.big))
+        self.record(label, f"push {self.big_name} (skopeo)", "MB/s", True,
+                    self.images.big_bytes / MiB / seconds)
 
-    layer = images.big.layers[0]
-    layer_size = (images.big.path / "blobs" / "sha256" / layer.split(":")[1]).stat().st_size
-    blob_url = f"{url}/v2/bench/big/blobs/{layer}"
-    seconds = sum(curl_download(blob_url, layer_size) for _ in range(plan.blob_fetches))
-    record("blob GET, one client (curl)", "MB/s", True, plan.blob_fetches * layer_size / MiB / seconds)
-    start = time.perf_counter()
-    parallel(4, lambda _: [curl_download(blob_url, layer_size) for _ in range(plan.blob_fetches)])
-    elapsed = time.perf_counter() - start
-    record("blob GET, 4 clients (curl)", "MB/s", True, 4 * plan.blob_fetches * layer_size / MiB / elapsed)
+    def push_small(self, label: str, server: helpers.RegistryServer) -> None:
+        seconds = min(timed(lambda: push_fresh(self.skopeo, image, server.host, f"bench/small{i}"))
+                      for i, image in enumerate(self.images.small))
+        self.record(label, f"push {self.small_name} (skopeo)", "s", False, seconds)
+
+    def _pull_dir(self, label: str, n: int = 0) -> Path:
+        return self.work / f"pull-{label.replace(' ', '_').replace('=', '')}-{n}"
+
+    def pull_big(self, label: str, server: helpers.RegistryServer) -> None:
+        target = self._pull_dir(label)
+        seconds = best_of(self.plan.repeats, lambda: pull_into(
+            self.skopeo, f"docker://{server.host}/bench/big0:big", target))
+        shutil.rmtree(target, ignore_errors=True)
+        self.record(label, f"pull {self.big_name} (skopeo)", "MB/s", True,
+                    self.images.big_bytes / MiB / seconds)
+
+    def pull_small(self, label: str, server: helpers.RegistryServer) -> None:
+        target = self._pull_dir(label)
+        seconds = best_of(self.plan.repeats, lambda: pull_into(
+            self.skopeo, f"docker://{server.host}/bench/small0:small", target))
+        shutil.rmtree(target, ignore_errors=True)
+        self.record(label, f"pull {self.small_name} (skopeo)", "s", False, seconds)
+
+    def pull_four(self, label: str, server: helpers.RegistryServer) -> None:
+        remote = f"docker://{server.host}/bench/big0:big"
+        seconds = timed(lambda: parallel(4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, i))))
+        for i in range(4):
+            shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
+        self.record(label, "4 concurrent pulls, big image", "MB/s", True,
+                    4 * self.images.big_bytes / MiB / seconds)
+
+    def _wrk(self, label: str, url: str, headers: list[str]):
+        result = wrk(url, seconds=self.plan.wrk_seconds, headers=headers)
+        if result.non_2xx or result.errors:
+            raise BenchError(f"{label}: {url}: {result.non_2xx} non-2xx answers, {result.errors} socket errors")
+        return result
+
+    def manifest_get(self, label: str, server: helpers.RegistryServer) -> None:
+        result = self._wrk(label, f"{server.url}/v2/bench/big0/manifests/big",
+                           [f"Accept: {helpers.MANIFEST_ACCEPT}"])
+        self.record(label, "manifest GET (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
+        if result.latency_p99_ms is not None:
+            self.record(label, "manifest GET p99 latency", "ms", False, result.latency_p99_ms)
+
+    def tags_list(self, label: str, server: helpers.RegistryServer) -> None:
+        result = self._wrk(label, f"{server.url}/v2/bench/big0/tags/list", [])
+        self.record(label, "tags list (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
+
+    def _blob(self, server: helpers.RegistryServer) -> tuple[str, int]:
+        image = self.images.big[0]
+        layer = image.layers[0]
+        size = (image.path / "blobs" / "sha256" / layer.split(":")[1]).stat().st_size
+        return f"{server.url}/v2/bench/big0/blobs/{layer}", size
+
+    def blob_get_one(self, label: str, server: helpers.RegistryServer) -> None:
+        url, size = self._blob(server)
+        seconds = sum(curl_download(url, size) for _ in range(self.plan.blob_fetches))
+        self.record(label, "blob GET, one client (curl)", "MB/s", True,
+                    self.plan.blob_fetches * size / MiB / seconds)
+
+    def blob_get_four(self, label: str, server: helpers.RegistryServer) -> None:
+        url, size = self._blob(server)
+        n = self.plan.blob_fetches
+        seconds = timed(lambda: parallel(4, lambda _: [curl_download(url, size) for _ in range(n)]))
+        self.record(label, "blob GET, 4 clients (curl)", "MB/s", True, 4 * n * size / MiB / seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preparing images in {work} ...", file=sys.stderr)
         images = make_images(work, plan)
 
-        rows: dict[str, Row] = {}
         targets = [BASELINE] + [f"Dockyard w={w}" for w in workers]
+        by_label: dict[str, helpers.RegistryServer] = {}
         for label in targets:
             if label == BASELINE:
                 server = helpers.launch_distribution(work / "distribution")
@@ -199,13 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                 server = helpers.launch_dockyard(work / f"dockyard-w{n}", workers=n,
                                                  log_path=work / f"dockyard-w{n}.log")
             servers.append(server)
+            by_label[label] = server
             print(f"{label}: {server.url}", file=sys.stderr)
-            try:
-                measure(label, server, rows, images, plan, skopeo, work)
-            finally:
-                server.stop()
-                # free the disk between targets: 4 x 64 MiB per push adds up
-                shutil.rmtree(server.storage, ignore_errors=True)
+        rows = {row.name: row for row in Bench(by_label, images, plan, skopeo, work).run()}
 
         total = time.perf_counter() - started
         if args.json:

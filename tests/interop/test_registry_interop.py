@@ -35,7 +35,6 @@ from helpers import (
     put_manifest,
     random_tar_layer,
     sha256_digest,
-    tar_layer,
     write_oci_layout,
 )
 
