@@ -174,6 +174,7 @@ class Podman:
     binary: str
     root: Path
     runroot: Path
+    policy: Path            # our own signature policy: accept anything (test images are unsigned)
 
     def base_args(self) -> list[str]:
         return [self.binary, "--root", str(self.root), "--runroot", str(self.runroot),
@@ -184,10 +185,11 @@ class Podman:
                    env={"REGISTRY_AUTH_FILE": str(self.root.parent / "auth.json")})
 
     def push(self, source: str, dest: str, *extra: str) -> subprocess.CompletedProcess:
-        return self.run("push", "--tls-verify=false", *extra, source, dest)
+        return self.run("push", "--tls-verify=false", "--signature-policy", str(self.policy),
+                        *extra, source, dest)
 
     def pull(self, ref: str, *extra: str) -> subprocess.CompletedProcess:
-        return self.run("pull", "--tls-verify=false", *extra, ref)
+        return self.run("pull", "--tls-verify=false", "--signature-policy", str(self.policy), *extra, ref)
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +199,8 @@ def podman(tmp_path_factory) -> Podman:
     base = tmp_path_factory.mktemp("podman")
     # runroot holds sockets and locks: short path
     runroot = Path(tempfile.mkdtemp(prefix="dy-podrun-", dir="/tmp"))
-    helper = Podman(binary, base / "root", runroot)
+    helper = Podman(binary, base / "root", runroot, base / "policy.json")
+    helper.policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     (base / "auth.json").write_text('{"auths": {}}')
     yield helper
     subprocess.run([*helper.base_args(), "system", "reset", "--force"], capture_output=True, timeout=120,
