@@ -201,7 +201,9 @@ class RegistryClient:
                                              ssl=self._ssl_context(), enable_cleanup_closed=True)
             timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout,
                                             sock_read=self.options.read_timeout)
+            # a large read buffer: fewer pause/resume cycles of the socket on big blobs
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                                  read_bufsize=4 * MiB,
                                                   headers={"User-Agent": self.options.user_agent})
 
     async def close(self) -> None:

@@ -103,9 +103,10 @@ def _hash_file_prefix(handle, length: int, chunk: int) -> "hashlib._Hash":
     return hasher
 
 
-def _write_and_hash(handle, hasher, data: bytes) -> None:
-    handle.write(data)
-    hasher.update(data)  # hashlib releases the GIL for large buffers
+def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
+    handle.writelines(parts)
+    for data in parts:
+        hasher.update(data)  # hashlib releases the GIL for buffers over 2 KiB
 
 
 class BlobFetcher:
@@ -173,27 +174,33 @@ class BlobFetcher:
                         hasher, offset = hashlib.sha256(), 0
                         self.progress.reset(digest, 0)
                     await asyncio.to_thread(handle.seek, offset)
-                    buffer = bytearray()
-                    async for data in response.content.iter_chunked(chunk):
-                        buffer += data
-                        if size >= 0 and offset + len(buffer) > size:
+                    # chunks as they came off the socket (no joins on the loop);
+                    # written and hashed in a thread once ~1 MiB has gathered
+                    parts: list[bytes] = []
+                    gathered = 0
+                    async for data, _ in response.content.iter_chunks():
+                        if not data:
+                            continue
+                        parts.append(data)
+                        gathered += len(data)
+                        if size >= 0 and offset + gathered > size:
                             raise DigestMismatchError(f"blob {digest}: registry sent more than {size} bytes")
-                        if len(buffer) >= chunk:
+                        if gathered >= chunk:
                             if pending is not None:
                                 await pending
-                            block, buffer = bytes(buffer), bytearray()
-                            pending = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, handle, hasher, block))
-                            offset += len(block)
-                            self.bytes_downloaded += len(block)
-                            self.progress.advance(digest, len(block))
+                            pending = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, handle, hasher, parts))
+                            offset += gathered
+                            self.bytes_downloaded += gathered
+                            self.progress.advance(digest, gathered)
+                            parts, gathered = [], 0
                     if pending is not None:
                         await pending
                         pending = None
-                    if buffer:
-                        await asyncio.to_thread(_write_and_hash, handle, hasher, bytes(buffer))
-                        offset += len(buffer)
-                        self.bytes_downloaded += len(buffer)
-                        self.progress.advance(digest, len(buffer))
+                    if parts:
+                        await asyncio.to_thread(_write_and_hash, handle, hasher, parts)
+                        offset += gathered
+                        self.bytes_downloaded += gathered
+                        self.progress.advance(digest, gathered)
                     if size < 0:
                         break
                     if offset < size:

@@ -1,0 +1,235 @@
+"""Pull speed: `dockyard pull` vs `skopeo copy docker://... oci:...` vs `docker pull`,
+side by side against one local registry, in one run.
+
+    python tests/benchmarks/bench_pull.py [--registry dockyard|distribution] [--quick]
+                                          [--repeats N] [--no-debian] [--no-docker] [--json]
+
+Images:
+  big     4 x 64 MiB layers of random (incompressible) bytes
+  debian  a real Debian root filesystem: `debootstrap --variant=minbase bookworm`
+          from the mirror configured in /etc/apt (sources.list.d/*.sources or
+          sources.list), tarred and gzipped into one layer; cached between runs
+          under $DOCKYARD_BENCH_CACHE (default ~/.cache/dockyard-bench)
+
+Every run starts from an empty destination (fresh store / layout / docker
+image store), so all bytes cross the wire each time; the best of N runs is
+kept. skopeo and dockyard only download and verify; docker pull also
+decompresses and extracts layers (shown for reference). Ratio > 1 means
+dockyard is faster than the baseline (skopeo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import MiB, BenchError, Row, format_table, helpers, need_tool, rows_as_json, sh, timed  # noqa: E402
+
+BASELINE = "skopeo"
+TARGETS = ["dockyard", "skopeo", "docker"]
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt uses (never hard-coded)."""
+    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+        text = Path(path).read_text()
+        for stanza in text.split("\n\n"):
+            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
+            suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
+            if uris and suites and "bookworm" in suites.group(1).split() and "security" not in uris.group(1):
+                return uris.group(1)
+    if Path("/etc/apt/sources.list").is_file():
+        for line in Path("/etc/apt/sources.list").read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
+                return parts[1] if not parts[1].startswith("[") else parts[2]
+    raise BenchError("no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list")
+
+
+def debian_layer(cache: Path) -> Path:
+    """debootstrap minbase bookworm -> one gzipped tar layer, built once and cached."""
+    layer = cache / "debian-bookworm-minbase.tar.gz"
+    if layer.is_file():
+        return layer
+    need_tool("debootstrap")
+    cache.mkdir(parents=True, exist_ok=True)
+    rootfs = Path(tempfile.mkdtemp(prefix="bench-debian-", dir=cache))
+    try:
+        print(f"building the Debian image with debootstrap (once; cached in {cache}) ...", file=sys.stderr)
+        sh(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()], timeout=1800)
+        tmp = layer.with_suffix(".partial")
+        tar = "pigz" if shutil.which("pigz") else "gzip"
+        with open(tmp, "wb") as out:
+            tar_proc = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", "-", "."],
+                                        stdout=subprocess.PIPE)
+            zip_proc = subprocess.Popen([tar, "-6", "-n"], stdin=tar_proc.stdout, stdout=out)
+            tar_proc.stdout.close()
+            if zip_proc.wait() != 0 or tar_proc.wait() != 0:
+                raise BenchError("tarring the Debian root filesystem failed")
+        tmp.rename(layer)
+        return layer
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+
+
+def big_layout(cache: Path, layers: int, size: int) -> Path:
+    directory = cache / f"big-{layers}x{size // MiB}MiB"
+    if not (directory / "index.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix="big-", dir=cache))
+        blobs = [helpers.gzip_bytes(helpers.random_tar_layer(size, name=f"layer{i}.bin")) for i in range(layers)]
+        helpers.write_oci_layout(tmp, blobs, tag="big", layer_media_type=helpers.OCI_LAYER_GZIP)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    return directory
+
+
+def debian_layout(cache: Path) -> Path:
+    directory = cache / "debian-layout"
+    if not (directory / "index.json").is_file():
+        layer = debian_layer(cache).read_bytes()
+        diff_id = helpers.sha256_digest(gzip.decompress(layer))
+        config = helpers.image_config([diff_id], cmd=["/bin/bash"])
+        config["config"]["Env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+        tmp = Path(tempfile.mkdtemp(prefix="debian-", dir=cache))
+        helpers.write_oci_layout(tmp, [layer], config, tag="debian", layer_media_type=helpers.OCI_LAYER_GZIP)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    return directory
+
+
+def start_registry(kind: str, workdir: Path):
+    if kind == "distribution":
+        return helpers.launch_distribution(workdir / "distribution")
+    return helpers.launch_dockyard(workdir / "dockyard-storage", log_path=workdir / "dockyard.log")
+
+
+def start_dockerd(workdir: Path):
+    """A private dockerd (no bridge, no iptables) trusting loopback registries."""
+    daemon = need_tool("dockerd")
+    data_root = workdir / "docker-data"
+    data_root.mkdir()
+    exec_root = Path(tempfile.mkdtemp(prefix="dy-bexec-", dir="/tmp"))
+    sock = exec_root / "docker.sock"
+
+    def ping() -> bool:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(2)
+                s.connect(str(sock))
+                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+                return b" 200 " in s.recv(256)
+        except OSError:
+            return False
+    argv = [daemon, "--data-root", str(data_root), "--exec-root", str(exec_root), "-H", f"unix://{sock}",
+            "--pidfile", str(workdir / "docker.pid"), "--bridge=none", "--iptables=false", "--ip-masq=false",
+            "--ip-forward=false", "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false"]
+    server = helpers.ServerProcess(argv, ready_check=ping, log_path=workdir / "dockerd.log", name="dockerd",
+                                   grace=20)
+    server.start(60)
+    env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_CONFIG": str(workdir / "docker-client")}
+    return server, env, exec_root
+
+
+def best(repeats: int, run, reset) -> float:
+    times = []
+    for _ in range(repeats):
+        reset()
+        times.append(timed(run))
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
+    parser.add_argument("--no-debian", action="store_true")
+    parser.add_argument("--no-docker", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    size = 16 * MiB if args.quick else 64 * MiB
+    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
+    cache.mkdir(parents=True, exist_ok=True)
+    skopeo = need_tool("skopeo")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-pull-"))
+    dockyard = [*helpers.dockyard_command()]
+    env = {**os.environ, "PYTHONPATH": str(helpers.REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
+    policy = workdir / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    registry = start_registry(args.registry, workdir)
+    docker = None
+    try:
+        images = {"big": big_layout(cache, 4, size)}
+        if not args.no_debian:
+            images["debian"] = debian_layout(cache)
+        if not args.no_docker:
+            try:
+                docker = start_dockerd(workdir)
+            except (BenchError, RuntimeError) as exc:
+                print(f"docker column skipped: {exc}", file=sys.stderr)
+        rows = []
+        for name, layout in images.items():
+            tag = "big" if name == "big" else "debian"
+            ref = f"{registry.host}/bench/{name}:1"
+            subprocess.run([*dockyard, "push", "-q", f"oci:{layout}:{tag}", ref], env=env, check=True)
+            total = sum(int(l["size"]) for l in json.loads(subprocess.run(
+                [*dockyard, "inspect", "--remote", ref], env=env, check=True, capture_output=True,
+                text=True).stdout)["manifest"]["layers"])
+            row = Row(f"pull {name} ({total / MiB:.0f} MiB)", "s", False)
+            store = workdir / "store"
+            out = workdir / "oci-out"
+
+            def clear(path: Path) -> None:
+                shutil.rmtree(path, ignore_errors=True)
+            row.values["dockyard"] = best(repeats, lambda: subprocess.run(
+                [*dockyard, "pull", "-q", "--store", str(store), ref], env=env, check=True),
+                lambda: clear(store))
+            row.values["skopeo"] = best(repeats, lambda: sh(
+                [skopeo, "--policy", str(policy), "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
+                 f"oci:{out}:{tag}"], timeout=900), lambda: clear(out))
+            if docker:
+                _, denv, _ = docker
+
+                def docker_reset() -> None:
+                    subprocess.run(["docker", "rmi", "-f", ref], env=denv, capture_output=True)
+                    subprocess.run(["docker", "image", "prune", "-f"], env=denv, capture_output=True)
+                row.values["docker"] = best(repeats, lambda: subprocess.run(
+                    ["docker", "pull", "-q", ref], env=denv, check=True, capture_output=True), docker_reset)
+            rows.append(row)
+            mibps = Row(f"  {name} throughput", "MiB/s", True,
+                        {t: total / MiB / v for t, v in row.values.items() if v})
+            rows.append(mibps)
+        targets = [t for t in TARGETS if any(t in r.values for r in rows)]
+        if args.json:
+            print(rows_as_json(rows, targets, BASELINE, registry=args.registry, repeats=repeats))
+        else:
+            print(f"\npull from a local {args.registry} registry on loopback, best of {repeats} "
+                  f"(ratio = how many times faster than {BASELINE}; docker pull also extracts layers)\n")
+            print(format_table(rows, targets, BASELINE))
+        return 0
+    finally:
+        if docker:
+            server, _, exec_root = docker
+            server.stop()
+            subprocess.run(["umount", "-l", str(workdir / "docker-data")], capture_output=True)
+            shutil.rmtree(exec_root, ignore_errors=True)
+        registry.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
