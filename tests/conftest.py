@@ -92,6 +92,17 @@ class DockerDaemon:
             input: bytes | None = None) -> subprocess.CompletedProcess:
         return run([self.cli, *args], env=self.env, timeout=timeout, check=check, input=input)
 
+    @property
+    def containerd_socket(self) -> Path:
+        """The containerd this dockerd started for itself (or the system one it joined)."""
+        own = self.exec_root / "containerd" / "containerd.sock"
+        return own if own.exists() else Path("/run/containerd/containerd.sock")
+
+    def ctr(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+        """containerd's own CLI on that socket, in a namespace of its own (not docker's "moby")."""
+        return run([require_tool("ctr"), "--address", str(self.containerd_socket),
+                    "--namespace", "dockyard-tests", *args], timeout=timeout, check=check)
+
 
 def _docker_ping(socket_path: Path) -> bool:
     try:

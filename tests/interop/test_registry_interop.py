@@ -388,3 +388,23 @@ def test_real_clients_through_two_worker_processes(dockerd, skopeo, start_dockya
     out = dockerd.run("run", "--rm", "--network", "none", ref, "cat", "/hello.txt")
     assert out.stdout.strip() == "through-workers"
     assert leftover_uploads(server.storage, *(f"interop/workers-{i}" for i in range(4)), "interop/workers") == []
+
+
+# ---- containerd ----------------------------------------------------------------------
+
+def test_containerd_pull_and_push(dockerd, skopeo, registry, tmp_path):
+    image = write_oci_layout(tmp_path / "src", [busybox_layer()], layer_media_type=OCI_LAYER_GZIP)
+    repo = unique("containerd")
+    source = f"{registry.host}/{repo}:1"
+    skopeo.copy(image.ref, f"docker://{source}", "--preserve-digests")
+
+    dockerd.ctr("images", "pull", "--plain-http", source)
+    listed = dockerd.ctr("images", "ls").stdout
+    line = next(l for l in listed.splitlines() if l.startswith(source + " "))
+    assert image.digest in line
+
+    copy = f"{registry.host}/{repo}-copy:2"
+    dockerd.ctr("images", "tag", source, copy)
+    dockerd.ctr("images", "push", "--plain-http", copy)
+    assert manifest_of(registry, f"{repo}-copy", "2")[0] == image.digest
+    dockerd.ctr("images", "rm", source, copy)
