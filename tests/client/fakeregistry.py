@@ -44,6 +44,7 @@ class FakeRegistry:
     slow: dict = field(default_factory=dict)          # digest -> seconds to wait per 64 KiB
     redirect_blobs_to: str | None = None              # base URL of another origin
     basic_auth: tuple[str, str] | None = None
+    challenge: str | None = None                      # a WWW-Authenticate to answer every request with
     honour_range: bool = True
     requests: list = field(default_factory=list)
 
@@ -92,6 +93,9 @@ class FakeRegistry:
 
     @web.middleware
     async def _auth(self, request, handler):
+        if self.challenge and not request.headers.get("Authorization"):
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED", "message": "token required"}]},
+                                     status=401, headers={"WWW-Authenticate": self.challenge})
         if self.basic_auth:
             expected = "Basic " + base64.b64encode(":".join(self.basic_auth).encode()).decode()
             if request.headers.get("Authorization") != expected:
@@ -170,10 +174,11 @@ def cdn_app(registry: FakeRegistry) -> web.Application:
     return app
 
 
-async def start_app(app: web.Application, host: str = "127.0.0.1") -> tuple[web.AppRunner, str]:
+async def start_app(app: web.Application, host: str = "127.0.0.1",
+                    ssl_context=None) -> tuple[web.AppRunner, str]:
     runner = web.AppRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, 0)
+    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, f"{host}:{port}"

@@ -1,0 +1,98 @@
+"""TLS options (--ca-file, --insecure), refused token realms, and chunked uploads."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+import sys
+from pathlib import Path
+
+import pytest
+
+from puller.auth import AuthError
+from puller.http import ClientOptions, RegistryClient, TransportError
+from puller.pull import pull
+from puller.push import LayoutSource, push_image
+from puller.reference import parse_reference
+from puller.store import LocalStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fakeregistry import FakeRegistry, digest, start_app  # noqa: E402
+from helpers import write_oci_layout  # noqa: E402
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.fixture
+async def tls_fake(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    registry = FakeRegistry()
+    runner, host = await start_app(registry.app(), ssl_context=context)
+    registry.host, registry.cert = host, str(cert)
+    yield registry
+    await runner.cleanup()
+
+
+async def test_tls_registry_needs_trust(tls_fake, tmp_path):
+    layer = os.urandom(10_000)
+    tls_fake.add_image("tls/app", "v1", [layer])
+    ref = f"{tls_fake.host}/tls/app:v1"
+    with pytest.raises(TransportError, match="--ca-file or --insecure"):
+        await pull(ref, store=LocalStore(tmp_path / "a"), options=ClientOptions(retries=0))
+    store = LocalStore(tmp_path / "b")
+    await pull(ref, store=store, options=ClientOptions(ca_file=tls_fake.cert))
+    assert store.read_blob(digest(layer)) == layer
+    store = LocalStore(tmp_path / "c")
+    await pull(ref, store=store, options=ClientOptions(insecure=True))
+    assert store.read_blob(digest(layer)) == layer
+    assert all(r.method in ("GET", "HEAD") for r in tls_fake.requests)
+
+
+async def test_plain_http_token_realm_refused_for_tls_registry(tls_fake, tmp_path):
+    tls_fake.add_image("tls/app", "v1", [b"x"])
+    tls_fake.challenge = 'Bearer realm="http://127.0.0.1:9/token",service="fake"'
+    with pytest.raises(AuthError, match="refusing token realm http://127.0.0.1:9/token"):
+        await pull(f"{tls_fake.host}/tls/app:v1", store=LocalStore(tmp_path / "s"),
+                   options=ClientOptions(ca_file=tls_fake.cert))
+
+
+@pytest.mark.interop
+async def test_chunked_patch_upload_round_trip(distribution_registry, tmp_path):
+    """Blobs over the monolithic limit go up in PATCH chunks with Content-Range."""
+    image = write_oci_layout(tmp_path / "layout", layer_sizes=[3 * 1024 * 1024 + 77, 500], tag="v1")
+    host = distribution_registry.host
+    options = ClientOptions(monolithic_limit=1024 * 1024, upload_chunk_size=1024 * 1024)
+    dest = parse_reference(f"{host}/chunked/app:v1")
+    async with RegistryClient(options) as client:
+        result = await push_image(LayoutSource(LocalStore(image.path), "v1"), client, dest)
+    assert result.blobs_uploaded == 3 and result.bytes_uploaded > 3 * 1024 * 1024
+    store = LocalStore(tmp_path / "store")
+    pulled = await pull(str(dest), store=store)
+    assert pulled.manifest_digest == image.digest
+    for layer in image.layers:
+        assert store.read_blob(layer) == LocalStore(image.path).read_blob(layer)
