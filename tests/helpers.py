@@ -71,6 +71,15 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_module(name: str):
+    """Import a peer client library (e.g. `oras`), or fail/skip the test."""
+    import importlib
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_peer(f"python module {name!r} is not installed")
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         missing_peer("needs root")

@@ -34,6 +34,7 @@ from helpers import (
     push_blob,
     put_manifest,
     random_tar_layer,
+    require_module,
     sha256_digest,
     write_oci_layout,
 )
@@ -408,3 +409,38 @@ def test_containerd_pull_and_push(dockerd, skopeo, registry, tmp_path):
     dockerd.ctr("images", "push", "--plain-http", copy)
     assert manifest_of(registry, f"{repo}-copy", "2")[0] == image.digest
     dockerd.ctr("images", "rm", source, copy)
+
+
+# ---- ORAS (oras-py, the ORAS project's Python SDK) ------------------------------------
+
+def test_oras_push_artifact_with_subject_chunked_and_pull(skopeo, registry, tmp_path):
+    if registry.kind == "distribution":
+        pytest.skip("CNCF Distribution 2.8 has no referrers API")
+    oras_client = require_module("oras.client")
+    oras_oci = require_module("oras.oci")
+    image = write_oci_layout(tmp_path / "src", layer_sizes=[2000])
+    repo = unique("oras")
+    skopeo.copy(image.ref, f"docker://{registry.host}/{repo}:app", "--preserve-digests")
+
+    payload = tmp_path / "sbom.json"
+    payload.write_bytes(json.dumps({"packages": ["busybox"], "nonce": uuid.uuid4().hex}).encode())
+    client = oras_client.OrasClient(hostname=registry.host, insecure=True)
+    subject = oras_oci.Subject(mediaType=OCI_MANIFEST, digest=image.digest, size=image.manifest["size"])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # oras-py names layers by the path given, relative is cleanest
+    try:
+        pushed = client.push(target=f"{registry.host}/{repo}:sbom",
+                             files=["sbom.json:application/vnd.example.sbom.v1+json"],
+                             subject=subject, do_chunked=True, chunk_size=7, quiet=True)
+    finally:
+        os.chdir(cwd)
+    assert pushed.status_code == 201
+    assert pushed.headers.get("OCI-Subject") == image.digest
+
+    artifact_digest, artifact = manifest_of(registry, repo, "sbom")
+    assert artifact["subject"]["digest"] == image.digest
+    listed = http_request("GET", f"{registry.url}/v2/{repo}/referrers/{image.digest}").json()
+    assert [m["digest"] for m in listed["manifests"]] == [artifact_digest]
+
+    files = client.pull(target=f"{registry.host}/{repo}:sbom", outdir=str(tmp_path / "out"))
+    assert [Path(f).read_bytes() for f in files] == [payload.read_bytes()]
