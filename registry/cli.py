@@ -158,12 +158,24 @@ def _die_with_parent() -> None:
         pass
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _worker_main(settings: Settings, ready: Any, parent_pid: int) -> None:
+    # Forked with the stop signals blocked and the supervisor's handlers
+    # installed: put the defaults back before letting a pending SIGTERM in.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the group: the parent decides
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
         os._exit(0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the group: the parent decides
-    code = _run_worker(settings, reuse_port=True, announce=lambda host, port: ready.set())
+    try:
+        code = _run_worker(settings, reuse_port=True, announce=lambda host, port: ready.send(True))
+    except OSError as exc:
+        print(f"dockyard serve: worker cannot listen on {settings.http.host}:{settings.http.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr, flush=True)
+        code = 1
     os._exit(code)
 
 
@@ -189,10 +201,15 @@ class _Workers:
         self.procs: dict[int, tuple[Any, float]] = {}   # slot -> (process, started at)
 
     def start(self, slot: int) -> Any:
-        ready = self.ctx.Event()
-        proc = self.ctx.Process(target=_worker_main, args=(self.settings, ready, os.getpid()),
+        ready, ready_in_child = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_worker_main, args=(self.settings, ready_in_child, os.getpid()),
                                 name=f"dockyard-worker-{slot}", daemon=False)
-        proc.start()
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        ready_in_child.close()
         self.procs[slot] = (proc, time.monotonic())
         return ready
 
@@ -231,7 +248,7 @@ def _supervise(settings: Settings) -> int:
         events = [workers.start(slot) for slot in range(settings.http.workers)]
         deadline = time.monotonic() + _READY_TIMEOUT
         for slot, ready in enumerate(events):
-            while not ready.wait(0.1):
+            while not ready.poll(0.1):
                 proc = workers.procs[slot][0]
                 if stopping:
                     return 0
