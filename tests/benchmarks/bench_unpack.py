@@ -138,6 +138,11 @@ def main() -> int:
                 sh([sys.executable, "-m", "puller", "unpack", "-q", "--plain-http", "--store", str(d / "store"),
                     "--cache", str(d / "cache"), ref, str(d / "bundle")], timeout=900)
 
+            def dockyard_pull_only(i):
+                d = work / f"dy-{name}-{i}"
+                sh([sys.executable, "-m", "puller", "pull", "-q", "--plain-http", "--store", str(d / "store"), ref],
+                   timeout=900)
+
             def docker_once(i):
                 docker.run("pull", "-q", ref)
 
@@ -146,10 +151,12 @@ def main() -> int:
 
             def umoci_once(i):
                 d = work / f"um-{name}-{i}"
+                d.mkdir(parents=True, exist_ok=True)
                 sh(["skopeo", "copy", "--src-tls-verify=false", f"docker://{ref}", f"oci:{d}/layout:1"], timeout=900)
                 sh(["umoci", "unpack", "--image", f"{d}/layout:1", str(d / "bundle")], timeout=900)
 
             for tool, fn, reset in (("dockyard pull+unpack", dockyard_once, None),
+                                    ("dockyard pull (no unpack)", dockyard_pull_only, None),
                                     ("docker pull", docker_once, docker_reset),
                                     ("skopeo copy + umoci unpack", umoci_once, None)):
                 best = None
