@@ -223,3 +223,37 @@ async def test_platform_selection_from_index(fake, tmp_path):
     assert store2.has_blob(digest(b"arm64 layer")) and store2.has_blob(digest(b"amd64 layer"))
     digest_arm, _, config = store2.image_for_platform(f"{fake.host}/app/multi:latest", "linux/arm64")
     assert digest_arm == arm["digest"] and config["architecture"] == "arm64"
+
+
+async def test_cli_inspect_local_and_remote(fake, tmp_path):
+    layer = os.urandom(1000)
+    desc = fake.add_image("app/inspect", "v1", [layer])
+    store = str(tmp_path / "s")
+    code, out, err = await _run_cli("inspect", "--remote", f"{fake.host}/app/inspect:v1")
+    assert code == 0, err
+    remote = json.loads(out)
+    assert remote["digest"] == desc["digest"] and remote["config"]["os"] == "linux"
+    code, out, err = await _run_cli("inspect", "--store", store, f"{fake.host}/app/inspect:v1")
+    assert code == 1 and "not in the store" in err
+    code, out, err = await _run_cli("pull", "--json", "--store", store, f"{fake.host}/app/inspect:v1")
+    assert code == 0 and json.loads(out)["layers"][0]["digest"] == digest(layer)
+    code, out, err = await _run_cli("inspect", "--store", store, f"{fake.host}/app/inspect:v1")
+    assert code == 0 and json.loads(out)["manifest_digest"] == desc["digest"]
+
+
+async def test_progress_bars_and_summary(fake, tmp_path):
+    import io
+    from puller.progress import PlainProgress, RichProgress
+    layer = os.urandom(2 * 1024 * 1024)
+    fake.add_image("app/progress", "v1", [layer])
+    stream = io.StringIO()
+    bars = RichProgress(stream)
+    await pull(f"{fake.host}/app/progress:v1", store=LocalStore(tmp_path / "a"), options=OPTIONS, progress=bars)
+    bars.close("pulled")
+    text = stream.getvalue()
+    assert digest(layer)[7:19] in text and "MB" in text and "2 blob(s) transferred" in text
+    stream = io.StringIO()
+    plain = PlainProgress(stream)
+    await pull(f"{fake.host}/app/progress:v1", store=LocalStore(tmp_path / "a"), options=OPTIONS, progress=plain)
+    plain.close("pulled")
+    assert stream.getvalue().count("\n") == 1 and "2 already present" in stream.getvalue()
