@@ -29,7 +29,7 @@ from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
 
 TEMP_PREFIX = ".dockyard-tmp-"
 _MAX_PATH = 4096
-_RETRIES = 3  # a concurrent delete of a parent directory is retried this often
+_RETRIES = 8  # a concurrent delete of a parent directory is retried this often
 
 
 # An empty, "." or ".." component, a temp-file component, or a trailing "/".
@@ -69,7 +69,10 @@ def _translated(path: str) -> Iterator[None]:
 
 
 def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return  # deleted meanwhile by a concurrent delete: nothing left to make durable
     try:
         os.fsync(fd)
     finally:
@@ -93,9 +96,11 @@ def _makedirs_durable(directory: str) -> None:
         try:
             os.mkdir(d)
         except FileExistsError:
-            if not os.path.isdir(d):
+            if os.path.isdir(d):
+                continue  # created meanwhile by someone else
+            if os.path.lexists(d):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", d)
-            continue
+            raise FileNotFoundError(errno.ENOENT, "deleted meanwhile", d) from None
         _fsync_dir(os.path.dirname(d))
 
 
@@ -191,31 +196,39 @@ class FilesystemDriver(StorageDriver):
         with _translated(path):
             await asyncio.to_thread(self._put_sync, full, bytes(data))
 
-    @staticmethod
-    def _put_sync(full: str, data: bytes) -> None:
+    def _put_sync(self, full: str, data: bytes) -> None:
         directory = os.path.dirname(full)
         for attempt in range(_RETRIES):
-            _makedirs_durable(directory)
-            tmp = os.path.join(directory, _temp_name())
+            tmp = None
             try:
+                _makedirs_durable(directory)
+                tmp = os.path.join(directory, _temp_name())
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileNotFoundError:
-                if attempt == _RETRIES - 1:
-                    raise
-                continue  # the directory was deleted under us: recreate
-            try:
                 try:
                     _write_all(fd, data)
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-                os.replace(tmp, full)
-            except BaseException:
                 try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+                    os.replace(tmp, full)
+                except FileNotFoundError:
+                    # A concurrent delete took the directory, our temp file
+                    # with it: as if this put landed and the delete followed.
+                    tmp = None
+                    return
+            except BaseException as exc:
+                if tmp is not None:
+                    try:
+                        os.unlink(tmp)
+                    except OSError:
+                        pass
+                if not isinstance(exc, FileNotFoundError) or not os.path.isdir(self.root):
+                    raise
+                # A concurrent delete removed a parent directory: recreate it,
+                # and if deletes keep winning, this put landed before them.
+                if attempt < _RETRIES - 1:
+                    continue
+                return
             _fsync_dir(directory)
             return
 
@@ -260,9 +273,15 @@ class FilesystemDriver(StorageDriver):
             raise InvalidPath(path, "cannot write the root")
 
         def _open() -> tuple[int, int]:
-            _makedirs_durable(os.path.dirname(full))
             flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
-            fd = os.open(full, flags, 0o644)
+            for attempt in range(_RETRIES):
+                try:
+                    _makedirs_durable(os.path.dirname(full))
+                    fd = os.open(full, flags, 0o644)
+                    break
+                except FileNotFoundError:  # a parent vanished meanwhile
+                    if attempt == _RETRIES - 1:
+                        raise
             return fd, os.fstat(fd).st_size
 
         with _translated(path):
@@ -301,8 +320,8 @@ class FilesystemDriver(StorageDriver):
                 raise PathNotFound(src)
             dst_dir = os.path.dirname(full_dst)
             for attempt in range(_RETRIES):
-                _makedirs_durable(dst_dir)
                 try:
+                    _makedirs_durable(dst_dir)
                     os.replace(full_src, full_dst)
                     break
                 except FileNotFoundError:
@@ -321,13 +340,13 @@ class FilesystemDriver(StorageDriver):
             raise InvalidPath(path, "cannot delete the root")
 
         def _delete() -> None:
-            if os.path.isdir(full) and not os.path.islink(full):
+            try:
+                os.unlink(full)
+            except IsADirectoryError:
                 # Hide the tree at once, then remove it at leisure.
                 hidden = os.path.join(os.path.dirname(full), _temp_name())
                 os.rename(full, hidden)
                 shutil.rmtree(hidden, ignore_errors=True)
-            else:
-                os.unlink(full)
             _fsync_dir(os.path.dirname(full))
 
         with _translated(path):

@@ -318,8 +318,12 @@ class ContentStore:
         dst = layout.blob_data(digest)
         if await self._exists(dst):
             await self._delete_if_present(src)
-        else:
+            return
+        try:
             await self.driver.move(src, dst)
+        except PathNotFound as exc:
+            # The same session finished meanwhile by another request/worker.
+            raise BlobUploadUnknown("upload finished or cancelled meanwhile") from exc
 
     # ---- uploads -------------------------------------------------------
     async def start_upload(self, repo: str) -> UploadStatus:

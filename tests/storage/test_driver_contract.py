@@ -241,3 +241,24 @@ async def test_direct_access_hints(driver):
     if local is not None:
         with open(local, "rb") as f:
             assert f.read() == b"bytes"
+
+
+async def test_put_survives_concurrent_delete_of_its_directory(driver):
+    """A tag being re-pointed while another worker deletes the tag: each
+    put either lands whole or is deleted afterwards, never fails."""
+    async def put_loop():
+        for i in range(40):
+            await driver.put_content("/tags/t/current/link", b"digest-%d" % i)
+
+    async def delete_loop():
+        for _ in range(40):
+            try:
+                await driver.delete("/tags/t")
+            except PathNotFound:
+                pass
+            await asyncio.sleep(0)
+
+    await asyncio.gather(put_loop(), delete_loop(), put_loop())
+    await driver.put_content("/tags/t/current/link", b"final")
+    assert await driver.get_content("/tags/t/current/link") == b"final"
+    assert await walk(driver) == ["/tags/t/current/link"]

@@ -627,3 +627,18 @@ async def test_purge_stale_uploads(store):
     fresh = await store.start_upload("stale")
     assert await store.purge_uploads("stale", older_than=started - 3600) == []
     assert (await store.upload_status("stale", fresh.upload_id)).offset == 0
+
+
+async def test_same_session_finished_twice_concurrently(store, other_worker, root):
+    data = os.urandom(3 * 1024 * 1024)
+    up = await store.start_upload("twice")
+    await store.append_upload("twice", up.upload_id, body(data))
+    results = await asyncio.gather(store.finish_upload("twice", up.upload_id, sha256(data)),
+                                   other_worker.finish_upload("twice", up.upload_id, sha256(data)),
+                                   return_exceptions=True)
+    assert any(not isinstance(r, Exception) for r in results), results
+    for r in results:
+        assert not isinstance(r, Exception) or isinstance(r, BlobUploadUnknown), r
+    assert (await other_worker.stat_blob("twice", sha256(data))).size == len(data)
+    assert blob_files(root) == [layout.blob_data(sha256(data)).lstrip("/")]
+    assert files_under(root, layout.uploads_dir("twice")) == []
