@@ -204,7 +204,9 @@ class RegistryClient:
             # a large read buffer: fewer pause/resume cycles of the socket on big blobs
             self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                                   read_bufsize=4 * MiB,
-                                                  headers={"User-Agent": self.options.user_agent})
+                                                  headers={"User-Agent": self.options.user_agent,
+                                                           # bytes as stored: digests are over them
+                                                           "Accept-Encoding": "identity"})
 
     async def close(self) -> None:
         if self._session is not None:

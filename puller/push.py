@@ -28,8 +28,8 @@ import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from puller.http import (INDEX_MEDIA_TYPES, ClientError, FetchedManifest, ManifestError, RegistryClient,
-                         digest_of)
+from puller.http import (INDEX_MEDIA_TYPES, TRANSIENT_ERRORS, ClientError, FetchedManifest, ManifestError,
+                         RegistryClient, TransportError, digest_of)
 from puller.progress import Progress
 from puller.reference import Reference, parse_reference, ReferenceError
 from puller.store import INDEX_TYPES, LocalStore, StoreError, media_type_of
@@ -281,23 +281,36 @@ class _Pusher:
                 self.result.blobs_existing += 1
                 self.progress.done(digest, skipped=True)
                 return
-            location = None
-            for repository in self.source.mount_candidates(digest, self.dest)[:3]:
+            for repository in self.source.mount_candidates(digest, self.dest)[:1]:
                 location = await self.client.start_upload(self.dest, mount=digest, mount_from=repository)
                 if location is None:
                     self.result.blobs_mounted += 1
                     self.progress.done(digest, skipped=True)
                     return
                 break
-            if location is None:
+            else:
                 location = await self.client.start_upload(self.dest)
+            for attempt in range(3):
+                sent = 0
 
-            def advance(n: int) -> None:
-                self.result.bytes_uploaded += n
-                self.progress.advance(digest, n)
-            await self.client.upload_blob(self.dest, location, digest, size,
-                                          lambda start, length: self.source.chunks(descriptor, start, length),
-                                          on_progress=advance)
+                def advance(n: int) -> None:
+                    nonlocal sent
+                    sent += n
+                    self.result.bytes_uploaded += n
+                    self.progress.advance(digest, n)
+                try:
+                    await self.client.upload_blob(self.dest, location, digest, size,
+                                                  lambda start, length: self.source.chunks(descriptor, start, length),
+                                                  on_progress=advance)
+                    break
+                except TRANSIENT_ERRORS + (TransportError,):
+                    # an upload session cannot be trusted after a broken body: start a new one
+                    self.result.bytes_uploaded -= sent
+                    self.progress.reset(digest, 0)
+                    if attempt == 2:
+                        raise
+                    await asyncio.sleep(0.2 * 2 ** attempt)
+                    location = await self.client.start_upload(self.dest)
             self.result.blobs_uploaded += 1
             self.progress.done(digest)
 
