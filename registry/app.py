@@ -9,7 +9,8 @@ from aiohttp import web
 from registry.errors import error_middleware
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, StorageSettings
-from registry.state import SETTINGS, STORE
+from registry.sendfile import make_pool
+from registry.state import SENDFILE_POOL, SETTINGS, STORE
 from storage.driver import StorageDriver
 from storage.store import ContentStore, StoreLimits
 
@@ -54,9 +55,11 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
         active = open_driver(settings.storage) if own else driver
         limits = StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes)
         app[STORE] = ContentStore(active, limits)
+        app[SENDFILE_POOL] = make_pool()
         try:
             yield
         finally:
+            app[SENDFILE_POOL].shutdown(wait=False, cancel_futures=True)
             if own:
                 await active.close()
 

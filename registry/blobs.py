@@ -1,12 +1,17 @@
-"""Blob handlers: GET/HEAD (sendfile, Range), DELETE."""
+"""Blob handlers: GET/HEAD (sendfile(2), single Range), DELETE."""
 
 from __future__ import annotations
+
+import asyncio
+import os
 
 from aiohttp import web
 
 from registry.errors import API_VERSION, API_VERSION_HEADER, UnsupportedOperation
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM, parse_range
-from registry.state import SETTINGS, STORE
+from registry.sendfile import open_file, send_file, socket_of
+from registry.state import SENDFILE_POOL, SETTINGS, STORE
+from storage.errors import BlobUnknown
 from storage.store import ContentStore
 
 # Blobs never change under a digest: let caches keep them.
@@ -31,6 +36,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         "Cache-Control": _CACHE_CONTROL,
         "Content-Type": OCTET_STREAM,
         "ETag": f'"{info.digest}"',
+        API_VERSION_HEADER: API_VERSION,   # prepared here: the middleware comes too late
     }
     if request.method == "HEAD":
         headers["Content-Length"] = str(info.size)
@@ -41,40 +47,50 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         if url:
             return web.Response(status=307, headers={"Location": url, DIGEST_HEADER: info.digest})
 
-    path = store.blob_local_path(info.digest)
-    if path is not None:
-        # aiohttp answers Range (206/416) itself and uses sendfile.
-        del headers["ETag"]  # FileResponse sets its own validator
-        return web.FileResponse(path, headers=headers)
-    return await _stream_blob(request, store, info.digest, info.size, headers)
-
-
-async def _stream_blob(request: web.Request, store: ContentStore, digest: str, size: int,
-                       headers: dict[str, str]) -> web.StreamResponse:
-    start, end, status = 0, size - 1, 200
-    range_value = request.headers.get("Range")
-    if range_value:
-        try:
-            span = parse_range(range_value, size)
-        except ValueError:
-            span = (0, size - 1) if size else None  # not a single byte range: ignore it, send all
-            range_value = None
-        if span is None:
-            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}",
-                                                     DIGEST_HEADER: digest})
-        if range_value:
-            start, end, status = span[0], span[1], 206
-            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    length = end - start + 1 if size else 0
-    headers[API_VERSION_HEADER] = API_VERSION  # prepared here, so the middleware cannot add it
+    span = _requested_span(request, info.size, headers)
+    if span is None:
+        return web.Response(status=416, headers={
+            "Content-Range": f"bytes */{info.size}", DIGEST_HEADER: info.digest})
+    status, start, length = span
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
+
+    path = store.blob_local_path(info.digest)
+    if path is not None and socket_of(request) is not None:
+        pool = request.app[SENDFILE_POOL]
+        loop = asyncio.get_running_loop()
+        try:
+            fd = await loop.run_in_executor(pool, open_file, path)
+        except FileNotFoundError:
+            raise BlobUnknown("blob unknown to registry", {"digest": digest}) from None
+        try:
+            return await send_file(request, response, fd, start, length, pool)
+        finally:
+            os.close(fd)
+
     await response.prepare(request)
     if length:
-        async for chunk in store.read_blob(digest, start, length):
+        async for chunk in store.read_blob(info.digest, start, length):
             await response.write(chunk)
     await response.write_eof()
     return response
+
+
+def _requested_span(request: web.Request, size: int,
+                    headers: dict[str, str]) -> tuple[int, int, int] | None:
+    """(status, start, length) for the Range header, if any; None: 416."""
+    value = request.headers.get("Range")
+    if not value:
+        return 200, 0, size
+    try:
+        span = parse_range(value, size)
+    except ValueError:
+        return 200, 0, size        # not one byte range: ignore it, send everything
+    if span is None:
+        return None
+    start, end = span
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return 206, start, end - start + 1
 
 
 async def delete_blob(request: web.Request) -> web.Response:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from aiohttp import web
 
 from registry.settings import Settings
@@ -9,3 +11,4 @@ from storage.store import ContentStore
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ContentStore)
+SENDFILE_POOL = web.AppKey("sendfile_pool", ThreadPoolExecutor)

@@ -166,3 +166,33 @@ async def test_repository_names_ending_in_route_words(registry):
     repos = (await resp.json())["repositories"]
     for repo in ("x/blobs", "x/manifests", "x/tags", "x/blobs/uploads", "x/referrers"):
         assert repo in repos
+
+
+async def test_large_blob_and_ranges_via_sendfile(registry):
+    data = os.urandom(9 * 1024 * 1024 + 7)
+    digest = await registry.push_blob("bigblob", data)
+    resp = await registry.get(f"/v2/bigblob/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert await resp.read() == data
+    start = 5 * 1024 * 1024 - 3
+    resp = await registry.get(f"/v2/bigblob/blobs/{digest}", headers={"Range": f"bytes={start}-"})
+    assert resp.status == 206
+    assert await resp.read() == data[start:]
+
+
+async def test_client_leaving_mid_blob_does_not_hurt_the_server(registry):
+    import asyncio
+
+    data = os.urandom(32 * 1024 * 1024)
+    digest = await registry.push_blob("leaver", data)
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(registry.client.server.host, registry.client.server.port)
+        writer.write(f"GET /v2/leaver/blobs/{digest} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        await reader.readexactly(4096)      # headers and a little body, then hang up
+        writer.transport.abort()
+    resp = await registry.get(f"/v2/leaver/blobs/{digest}", headers={"Range": "bytes=0-9"})
+    assert resp.status == 206
+    assert await resp.read() == data[:10]
+    assert (await registry.get("/v2/")).status == 200
