@@ -15,13 +15,16 @@ import shutil
 import sys
 import tempfile
 
-from puller.auth import AuthError, CredentialError, Credentials, DockerConfig
-from puller.http import CLIENT_ERRORS, ClientOptions, RegistryClient
-from puller.progress import make_progress
+# Heavy modules (aiohttp, rich) are imported inside the commands: the
+# dispatcher imports this module for every subcommand, `serve` included.
+from puller.auth import CredentialError, Credentials, DockerConfig
 from puller.reference import ReferenceError, parse_reference
 from puller.store import LocalStore, StoreError
 
-EXPECTED_ERRORS = CLIENT_ERRORS + (ReferenceError, StoreError, OSError)
+
+def _expected_errors() -> tuple:
+    from puller.http import CLIENT_ERRORS
+    return CLIENT_ERRORS + (ReferenceError, StoreError, OSError)
 
 
 def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +46,8 @@ def _add_store_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="DIR", help="local store (default ~/.local/share/dockyard/store)")
 
 
-def _options(args, registries: list[str] = ()) -> ClientOptions:
+def _options(args, registries: list[str] = ()):
+    from puller.http import ClientOptions
     creds = ()
     if getattr(args, "creds", None):
         user, _, password = args.creds.partition(":")
@@ -53,6 +57,7 @@ def _options(args, registries: list[str] = ()) -> ClientOptions:
 
 
 def _progress(args):
+    from puller.progress import make_progress
     mode = "json" if getattr(args, "json", False) else "quiet" if getattr(args, "quiet", False) else "auto"
     return make_progress(mode)
 
@@ -65,7 +70,7 @@ def _run(coro_factory) -> int:
         except ImportError:
             runner = asyncio.run
         return runner(coro_factory())
-    except EXPECTED_ERRORS as exc:
+    except _expected_errors() as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dockyard: error: {message}", file=sys.stderr)
         return 1
@@ -103,6 +108,7 @@ def cmd_pull(args) -> int:
 # -- push -------------------------------------------------------------------------
 
 def cmd_push(args) -> int:
+    from puller.http import RegistryClient
     from puller.push import LayoutSource, open_layout_source, parse_source, push_image
 
     store = LocalStore(args.store)
@@ -195,6 +201,7 @@ def cmd_login(args) -> int:
     if password is None:
         password = getpass.getpass("Password: ")
     creds = Credentials(username, password)
+    from puller.http import ClientOptions, RegistryClient
     options = ClientOptions(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file,
                             credentials=((registry, creds), (api_host, creds)))
 
@@ -222,6 +229,7 @@ def cmd_logout(args) -> int:
 # -- inspect ----------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
+    from puller.http import RegistryClient
     store = LocalStore(args.store)
 
     async def main() -> int:

@@ -224,7 +224,7 @@ class BlobFetcher:
                 if pending is not None:
                     with contextlib.suppress(BaseException):
                         await pending
-        await asyncio.to_thread(lambda: (handle.flush(), os.fsync(handle.fileno())))
+        await asyncio.to_thread(lambda: (handle.flush(), os.fdatasync(handle.fileno())))
         actual = "sha256:" + hasher.hexdigest()
         if actual != digest or (size >= 0 and offset != size):
             await asyncio.to_thread(handle.truncate, 0)

@@ -61,7 +61,7 @@ def debian_mirror() -> str:
 
 def debian_layer(cache: Path) -> Path:
     """debootstrap minbase bookworm -> one gzipped tar layer, built once and cached."""
-    layer = cache / "debian-bookworm-minbase.tar.gz"
+    layer = cache / "debian-bookworm-minbase-slim.tar.gz"
     if layer.is_file():
         return layer
     need_tool("debootstrap")
@@ -73,7 +73,10 @@ def debian_layer(cache: Path) -> Path:
         tmp = layer.with_suffix(".partial")
         tar = "pigz" if shutil.which("pigz") else "gzip"
         with open(tmp, "wb") as out:
-            tar_proc = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs), "-cf", "-", "."],
+            # like a published Debian image: no downloaded packages or package lists
+            tar_proc = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs),
+                                         "--exclude=./var/cache/apt/archives/*.deb",
+                                         "--exclude=./var/lib/apt/lists/*_*", "-cf", "-", "."],
                                         stdout=subprocess.PIPE)
             zip_proc = subprocess.Popen([tar, "-6", "-n"], stdin=tar_proc.stdout, stdout=out)
             tar_proc.stdout.close()
@@ -97,7 +100,7 @@ def big_layout(cache: Path, layers: int, size: int) -> Path:
 
 
 def debian_layout(cache: Path) -> Path:
-    directory = cache / "debian-layout"
+    directory = cache / "debian-slim-layout"
     if not (directory / "index.json").is_file():
         layer = debian_layer(cache).read_bytes()
         diff_id = helpers.sha256_digest(gzip.decompress(layer))
