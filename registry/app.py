@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import AsyncIterator
 
 from aiohttp import web
@@ -35,6 +36,19 @@ def open_driver(storage: StorageSettings) -> StorageDriver:
     raise SettingsError(f"unknown storage.driver {storage.driver!r}")
 
 
+def store_limits(settings: Settings) -> StoreLimits:
+    """The content store's limits from the settings. Sparse manifests need a
+    store that knows `allow_sparse_manifests`; asking for them without one is
+    a settings error rather than a silent no."""
+    limits = StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes)
+    if settings.validation.allow_sparse_manifests:
+        if "allow_sparse_manifests" not in {f.name for f in dataclasses.fields(StoreLimits)}:
+            raise SettingsError("validation.allow_sparse_manifests is not supported by this "
+                                "build's content store")
+        limits = dataclasses.replace(limits, allow_sparse_manifests=True)
+    return limits
+
+
 def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.Application:
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
@@ -53,7 +67,7 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         own = driver is None
         active = open_driver(settings.storage) if own else driver
-        limits = StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes)
+        limits = store_limits(settings)
         app[STORE] = ContentStore(active, limits)
         app[SENDFILE_POOL] = make_pool()
         try:

@@ -17,6 +17,7 @@ underscores, under the prefix DOCKYARD_:
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
     limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
+    validation.allow_sparse_manifests  DOCKYARD_VALIDATION_ALLOW_SPARSE_MANIFESTS
     log.level                   DOCKYARD_LOG_LEVEL
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
@@ -82,6 +83,14 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class ValidationSettings:
+    # Accept manifests whose layers or index children are not (yet) in the
+    # repository ("sparse" images, e.g. one platform of a multi-arch index).
+    # Off: such a push is refused with MANIFEST_BLOB_UNKNOWN, as Distribution does.
+    allow_sparse_manifests: bool = False
+
+
+@dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
 
@@ -91,6 +100,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
     def validate(self) -> "Settings":
