@@ -14,6 +14,7 @@ and stamps `Docker-Distribution-API-Version` on every response.
         ├── Unauthorized, Denied, TooManyRequests
         ├── PaginationNumberInvalid
         ├── ManifestTooLarge      (413, code SIZE_INVALID)
+        ├── BodyIncomplete        (the client broke off its request body)
         └── RouteNotFound, MethodNotAllowed (aiohttp's own 404/405)
 """
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from storage.driver import StorageError
 from storage.errors import RangeInvalid, StoreError
@@ -112,6 +114,10 @@ class UploadRangeInvalid(RegistryError):
     status = 416
 
 
+class BodyIncomplete(RegistryError):
+    code = "BLOB_UPLOAD_INVALID"
+
+
 class RouteNotFound(RegistryError):
     code = "NOT_FOUND"
 
@@ -162,6 +168,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             response = error_response(ManifestTooLarge("request body too large"))
         else:
             raise
+    except (ConnectionError, HttpProcessingError) as exc:
+        # The client went away or sent a broken body mid-request: nothing to
+        # answer it, nothing for the log but a line at debug level.
+        log.debug("request body broken on %s %s: %s", request.method, request.path, exc)
+        response = error_response(BodyIncomplete(f"request body incomplete: {exc}"))
     except StorageError as exc:
         # A backend failure the store did not map: log it, answer 500 without internals.
         log.error("storage error on %s %s: %s", request.method, request.path, exc)

@@ -78,7 +78,8 @@ async def start_upload(request: web.Request) -> web.Response:
     if digest and not mount:
         ContentStore.parse_digest(digest)
         if has_body(request) or digest in _EMPTY_DIGESTS:
-            info = await store.put_blob(name, digest, body_chunks(request))
+            info = await store.put_blob(name, digest, body_chunks(request),
+                                        size=request.content_length)
             return _created_response(request, name, info)
 
     upload = await store.start_upload(name)
