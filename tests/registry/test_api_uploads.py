@@ -282,3 +282,33 @@ async def test_absolute_locations_when_configured(make_registry, tmp_path):
                                         headers=OCTET)
     assert resp.status == 201
     assert resp.headers["Location"].startswith("http://")
+
+
+async def test_client_breaking_off_a_chunk_can_resume(registry):
+    import asyncio
+
+    data = os.urandom(6 * 1024 * 1024)
+    location = await start(registry, "brokenoff")
+    reader, writer = await asyncio.open_connection(registry.client.server.host, registry.client.server.port)
+    writer.write((f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                  f"Content-Range: 0-{len(data) - 1}\r\nContent-Length: {len(data)}\r\n\r\n").encode())
+    writer.write(data[:4 * 1024 * 1024])
+    await writer.drain()
+    await asyncio.sleep(0.3)
+    writer.transport.abort()
+    # The session reports a prefix it holds; the client resumes from there.
+    resp = None
+    for _ in range(50):
+        resp = await registry.get(location)
+        if resp.status == 204:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 204
+    offset = int(resp.headers["Range"].split("-")[1]) + 1 if resp.headers["Range"] != "0-0" else 0
+    assert 0 <= offset <= 4 * 1024 * 1024
+    resp = await registry.patch(location, data=data[offset:], headers={
+        **OCTET, "Content-Range": f"{offset}-{len(data) - 1}"})
+    assert resp.status == 202, await resp.text()
+    resp = await registry.put(location, params={"digest": digest_of(data)})
+    assert resp.status == 201, await resp.text()
+    await assert_blob(registry, "brokenoff", digest_of(data), data)
