@@ -136,6 +136,13 @@ def test_docker_push_pull_run(dockerd, registry):
     repo_digests = dockerd.run("image", "inspect", "-f", "{{json .RepoDigests}}", ref).stdout
     assert f"{registry.host}/{repo}@{digest}" in json.loads(repo_digests)
 
+    # the same image into another repository: docker asks for a cross-repo mount
+    other = f"{registry.host}/{unique('docker-mounted')}:1"
+    dockerd.run("tag", ref, other)
+    pushed_again = dockerd.run("push", other).stdout
+    assert pushed_again.count("Mounted from") == 3, pushed_again
+    assert f"digest: {digest}" in pushed_again
+
 
 def test_docker_pull_missing_image_fails_cleanly(dockerd, registry):
     result = dockerd.run("pull", f"{registry.host}/{unique('absent')}:nope", check=False)
