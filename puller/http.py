@@ -189,6 +189,8 @@ class RegistryClient:
     def _ssl_context(self) -> ssl.SSLContext | bool:
         if self.options.insecure:
             return False
+        if not self.options.ca_file:
+            return True  # aiohttp's verified default context, already built at import
         context = ssl.create_default_context()
         if self.options.ca_file:
             context.load_verify_locations(cafile=self.options.ca_file)

@@ -38,6 +38,7 @@ import fcntl
 import hashlib
 import os
 import pathlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -62,12 +63,13 @@ class PullResult:
     config_digest: str
     bytes_downloaded: int = 0
     platforms: list[str] = field(default_factory=list)
+    seconds: float = 0.0                 # wall time of the pull itself (no interpreter start-up)
 
     def to_json(self) -> dict:
         return {"reference": self.reference, "digest": self.digest, "manifest_digest": self.manifest_digest,
                 "media_type": self.media_type, "config_digest": self.config_digest,
                 "layers": self.layers, "bytes_downloaded": self.bytes_downloaded,
-                "platforms": self.platforms}
+                "platforms": self.platforms, "seconds": round(self.seconds, 4)}
 
 
 class _Staged:
@@ -255,6 +257,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                options: ClientOptions | None = None, progress: Progress | None = None,
                on_layer: OnLayer | None = None, client: RegistryClient | None = None,
                record_as: str | None = None) -> PullResult:
+    started = time.perf_counter()
     ref = parse_reference(reference)
     wanted = parse_platform(platform) if platform else host_platform()
     progress = progress or Progress()
@@ -321,7 +324,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
         return PullResult(reference=str(ref), digest=top.digest, manifest_digest=chosen.digest,
                           media_type=chosen.media_type, layers=list(chosen.json.get("layers") or []),
                           config_digest=config.get("digest", ""), bytes_downloaded=fetcher.bytes_downloaded,
-                          platforms=platforms_pulled)
+                          platforms=platforms_pulled, seconds=time.perf_counter() - started)
     finally:
         if own_client:
             await client.close()
