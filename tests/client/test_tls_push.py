@@ -96,3 +96,23 @@ async def test_chunked_patch_upload_round_trip(distribution_registry, tmp_path):
     assert pulled.manifest_digest == image.digest
     for layer in image.layers:
         assert store.read_blob(layer) == LocalStore(image.path).read_blob(layer)
+
+
+@pytest.mark.interop
+async def test_registry_to_registry_copy_streams_chunks_with_range(distribution_registry, dockyard_registry,
+                                                                   tmp_path):
+    """copy streams each PATCH chunk from a Range GET on the source, digests unchanged."""
+    from puller.copy import copy
+    image = write_oci_layout(tmp_path / "layout", layer_sizes=[2 * 1024 * 1024 + 5, 300], tag="v1")
+    src = f"{distribution_registry.host}/copysrc/app:v1"
+    async with RegistryClient(ClientOptions()) as client:
+        await push_image(LayoutSource(LocalStore(image.path), "v1"), client, parse_reference(src))
+    dst = f"{dockyard_registry.host}/copydst-{os.getpid()}/app:v1"
+    options = ClientOptions(monolithic_limit=512 * 1024, upload_chunk_size=512 * 1024)
+    result = await copy(src, dst, options=options)
+    assert result.digest == image.digest and result.bytes_transferred > 2 * 1024 * 1024
+    store = LocalStore(tmp_path / "store")
+    pulled = await pull(dst, store=store)
+    assert pulled.manifest_digest == image.digest
+    for layer in image.layers:
+        assert store.read_blob(layer) == LocalStore(image.path).read_blob(layer)
