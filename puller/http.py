@@ -369,15 +369,17 @@ class RegistryClient:
             url += ("&" if "?" in url else "?") + urlencode(params)
         scopes = merge_scopes(scopes)
         attempts = self.options.retries if retry else 0
-        reauthed = False
-        for attempt in range(attempts + 1):
-            auth = await self._authorization(host, endpoint, scopes, force=reauthed)
+        attempt = 0
+        reauthed = False        # one fresh credential per request, not counted as a retry
+        while True:
+            auth = await self._authorization(host, endpoint, scopes, force=False)
             body = data() if callable(data) else data
             try:
                 response = await self._send(method, url, endpoint, auth, headers or {}, body, follow_redirects)
             except TRANSIENT_ERRORS as exc:
                 if attempt >= attempts:
                     raise TransportError(f"{method} {urlsplit(url).path} on {host} failed: {_describe(exc)}") from None
+                attempt += 1
                 await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
                 continue
             if response.status == 401 and not reauthed:
@@ -389,6 +391,7 @@ class RegistryClient:
                         if challenge.scheme == "bearer":
                             scopes = merge_scopes(scopes + parse_scope_list(challenge.params.get("scope", "")))
                 reauthed = True
+                # drop the cached token for these scopes and fetch a new one
                 if await self._authorization(host, endpoint, scopes, force=True) is None:
                     raise AuthError(f"authentication required by {host}: run 'dockyard login {host}'")
                 continue
@@ -400,6 +403,7 @@ class RegistryClient:
                 raise AuthError(f"authentication to {host} failed: {message or 'unauthorized'}")
             if response.status in RETRYABLE_STATUS and attempt < attempts:
                 response.release()
+                attempt += 1
                 await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
                 continue
             try:
@@ -407,7 +411,6 @@ class RegistryClient:
             finally:
                 response.release()
             return
-        raise TransportError(f"{method} {path_or_url} on {host}: retries exhausted")
 
     async def _send(self, method: str, url: str, endpoint: _Endpoint, auth: str | None, headers: dict,
                     body, follow_redirects: bool) -> aiohttp.ClientResponse:
