@@ -83,8 +83,11 @@ def _fail(exc: BaseException) -> int:
 
 
 def _expected_errors() -> tuple:
-    from puller.cli_client import EXPECTED_ERRORS
-    return (UnpackError, *EXPECTED_ERRORS)
+    # the client's own failure types (its CLI keeps its list private)
+    from puller.http import CLIENT_ERRORS
+    from puller.reference import ReferenceError
+    from puller.store import StoreError
+    return (UnpackError, *CLIENT_ERRORS, ReferenceError, StoreError, OSError)
 
 
 def cmd_unpack(args) -> int:
