@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import logging
+import random
+import time
 from typing import AsyncIterator
 
 from aiohttp import web
 
 from registry.errors import error_middleware
 from registry.routes import add_routes
-from registry.settings import Settings, SettingsError, StorageSettings
+from registry.settings import Settings, SettingsError, StorageSettings, UploadsSettings
 from registry.sendfile import make_pool
 from registry.state import SENDFILE_POOL, SETTINGS, STORE
 from storage.driver import StorageDriver
 from storage.store import ContentStore, StoreLimits
+
+log = logging.getLogger("dockyard.registry")
 
 # Manifests are read with their own limit; upload bodies are streamed from
 # request.content, which client_max_size does not bound. This only guards
@@ -59,6 +66,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     )
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_store_context(settings, driver))
+    app.cleanup_ctx.append(_upload_purger(settings))
     add_routes(app)
     return app
 
@@ -78,3 +86,45 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
                 await active.close()
 
     return store_ctx
+
+
+def _upload_purger(settings: Settings):
+    """A background task deleting abandoned upload sessions."""
+    async def purger_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = None
+        if settings.uploads.purge_interval > 0:
+            task = asyncio.create_task(_purge_loop(app[STORE], settings.uploads))
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return purger_ctx
+
+
+async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
+    # Workers start together: spread their passes over the interval.
+    await asyncio.sleep(random.uniform(0, uploads.purge_interval))
+    while True:
+        try:
+            purged = await purge_uploads(store, time.time() - uploads.max_age)
+            if purged:
+                log.info("purged %d abandoned upload sessions", purged)
+        except Exception:  # keep purging next time; never take the server down
+            log.exception("upload purge failed")
+        await asyncio.sleep(uploads.purge_interval)
+
+
+async def purge_uploads(store: ContentStore, older_than: float) -> int:
+    """Delete upload sessions started before older_than in every catalogued
+    repository; how many."""
+    count, last = 0, None
+    for _ in range(1_000_000):  # pages of the catalog, bounded
+        page = await store.list_repositories(1000, last)
+        for repo in page.items:
+            count += len(await store.purge_uploads(repo, older_than))
+        if not page.has_more or not page.items:
+            break
+        last = page.items[-1]
+    return count

@@ -17,6 +17,8 @@ underscores, under the prefix DOCKYARD_:
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
     limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
+    uploads.max_age             DOCKYARD_UPLOADS_MAX_AGE
+    uploads.purge_interval      DOCKYARD_UPLOADS_PURGE_INTERVAL
     validation.allow_sparse_manifests  DOCKYARD_VALIDATION_ALLOW_SPARSE_MANIFESTS
     log.level                   DOCKYARD_LOG_LEVEL
 
@@ -83,6 +85,15 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class UploadsSettings:
+    # Upload sessions older than this many seconds are deleted (a client
+    # that gave up without DELETE), checked every purge_interval seconds
+    # (0: never). Distribution's defaults: 168h and 24h.
+    max_age: int = 7 * 24 * 3600
+    purge_interval: int = 24 * 3600
+
+
+@dataclass(frozen=True)
 class ValidationSettings:
     # Accept manifests whose layers or index children are not (yet) in the
     # repository ("sparse" images, e.g. one platform of a multi-arch index).
@@ -100,6 +111,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
+    uploads: UploadsSettings = field(default_factory=UploadsSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
@@ -119,6 +131,10 @@ class Settings:
             raise SettingsError("limits.max_manifest_bytes must be at least 1024")
         if self.limits.catalog_max_entries < 1:
             raise SettingsError("limits.catalog_max_entries must be at least 1")
+        if self.uploads.max_age < 1:
+            raise SettingsError("uploads.max_age must be at least 1 second")
+        if self.uploads.purge_interval < 0:
+            raise SettingsError("uploads.purge_interval must be 0 (off) or more seconds")
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
         return self

@@ -312,3 +312,27 @@ async def test_client_breaking_off_a_chunk_can_resume(registry):
     resp = await registry.put(location, params={"digest": digest_of(data)})
     assert resp.status == 201, await resp.text()
     await assert_blob(registry, "brokenoff", digest_of(data), data)
+
+
+async def test_abandoned_uploads_are_purged(make_registry, tmp_path):
+    import asyncio
+
+    from registry.settings import UploadsSettings, settings_for_tests
+
+    reg = await make_registry(uploads=UploadsSettings(max_age=1, purge_interval=1))
+    await reg.push_blob("purge/me", b"the repository exists")
+    location = await start(reg, "purge/me")
+    await reg.patch(location, data=b"abandoned", headers=OCTET)
+    for _ in range(100):                 # purged within about two intervals
+        resp = await reg.get(location)
+        if resp.status == 404:
+            break
+        await asyncio.sleep(0.1)
+    assert resp.status == 404
+    assert error_codes(await resp.json()) == ["BLOB_UPLOAD_UNKNOWN"]
+    # a live session is left alone when younger than max_age
+    reg2 = await make_registry(settings_for_tests(tmp_path / "other",
+                                                  uploads=UploadsSettings(max_age=3600, purge_interval=1)))
+    location = await start(reg2, "purge/me")
+    await asyncio.sleep(2.5)
+    assert (await reg2.get(location)).status == 204
