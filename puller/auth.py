@@ -353,8 +353,9 @@ class TokenCache:
 
     MARGIN = 5.0  # seconds before expiry at which a token is no longer used
 
-    def __init__(self):
+    def __init__(self, clock=time.monotonic):
         self._tokens: dict[tuple, Token] = {}
+        self.clock = clock
 
     @staticmethod
     def key(realm: str, service: str | None, scopes: list[Scope], account: str | None) -> tuple:
@@ -362,7 +363,7 @@ class TokenCache:
 
     def get(self, key: tuple) -> Token | None:
         token = self._tokens.get(key)
-        if token and token.valid():
+        if token and token.valid(self.clock()):
             return token
         self._tokens.pop(key, None)
         return None
@@ -374,7 +375,7 @@ class TokenCache:
         self._tokens.pop(key, None)
 
 
-def token_from_response(body: dict) -> Token:
+def token_from_response(body: dict, now: float | None = None) -> Token:
     value = body.get("token") or body.get("access_token")
     if not value:
         raise AuthError("token server answered without a token")
@@ -383,5 +384,6 @@ def token_from_response(body: dict) -> Token:
     except (TypeError, ValueError):
         expires_in = 60
     expires_in = max(expires_in, 60)  # the spec's minimum, as docker assumes
-    return Token(value=value, expires_at=time.monotonic() + expires_in - TokenCache.MARGIN,
+    now = time.monotonic() if now is None else now
+    return Token(value=value, expires_at=now + expires_in - TokenCache.MARGIN,
                  refresh_token=body.get("refresh_token"))

@@ -386,3 +386,23 @@ async def test_basic_auth_against_htpasswd(basic_registry, tmp_path):
         await pull(f"{host}/team/app:v1", store=store, options=_options(host, Credentials("bob", "nope")))
     with pytest.raises(AuthError, match="dockyard login"):
         await pull(f"{host}/team/app:v1", store=store, options=_options(host, None))
+
+
+def test_token_cache_until_expiry():
+    from puller.auth import TokenCache, token_from_response
+    now = [1000.0]
+    cache = TokenCache(clock=lambda: now[0])
+    key = TokenCache.key("https://auth/token", "svc", [Scope.repository("a", "pull")], "alice")
+    other = TokenCache.key("https://auth/token", "svc", [Scope.repository("a", "pull", "push")], "alice")
+    cache.put(key, token_from_response({"token": "t1", "expires_in": 300}, now=now[0]))
+    assert cache.get(key).value == "t1" and cache.get(other) is None
+    now[0] += 290
+    assert cache.get(key).value == "t1"
+    now[0] += 10          # inside the safety margin before expiry: no longer used
+    assert cache.get(key) is None
+    # expires_in below the spec's 60 s minimum is raised to 60; access_token is accepted
+    cache.put(key, token_from_response({"access_token": "t2", "expires_in": 5}, now=now[0]))
+    now[0] += 50
+    assert cache.get(key).value == "t2"
+    with pytest.raises(AuthError):
+        token_from_response({"expires_in": 60})
