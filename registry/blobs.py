@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 from aiohttp import web
@@ -11,8 +12,11 @@ from registry.errors import API_VERSION, API_VERSION_HEADER, UnsupportedOperatio
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM, parse_range
 from registry.sendfile import open_file, send_file, socket_of
 from registry.state import SENDFILE_POOL, SETTINGS, STORE
-from storage.errors import BlobUnknown
+from storage.driver import StorageError
+from storage.errors import BlobUnknown, StoreError
 from storage.store import ContentStore
+
+log = logging.getLogger("dockyard.registry")
 
 # Blobs never change under a digest: let caches keep them.
 _CACHE_CONTROL = "max-age=31536000"
@@ -69,10 +73,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             os.close(fd)
 
     await response.prepare(request)
-    if length:
-        async for chunk in store.read_blob(info.digest, start, length):
-            await response.write(chunk)
-    await response.write_eof()
+    try:
+        if length:
+            async for chunk in store.read_blob(info.digest, start, length):
+                await response.write(chunk)
+        await response.write_eof()
+    except (StoreError, StorageError, OSError) as exc:
+        # Headers are gone already: the only honest signal left is a cut connection.
+        log.warning("blob %s broke off mid-body: %s", info.digest, exc)
+        if request.transport is not None:
+            request.transport.close()
     return response
 
 

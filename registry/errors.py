@@ -177,6 +177,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A backend failure the store did not map: log it, answer 500 without internals.
         log.error("storage error on %s %s: %s", request.method, request.path, exc)
         response = error_response(StoreError("storage backend error"))
+    except Exception:
+        # A bug: the traceback goes to the log, the client gets the usual JSON shape.
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = error_response(StoreError("internal server error"))
     if not response.prepared:
         response.headers[API_VERSION_HEADER] = API_VERSION
     return response
