@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
     MANIFEST_ACCEPT,
     OCI_EMPTY,
     OCI_INDEX,
@@ -451,3 +453,37 @@ def test_oras_push_artifact_with_subject_chunked_and_pull(skopeo, registry, tmp_
 
     files = client.pull(target=f"{registry.host}/{repo}:sbom", outdir=str(tmp_path / "out"))
     assert [Path(f).read_bytes() for f in files] == [payload.read_bytes()]
+
+
+def test_docker_manifest_list_push_and_pull(dockerd, skopeo, registry, tmp_path):
+    """Docker's own media types: schema 2 manifests (docker build / skopeo
+    --format v2s2) gathered by `docker manifest push` into a manifest list."""
+    repo = unique("docker-list")
+    amd64_ref = f"{registry.host}/{repo}:amd64"
+    build_busybox_image(dockerd, amd64_ref, run_step="echo from-the-list > /hello.txt")
+    dockerd.run("push", amd64_ref)
+    writer = OciLayoutWriter(tmp_path / "arm")
+    arm = writer.image([gzip_bytes(random_tar_layer(4096))], layer_media_type=OCI_LAYER_GZIP,
+                       platform={"architecture": "arm64", "os": "linux"})
+    writer.tag("arm64", arm)
+    writer.close()
+    skopeo.copy(f"oci:{tmp_path / 'arm'}:arm64", f"docker://{registry.host}/{repo}:arm64", "--format", "v2s2")
+
+    list_ref = f"{registry.host}/{repo}:list"
+    dockerd.run("manifest", "create", "--insecure", list_ref, amd64_ref, f"{registry.host}/{repo}:arm64")
+    pushed = dockerd.run("manifest", "push", "--insecure", "--purge", list_ref).stdout.strip()
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", pushed.splitlines()[-1]), pushed
+
+    got = http_request("GET", f"{registry.url}/v2/{repo}/manifests/list", headers={"Accept": MANIFEST_ACCEPT})
+    assert got.status == 200
+    assert got.headers["Content-Type"] == DOCKER_LIST
+    assert got.headers["Docker-Content-Digest"] == pushed.splitlines()[-1]
+    body = got.json()
+    assert sorted(m["platform"]["architecture"] for m in body["manifests"]) == ["amd64", "arm64"]
+    assert {m["mediaType"] for m in body["manifests"]} == {DOCKER_MANIFEST}
+
+    arm_info = json.loads(skopeo.inspect(f"docker://{list_ref}", "--override-arch", "arm64").stdout)
+    assert arm_info["Architecture"] == "arm64"
+    dockerd.run("rmi", amd64_ref)
+    out = dockerd.run("run", "--rm", "--network", "none", list_ref, "cat", "/hello.txt")
+    assert out.stdout.strip() == "from-the-list"
