@@ -196,3 +196,45 @@ async def test_client_leaving_mid_blob_does_not_hurt_the_server(registry):
     assert resp.status == 206
     assert await resp.read() == data[:10]
     assert (await registry.get("/v2/")).status == 200
+
+
+class _ObjectStoreLikeDriver:
+    """The filesystem driver without local paths: blobs must be streamed
+    through the registry, as with an object store."""
+
+    @staticmethod
+    def make(root):
+        from storage.filesystem import FilesystemDriver
+
+        class NoLocalPaths(FilesystemDriver):
+            def local_path(self, path):
+                return None
+
+        return NoLocalPaths(str(root))
+
+
+async def test_streamed_blobs_without_local_path(aiohttp_client, tmp_path):
+    from registry.app import create_app
+    from registry.settings import settings_for_tests
+    from regapi import Registry
+
+    settings = settings_for_tests(tmp_path / "s")
+    reg = Registry(await aiohttp_client(create_app(settings, driver=_ObjectStoreLikeDriver.make(tmp_path / "s"))))
+    data = os.urandom(3 * 1024 * 1024 + 11)
+    digest = await reg.push_blob("streamed", data)
+    resp = await reg.get(f"/v2/streamed/blobs/{digest}")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(len(data))
+    assert resp.headers["Docker-Distribution-API-Version"] == "registry/2.0"
+    assert await resp.read() == data
+    resp = await reg.get(f"/v2/streamed/blobs/{digest}", headers={"Range": "bytes=1048570-1048585"})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes 1048570-1048585/{len(data)}"
+    assert await resp.read() == data[1048570:1048586]
+    resp = await reg.get(f"/v2/streamed/blobs/{digest}", headers={"Range": "bytes=-5"})
+    assert await resp.read() == data[-5:]
+    resp = await reg.get(f"/v2/streamed/blobs/{digest}", headers={"Range": f"bytes={len(data)}-"})
+    assert resp.status == 416
+    resp = await reg.get(f"/v2/streamed/blobs/{digest}", headers={"Range": "bytes=0-1,5-6"})
+    assert resp.status == 200            # several ranges: the whole blob
+    assert await resp.read() == data
