@@ -144,7 +144,8 @@ def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: f
     """Run a command, capture text output; on failure raise with both streams shown."""
     full_env = None if env is None else {**os.environ, **env}
     proc = subprocess.run([str(a) for a in argv], env=full_env, capture_output=True,
-                          timeout=timeout, input=input, cwd=cwd, stdin=None if input else subprocess.DEVNULL)
+                          timeout=timeout, input=input, cwd=cwd,
+                          stdin=None if input is not None else subprocess.DEVNULL)
     proc.stdout = proc.stdout.decode(errors="replace")
     proc.stderr = proc.stderr.decode(errors="replace")
     if check and proc.returncode != 0:
