@@ -28,7 +28,8 @@ from registry.settings import Settings, SettingsError, load_settings
 log = logging.getLogger("dockyard.serve")
 
 _READY_TIMEOUT = 30.0      # seconds a worker has to start listening
-_STOP_GRACE = 10.0         # seconds workers have to finish after SIGTERM
+_DRAIN_TIMEOUT = 10.0      # seconds in-flight requests get to finish on SIGTERM
+_STOP_GRACE = 15.0         # seconds the supervisor waits for workers after SIGTERM
 _RESTART_WINDOW = 10.0     # a worker dying sooner than this after start ...
 _MAX_QUICK_DEATHS = 5      # ... this many times in a row stops the server
 
@@ -127,7 +128,8 @@ async def _serve(settings: Settings, reuse_port: bool,
 
     app = create_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False)
+    runner = web.AppRunner(app, access_log=access_log, handle_signals=False,
+                           shutdown_timeout=_DRAIN_TIMEOUT)
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http.host, settings.http.port,
