@@ -258,3 +258,34 @@ async def test_delete_manifest_by_digest(registry):
     assert resp.status == 404
     resp = await registry.delete(f"/v2/nosuchrepo/manifests/{digest}")
     assert resp.status == 404
+
+
+async def test_sparse_manifests_only_when_allowed(make_registry, tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from registry.app import store_limits
+    from registry.settings import SettingsError, ValidationSettings, settings_for_tests
+    from storage.store import StoreLimits
+
+    settings = settings_for_tests(tmp_path / "sparse",
+                                  validation=ValidationSettings(allow_sparse_manifests=True))
+    if "allow_sparse_manifests" not in {f.name for f in dataclasses.fields(StoreLimits)}:
+        # This build's content store cannot do it: refused up front, in one line.
+        with pytest.raises(SettingsError, match="allow_sparse_manifests"):
+            store_limits(settings)
+        return
+    reg = await make_registry(settings)
+    cfg = await reg.push_blob("sparse", b"{}")
+    image = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+             "config": {"mediaType": OCI_CONFIG, "digest": cfg, "size": 2},
+             "layers": [{"mediaType": OCI_LAYER, "digest": digest_of(b"not here"), "size": 8}]}
+    resp = await reg.push_manifest("sparse", "image", image)
+    assert resp.status == 201, await resp.text()
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": digest_of(b"no such child"), "size": 13,
+         "platform": {"architecture": "arm64", "os": "linux"}}]}
+    resp = await reg.push_manifest("sparse", "index", index, OCI_INDEX)
+    assert resp.status == 201, await resp.text()
+    assert (await reg.get("/v2/sparse/manifests/index")).status == 200
