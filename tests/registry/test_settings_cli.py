@@ -139,3 +139,34 @@ def test_serve_port_in_use_prints_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"dockyard serve: cannot listen on 127.0.0.1:{port}")
+
+
+def test_serve_takes_config_file_then_environment(tmp_path):
+    """A real server: port from the file, storage root from the environment."""
+    import os
+    import time
+    import urllib.request
+
+    sys.path.insert(0, str(REPO_ROOT / "tests"))
+    from helpers import ServerProcess, free_port
+
+    port = free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"http": {"port": port},
+                                      "storage": {"root": str(tmp_path / "from-file")}}))
+    env = {"DOCKYARD_STORAGE_ROOT": str(tmp_path / "from-env"),
+           "PYTHONPATH": str(REPO_ROOT)}
+    server = ServerProcess([sys.executable, "-m", "puller", "serve", "--config", str(config)],
+                           ready_url=f"http://127.0.0.1:{port}/v2/", env=env, cwd=REPO_ROOT,
+                           log_path=tmp_path / "serve.log", name="dockyard")
+    with server:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/envcheck/blobs/uploads/",
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.status == 202
+        deadline = time.monotonic() + 10
+        while f"listening on http://127.0.0.1:{port}" not in server.log():
+            assert time.monotonic() < deadline, server.log()
+            time.sleep(0.1)
+    assert (tmp_path / "from-env" / "docker" / "registry" / "v2" / "repositories" / "envcheck").is_dir()
+    assert not os.path.exists(tmp_path / "from-file" / "docker")
