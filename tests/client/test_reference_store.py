@@ -133,3 +133,20 @@ def test_docker_image_recorded_through_oci_view(tmp_path):
     # the registry's own digest and manifest remain what the API answers
     assert store.resolve("h:1/app:v1") == digest
     assert store.image_for_platform("h:1/app:v1")[0] == digest
+
+
+async def test_copy_between_oci_layouts(tmp_path):
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from helpers import write_oci_layout
+    from puller.copy import copy
+    image = write_oci_layout(tmp_path / "a", layer_sizes=[5000, 70_000], tag="v1")
+    result = await copy(f"oci:{tmp_path / 'a'}:v1", f"oci:{tmp_path / 'b'}:copied")
+    assert result.digest == image.digest
+    dest = LocalStore(tmp_path / "b")
+    assert dest.resolve("copied") == image.digest
+    for layer in image.layers:
+        assert dest.read_blob(layer) == LocalStore(tmp_path / "a").read_blob(layer)
+    with pytest.raises(Exception, match="is not in"):
+        await copy(f"oci:{tmp_path / 'a'}:nope", f"oci:{tmp_path / 'c'}:x")
