@@ -102,11 +102,6 @@ def parse_range(value: str, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-def body_length(request: web.Request) -> int | None:
-    """The declared Content-Length, None when absent (chunked or no body)."""
-    return request.content_length
-
-
 def has_body(request: web.Request) -> bool:
     return request.body_exists
 
