@@ -2,8 +2,9 @@
 
     apply_layer(root, blob_path, media_type, expected_diff_id, options) -> LayerStats
 
-One pass over each layer: the blob is decompressed as a stream (gzip through a
-`pigz -dc`/`gzip -dc` pipe or zlib, zstd with `zstandard`, or plain tar), the
+One pass over each layer: the blob is decompressed as a stream (gzip in-process
+with the fastest inflate at hand: ISA-L (`isal`), zlib-ng, else zlib; or through
+a `pigz -dc` pipe on request; zstd with `zstandard`; or plain tar), the
 decompressed bytes are hashed and counted as they go by (the diff ID is checked
 at the end, the size limit on the way: a gzip bomb stops at the limit), and the
 tar entries are parsed by a small reader of our own (ustar, GNU long names,
@@ -42,6 +43,7 @@ import base64
 import ctypes
 import errno
 import hashlib
+import importlib
 import os
 import queue
 import shutil
@@ -109,7 +111,7 @@ class UnpackLimits:
 class ApplyOptions:
     limits: UnpackLimits = field(default_factory=UnpackLimits)
     as_root: bool | None = None            # None: os.geteuid() == 0
-    decompressor: str = "auto"             # "auto" | "pipe" (pigz/gzip -dc) | "zlib"
+    decompressor: str = "auto"             # "auto" (fastest in-process) | "pipe" (pigz -dc) | "zlib"
     shared_inodes: bool = False            # see module docstring
     force_portable_resolver: bool = False  # tests: use the O_NOFOLLOW walk, not openat2
 
@@ -150,23 +152,42 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield data
 
 
-def _zlib_chunks(path: Path) -> Iterator[bytes]:
+def inflate_module():
+    """The fastest in-process inflate at hand, zlib-compatible: ISA-L's is about
+    twice zlib's speed, zlib-ng's close to it. All release the GIL while they
+    work, so decompressing overlaps with the applier's system calls."""
+    global _INFLATE
+    if _INFLATE is None:
+        _INFLATE = zlib
+        for name in ("isal.isal_zlib", "zlib_ng.zlib_ng"):
+            try:
+                _INFLATE = importlib.import_module(name)
+                break
+            except ImportError:
+                continue
+    return _INFLATE
+
+
+_INFLATE = None
+
+
+def _zlib_chunks(path: Path, module=zlib) -> Iterator[bytes]:
     # wbits=31: gzip wrapper. max_length bounds each output chunk, so a bomb
     # never inflates more than CHUNK at once; several members are concatenated.
-    d = zlib.decompressobj(31)
+    d = module.decompressobj(31)
     started = False
     for data in _file_chunks(path):
         while data:
             started = True
             try:
                 out = d.decompress(data, CHUNK)
-            except zlib.error as exc:
+            except module.error as exc:
                 raise CorruptLayer(f"invalid gzip data: {exc}") from None
             if out:
                 yield out
             if d.eof:
                 data = d.unused_data
-                d = zlib.decompressobj(31)
+                d = module.decompressobj(31)
                 if data and not data.startswith(b"\x1f\x8b"):
                     return  # trailing garbage after the last member is ignored, as gzip -d does
                 started = bool(data)
@@ -221,8 +242,10 @@ def decompressed_chunks(blob_path: str | os.PathLike, media_type: str,
     """The layer's tar stream, as chunks of at most about CHUNK bytes."""
     path = Path(blob_path)
     if media_type in GZIP_TYPES:
-        argv = _pipe_tool() if decompressor in ("auto", "pipe") else None
-        return _pipe_chunks(path, argv) if argv else _zlib_chunks(path)
+        argv = _pipe_tool() if decompressor == "pipe" else None
+        if argv:
+            return _pipe_chunks(path, argv)
+        return _zlib_chunks(path, inflate_module() if decompressor == "auto" else zlib)
     if media_type in ZSTD_TYPES:
         return _zstd_chunks(path)
     if media_type in TAR_TYPES:

@@ -15,8 +15,8 @@ from tests.unpack.conftest import GZIP, TAR, ZSTD, D, E, F, H, L, diff_id, kind,
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 
-@pytest.mark.parametrize("media_type,decompressor", [(TAR, "auto"), (GZIP, "pipe"), (GZIP, "zlib"),
-                                                     (ZSTD, "auto")])
+@pytest.mark.parametrize("media_type,decompressor", [(TAR, "auto"), (GZIP, "auto"), (GZIP, "pipe"),
+                                                     (GZIP, "zlib"), (ZSTD, "auto")])
 def test_basic_tree_each_compression(layers, root, media_type, decompressor):
     big = os.urandom(3 << 20)  # more than one read chunk
     stats = layers.apply(root, [D("etc"), F("etc/conf", b"hello\n"), F("bin/tool", big, mode=0o755),
@@ -47,7 +47,7 @@ def test_multi_member_gzip(tmp_path, root):
     tar = tar_bytes([F("a", b"1" * 5000), F("b", b"2" * 5000)])
     blob = tmp_path / "multi.gz"
     blob.write_bytes(gzip.compress(tar[:4096]) + gzip.compress(tar[4096:]))
-    for dec in ("zlib", "pipe"):
+    for dec in ("auto", "zlib", "pipe"):
         r = tmp_path / f"r-{dec}"
         r.mkdir()
         apply_layer(r, blob, GZIP, diff_id(tar), ApplyOptions(decompressor=dec))
