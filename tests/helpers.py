@@ -173,10 +173,13 @@ class ServerProcess:
         self.cwd = str(cwd) if cwd else None
         self.name = name or Path(self.argv[0]).name
         self.grace = grace
+        # a log we made ourselves is removed at stop(); its text stays readable via log()
+        self._own_log = log_path is None
         if log_path is None:
             fd, log_path = tempfile.mkstemp(prefix=f"dy-{self.name}-", suffix=".log")
             os.close(fd)
         self.log_path = Path(log_path)
+        self._kept_log: str | None = None
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30.0) -> "ServerProcess":
@@ -219,6 +222,8 @@ class ServerProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def log(self) -> str:
+        if self._kept_log is not None:
+            return self._kept_log
         try:
             return self.log_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -227,6 +232,7 @@ class ServerProcess:
     def stop(self) -> int | None:
         """SIGTERM the process group, SIGKILL after the grace period; returns the exit code."""
         if self.proc is None:
+            self._drop_own_log()
             return None
         if self.proc.poll() is None:
             self._signal(signal.SIGTERM)
@@ -237,7 +243,13 @@ class ServerProcess:
                 self.proc.wait(10)
         # children that outlived the leader (e.g. worker processes)
         self._signal(signal.SIGKILL)
+        self._drop_own_log()
         return self.proc.returncode
+
+    def _drop_own_log(self) -> None:
+        if self._own_log and self._kept_log is None:
+            self._kept_log = self.log()
+            self.log_path.unlink(missing_ok=True)
 
     def _signal(self, sig: int) -> None:
         try:
