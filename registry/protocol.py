@@ -34,7 +34,11 @@ def absolute(request: web.Request, path: str) -> str:
     """path as the Location/Link target: relative, or absolute when configured."""
     if request.app[SETTINGS].http.relative_urls:
         return path
-    return f"{request.scheme}://{request.host}{path}"
+    # Behind a TLS proxy the client's view is in X-Forwarded-* (as Distribution reads it).
+    headers = request.headers
+    scheme = headers.get("X-Forwarded-Proto", "").split(",", 1)[0].strip() or request.scheme
+    host = headers.get("X-Forwarded-Host", "").split(",", 1)[0].strip() or request.host
+    return f"{scheme}://{host}{path}"
 
 
 def blob_path(name: str, digest: str) -> str:

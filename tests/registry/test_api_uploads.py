@@ -336,3 +336,13 @@ async def test_abandoned_uploads_are_purged(make_registry, tmp_path):
     location = await start(reg2, "purge/me")
     await asyncio.sleep(2.5)
     assert (await reg2.get(location)).status == 204
+
+
+async def test_absolute_locations_follow_forwarded_headers(make_registry):
+    from registry.settings import HttpSettings
+
+    reg = await make_registry(http=HttpSettings(relative_urls=False))
+    resp = await reg.post("/v2/fwd/blobs/uploads/", headers={
+        "X-Forwarded-Proto": "https", "X-Forwarded-Host": "registry.example:8443"})
+    assert resp.status == 202
+    assert resp.headers["Location"].startswith("https://registry.example:8443/v2/fwd/blobs/uploads/")
