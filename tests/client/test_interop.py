@@ -64,6 +64,10 @@ def test_docker_push_then_dockyard_pull(registry, dockerd, skopeo, tmp_path):
         assert (store / "blobs" / "sha256" / layer["digest"][7:]).is_file()
     check_store_readable(store, name, result["manifest_digest"], skopeo,
                          layers=[l["digest"] for l in result["layers"]])
+    # umoci unpacks the store's OCI view of this Docker image into a bundle
+    bundle = tmp_path / "bundle"
+    run([require_tool("umoci"), "unpack", "--rootless", "--image", f"{store}:{name}", str(bundle)])
+    assert (bundle / "rootfs" / "hello.txt").read_text().strip() == "hello"
     # the config's diff_ids match what docker built
     config = json.loads((store / "blobs" / "sha256" / result["config_digest"][7:]).read_text())
     docker_layers = json.loads(dockerd.run("image", "inspect", "-f", "{{json .RootFS.Layers}}", name).stdout)
