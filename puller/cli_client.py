@@ -109,10 +109,10 @@ def cmd_pull(args) -> int:
 
 def cmd_push(args) -> int:
     from puller.http import RegistryClient
-    from puller.push import LayoutSource, open_layout_source, parse_source, push_image
+    from puller.push import LayoutSource, open_layout_source, parse_source, push_image  # noqa: F401
 
     store = LocalStore(args.store)
-    kind, location, name = parse_source(args.source, store)
+    kind, location, name = parse_source(args.source)
     if args.destination is None:
         if kind != "store":
             print("dockyard: error: a destination reference is needed to push oci: or docker-archive: sources",

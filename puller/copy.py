@@ -14,6 +14,7 @@ OCI-Subject header on the manifest PUT), its referrers tag is updated.
 from __future__ import annotations
 
 import asyncio
+import json
 import pathlib
 import shutil
 import tempfile
@@ -28,7 +29,6 @@ from puller.reference import Reference, parse_reference
 from puller.store import LocalStore, StoreError
 
 MAX_REFERRER_DEPTH = 4
-REFERRER_ANNOTATION_KEYS = ("artifactType", "annotations")
 
 
 @dataclass
@@ -56,10 +56,10 @@ async def copy(source: str, destination: str, *, options=None, referrers: bool =
     client = client or RegistryClient(options)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-copy-"))
     try:
-        src_kind, src_loc, src_name = parse_source(source, LocalStore(workdir))
+        src_kind, src_loc, src_name = parse_source(source)
         if src_kind == "store":
             src_kind = "docker"
-        dst_kind, dst_loc, dst_name = parse_source(destination, LocalStore(workdir))
+        dst_kind, dst_loc, dst_name = parse_source(destination)
         if dst_kind == "store":
             dst_kind = "docker"
         if dst_kind == "docker-archive":
@@ -117,7 +117,6 @@ async def _copy_referrers(client: RegistryClient, src: Reference, dest: Referenc
 async def _add_to_referrers_tag(client: RegistryClient, dest: Reference, subject_digest: str,
                                 descriptor: dict, manifest: FetchedManifest) -> None:
     """The referrers tag schema: an index tagged sha256-<hex> listing referrers."""
-    import json
     tag = subject_digest.replace(":", "-")
     try:
         current = (await client.get_manifest(dest, tag)).json

@@ -262,9 +262,6 @@ class RegistryClient:
                 continue
         raise TransportError(f"cannot reach registry {host}: {_describe(last)}")
 
-    def _credentials(self, endpoint: _Endpoint) -> Credentials:
-        return endpoint.credentials
-
     async def _authorization(self, host: str, endpoint: _Endpoint, scopes: list[Scope],
                              force: bool = False) -> str | None:
         for challenge in endpoint.challenges:

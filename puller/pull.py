@@ -40,6 +40,8 @@ import os
 import pathlib
 import time
 import uuid
+
+import aiohttp
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -206,7 +208,7 @@ class BlobFetcher:
                     if size < 0:
                         break
                     if offset < size:
-                        raise aiohttp_payload_error(f"connection closed after {offset} of {size} bytes")
+                        raise aiohttp.ClientPayloadError(f"connection closed after {offset} of {size} bytes")
             except TRANSIENT_ERRORS + (TransportError,) as exc:
                 if pending is not None:
                     with contextlib.suppress(Exception):
@@ -239,11 +241,6 @@ class BlobFetcher:
                 staged.path.unlink()
             raise DigestMismatchError(f"blob {digest}: content does not match its digest (got {actual}, "
                                       f"{offset} bytes); not stored")
-
-
-def aiohttp_payload_error(message: str) -> Exception:
-    import aiohttp
-    return aiohttp.ClientPayloadError(message)
 
 
 async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,

@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import pathlib
-import shutil
 import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -356,7 +355,7 @@ async def push_image(source: ImageSource, client: RegistryClient, dest: Referenc
     return result
 
 
-def parse_source(text: str, store: LocalStore) -> tuple[str, str, str | None]:
+def parse_source(text: str) -> tuple[str, str, str | None]:
     """Split a push/copy source: ("store", ref, None), ("oci", dir, tag),
     ("docker-archive", file, image), ("docker", ref, None)."""
     if text.startswith("oci:"):
@@ -384,6 +383,3 @@ def open_layout_source(kind: str, location: str, name: str | None, workdir: path
         return LayoutSource(layout, "image")
     raise StoreError(f"unsupported source {kind}")
 
-
-def cleanup(path: pathlib.Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

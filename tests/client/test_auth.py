@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import stat
-import subprocess
 import sys
 import time
 import uuid

@@ -14,7 +14,7 @@ import pytest
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
 from helpers import (OCI_INDEX, OCI_MANIFEST, OciLayoutWriter, build_busybox_image, dockyard_command,  # noqa: E402
-                     gzip_bytes, http_request, put_manifest, random_tar_layer, require_tool, run,
+                     http_request, put_manifest, random_tar_layer, require_tool, run,
                      sha256_digest, tar_layer, write_oci_layout)
 
 pytestmark = pytest.mark.interop
