@@ -211,8 +211,12 @@ def test_skopeo_copy_from_docker_daemon(dockerd, skopeo, registry, tmp_path):
     manifest_digest = index["manifests"][0]["digest"].split(":", 1)[1]
     manifest = json.loads((tmp_path / "out" / "blobs" / "sha256" / manifest_digest).read_text())
     assert len(manifest["layers"]) == 3
-    # and docker can run what skopeo pushed
+    # and docker can run what skopeo pushed, pulled by docker or written by skopeo
     out = dockerd.run("run", "--rm", "--network", "none", f"{registry.host}/{repo}:1", "cat", "/hello.txt")
+    assert out.stdout.strip() == "hello"
+    back = f"dockyard-interop/daemon-back:{uuid.uuid4().hex[:8]}"
+    skopeo.copy(remote, f"docker-daemon:{back}", "--dest-daemon-host", dockerd.env["DOCKER_HOST"])
+    out = dockerd.run("run", "--rm", "--network", "none", back, "cat", "/hello.txt")
     assert out.stdout.strip() == "hello"
 
 
