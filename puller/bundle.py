@@ -54,6 +54,7 @@ import stat
 import subprocess
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -175,8 +176,133 @@ class SnapshotCache:
 
 
 def materialize(snapshot: Path, rootfs: Path) -> None:
-    """A private copy of a snapshot tree (reflinks where the filesystem can)."""
-    _run_cp(["-a", "--reflink=auto", "--", str(snapshot), str(rootfs)])
+    """A private copy of a snapshot tree (new inodes: a write in rootfs never
+    reaches the cache)."""
+    try:
+        copy_tree(snapshot, rootfs)
+    except OSError as exc:
+        raise UnpackError(f"cannot copy {snapshot} to {rootfs}: {exc.strerror or exc}") from None
+
+
+def copy_workers() -> int:
+    # file creation and page-cache copies are kernel work that overlaps well
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))
+
+
+def copy_tree(src: Path, dst: Path, workers: int | None = None) -> None:
+    """`cp -a` for our own snapshot trees, with files copied in parallel.
+
+    One thread walks the tree and makes the directories; a pool copies the
+    regular files (`copy_file_range`: an in-kernel copy, a reflink where the
+    filesystem can) and makes the other nodes; hard-link groups are linked
+    once their first member is copied; directory attributes come last, deepest
+    first. Owners, modes (setuid kept: chmod after chown), xattrs (after chown,
+    which drops security.capability), and atime/mtime are kept. Symlinks are
+    never followed. dst must not exist. Only for trees we built ourselves (the
+    snapshot cache is 0700): paths inside them are real directories."""
+    src, dst = Path(src), Path(dst)
+    top = os.lstat(src)
+    if not stat.S_ISDIR(top.st_mode):
+        raise UnpackError(f"{src} is not a directory")
+    os.mkdir(dst, 0o700)
+    dirs: list[tuple[str, os.stat_result]] = [("", top)]
+    first_of_inode: dict[tuple[int, int], str] = {}
+    links: list[tuple[str, str]] = []
+    jobs = []
+    with ThreadPoolExecutor(max_workers=workers or copy_workers(), thread_name_prefix="copy") as pool:
+        try:
+            stack = [""]
+            while stack:
+                rel = stack.pop()
+                with os.scandir(os.path.join(src, rel) if rel else src) as it:
+                    for entry in it:
+                        crel = f"{rel}/{entry.name}" if rel else entry.name
+                        st = entry.stat(follow_symlinks=False)
+                        if stat.S_ISDIR(st.st_mode):
+                            os.mkdir(dst / crel, 0o700)
+                            dirs.append((crel, st))
+                            stack.append(crel)
+                            continue
+                        if st.st_nlink > 1:
+                            key = (st.st_dev, st.st_ino)
+                            first = first_of_inode.get(key)
+                            if first is not None:
+                                links.append((first, crel))
+                                continue
+                            first_of_inode[key] = crel
+                        jobs.append(pool.submit(_copy_node, src / crel, dst / crel, st))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+        for job in jobs:
+            job.result()  # the first error, if any
+    for first, other in links:
+        os.link(dst / first, dst / other, follow_symlinks=False)
+    for rel, st in sorted(dirs, key=lambda item: item[0].count("/") if item[0] else -1, reverse=True):
+        path = dst / rel if rel else dst
+        _set_attrs(path, st, os.path.join(src, rel) if rel else src, symlink=False)
+
+
+def _copy_node(src: Path, dst: Path, st: os.stat_result) -> None:
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                left = st.st_size
+                while left > 0:
+                    done = os.copy_file_range(fin, fout, min(left, 1 << 30))
+                    if done == 0:
+                        break  # the file shrank: cannot happen in a snapshot, do not spin
+                    left -= done
+                _set_fd_attrs(fout, st, fin)
+            finally:
+                os.close(fout)
+        finally:
+            os.close(fin)
+        return
+    if stat.S_ISLNK(mode):
+        os.symlink(os.readlink(src), dst)
+        _set_attrs(dst, st, src, symlink=True)
+        return
+    if stat.S_ISFIFO(mode):
+        os.mkfifo(dst, 0o600)
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISSOCK(mode):
+        os.mknod(dst, stat.S_IFMT(mode) | 0o600, st.st_rdev)
+    else:
+        return
+    _set_attrs(dst, st, src, symlink=False)
+
+
+def _set_fd_attrs(fd: int, st: os.stat_result, src_fd: int) -> None:
+    if os.geteuid() == 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    for key in os.listxattr(src_fd):
+        _copy_xattr(fd, key, os.getxattr(src_fd, key), follow=True)
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _set_attrs(path: Path, st: os.stat_result, src, symlink: bool) -> None:
+    """Attributes of a node that is not opened (directory, symlink, fifo,
+    device): path calls that never follow the last component."""
+    if os.geteuid() == 0:
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not symlink:  # a node we just made, not a link: nothing to follow
+        os.chmod(path, stat.S_IMODE(st.st_mode))
+    for key in os.listxattr(src, follow_symlinks=False):
+        _copy_xattr(path, key, os.getxattr(src, key, follow_symlinks=False), follow=False)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _copy_xattr(target, key: str, value: bytes, follow: bool) -> None:
+    try:
+        os.setxattr(target, key, value, follow_symlinks=follow)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
 
 
 # ---- atomic bundle directories ---------------------------------------------------------------

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import stat
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from puller.bundle import (ConfigError, RunSettings, SnapshotCache, Volume, materialize, resolve_user,
-                           runtime_config, safe_workdir)
+from puller.bundle import (ConfigError, RunSettings, SnapshotCache, Volume, copy_tree, materialize,
+                           resolve_user, runtime_config, safe_workdir)
 from puller.unpack import chain_ids
-from tests.unpack.conftest import TAR, D, F, H, L, diff_id, tar_bytes
+from tests.unpack.conftest import TAR, D, E, F, H, L, diff_id, tar_bytes
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001:A:/home/alice:/bin/sh\nbob:x:1002:1002::/b:/bin/sh\n"
 GROUP = b"root:x:0:\nalice:x:1001:\nstaff:x:50:alice,bob\nwheel:x:10:alice\nbob:x:1002:\n"
@@ -157,3 +160,63 @@ def test_hardlink_attribute_change_does_not_touch_lower_snapshot(tmp_path, layer
     lower = cache.path(base[2])
     assert os.lstat(lower / "f").st_mode & 0o777 == 0o644
     assert os.lstat(top / "g").st_mode & 0o777 == 0o600 and (top / "g").read_bytes() == b"data"
+
+
+def _listing(top: Path) -> dict:
+    """Everything a copy must keep, per path; hard-link groups as sorted path lists."""
+    out, groups = {}, {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames + ([""] if dirpath == str(top) else []):
+            path = Path(dirpath) / name if name else Path(dirpath)
+            st = os.lstat(path)
+            rel = str(path.relative_to(top))
+            info = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                    st.st_mtime_ns, st.st_rdev, st.st_nlink if not stat.S_ISDIR(st.st_mode) else 0)
+            xattrs = {} if stat.S_ISLNK(st.st_mode) else \
+                {k: os.getxattr(path, k, follow_symlinks=False) for k in os.listxattr(path, follow_symlinks=False)}
+            content = os.readlink(path) if stat.S_ISLNK(st.st_mode) else \
+                (path.read_bytes() if stat.S_ISREG(st.st_mode) else None)
+            out[rel] = (info, xattrs, content)
+            if stat.S_ISREG(st.st_mode):
+                groups.setdefault(st.st_ino, []).append(rel)
+    return {"nodes": out, "links": sorted(sorted(g) for g in groups.values() if len(g) > 1)}
+
+
+def test_copy_tree_keeps_everything_and_shares_no_inode(tmp_path, layers, root):
+    big = os.urandom(5 << 20)
+    entries = [D("etc", mode=0o750, uid=3, gid=4), F("etc/conf", b"c", mode=0o640, uid=5, gid=6),
+               F("bin/su", b"suid", mode=0o4755), F("big", big), F("empty"), D("locked", mode=0o000),
+               F("locked/inside", b"i"), H("bin/su-link", "bin/su"), L("abs", "/etc/passwd"),
+               L("dangling", "../../nowhere"), E("fifo", type=tarfile.FIFOTYPE, mode=0o620),
+               F("x", b"x", pax={"SCHILY.xattr.user.note": "kept"}),
+               D("d/e/f", mode=0o711, mtime=1_500_000_000)]
+    if os.geteuid() == 0:
+        entries.append(E("dev/null", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666))
+    layers.apply(root, entries)
+    os.utime(root, ns=(1_400_000_000 * 10**9,) * 2)
+    dst = tmp_path / "copy"
+    copy_tree(root, dst, workers=3)
+    assert _listing(dst) == _listing(root)
+    src_inodes = {os.lstat(p).st_ino for p in root.rglob("*")}
+    assert not src_inodes & {os.lstat(p).st_ino for p in dst.rglob("*")}
+    # and it matches what `cp -a` makes
+    ref = tmp_path / "cp"
+    subprocess.run(["cp", "-a", "--", str(root), str(ref)], check=True)
+    assert _listing(dst) == _listing(ref)
+
+
+def test_copy_tree_keeps_links_of_a_group_shared_with_lower_snapshots(tmp_path, layers):
+    cache = SnapshotCache(tmp_path / "cache")
+    base = _blob(layers, [F("a", b"1"), H("b", "a"), F("c", b"3")])
+    up = _blob(layers, [F("d", b"4")])
+    top = cache.ensure([base, up])  # every file of base now has one more link (the base snapshot)
+    rootfs = tmp_path / "rootfs"
+    materialize(top, rootfs)
+    assert os.lstat(rootfs / "a").st_ino == os.lstat(rootfs / "b").st_ino
+    assert os.lstat(rootfs / "a").st_nlink == 2 and os.lstat(rootfs / "c").st_nlink == 1
+
+
+def test_copy_tree_refuses_an_existing_destination(tmp_path, root):
+    (tmp_path / "there").mkdir()
+    with pytest.raises(FileExistsError):
+        copy_tree(root, tmp_path / "there")
