@@ -249,8 +249,11 @@ class RegistryClient:
         last: Exception | None = None
         for scheme in schemes:
             base = f"{scheme}://{host}"
+            # a TLS attempt on a plain loopback port must not hang for the read timeout
+            timeout = aiohttp.ClientTimeout(total=10) if len(schemes) > 1 and scheme == "https" else None
             try:
-                async with self.session.get(f"{base}/v2/", allow_redirects=False) as response:
+                async with self.session.get(f"{base}/v2/", allow_redirects=False,
+                                            **({"timeout": timeout} if timeout else {})) as response:
                     await response.read()
                     challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate", []))
                     return _Endpoint(base=base, challenges=challenges if response.status == 401 else [])
