@@ -2,6 +2,10 @@
 
 Every failure is one line on stderr ("dockyard: error: ...") and exit 1;
 `--json` prints one JSON object with the result on stdout.
+
+Shared with the unpack/run commands (keep stable): `_add_store_flag(parser)`,
+`_add_transport_flags(parser)` (--plain-http, --insecure, --ca-file,
+--concurrency, --creds) and `_options(args, registries) -> ClientOptions`.
 """
 
 from __future__ import annotations
