@@ -149,6 +149,10 @@ class BlobFetcher:
             try:
                 await self._download(ref, digest, size, staged)
                 await asyncio.to_thread(self.store.commit_blob, staged.path, digest)
+            except DigestMismatchError:
+                # bad bytes are not worth resuming from
+                await asyncio.to_thread(staged.path.unlink, True)
+                raise
             finally:
                 await asyncio.to_thread(staged.close)
         self.progress.done(digest)

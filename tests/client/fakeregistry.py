@@ -40,6 +40,7 @@ class FakeRegistry:
     manifests: dict = field(default_factory=dict)     # (repo, ref) -> (bytes, media type)
     blobs: dict = field(default_factory=dict)         # digest -> bytes
     corrupt: set = field(default_factory=set)         # digests served with wrong bytes
+    oversize: set = field(default_factory=set)        # digests served with extra bytes at the end
     drop_after: dict = field(default_factory=dict)    # digest -> byte count; drop once there
     slow: dict = field(default_factory=dict)          # digest -> seconds to wait per 64 KiB
     redirect_blobs_to: str | None = None              # base URL of another origin
@@ -131,6 +132,8 @@ async def serve_blob(registry: FakeRegistry, request: web.Request, blob_digest: 
     data = registry.blobs[blob_digest]
     if blob_digest in registry.corrupt:
         data = bytes([data[0] ^ 0xFF]) + data[1:]
+    if blob_digest in registry.oversize:
+        data = data + b"and some more bytes than the descriptor said"
     start = 0
     status = 200
     rng = request.headers.get("Range")

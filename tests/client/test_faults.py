@@ -257,3 +257,14 @@ async def test_progress_bars_and_summary(fake, tmp_path):
     await pull(f"{fake.host}/app/progress:v1", store=LocalStore(tmp_path / "a"), options=OPTIONS, progress=plain)
     plain.close("pulled")
     assert stream.getvalue().count("\n") == 1 and "2 already present" in stream.getvalue()
+
+
+async def test_blob_longer_than_its_descriptor_is_rejected(fake, tmp_path):
+    layer = os.urandom(3 * 1024 * 1024)
+    fake.add_image("app/oversize", "v1", [layer])
+    fake.oversize.add(digest(layer))
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(DigestMismatchError, match="more than"):
+        await pull(f"{fake.host}/app/oversize:v1", store=store, options=OPTIONS)
+    assert not store.has_blob(digest(layer))
+    assert not list((store.root / "ingest").glob(f"sha256-{digest(layer)[7:]}.partial*"))
