@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import random
 import time
@@ -44,16 +43,9 @@ def open_driver(storage: StorageSettings) -> StorageDriver:
 
 
 def store_limits(settings: Settings) -> StoreLimits:
-    """The content store's limits from the settings. Sparse manifests need a
-    store that knows `allow_sparse_manifests`; asking for them without one is
-    a settings error rather than a silent no."""
-    limits = StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes)
-    if settings.validation.allow_sparse_manifests:
-        if "allow_sparse_manifests" not in {f.name for f in dataclasses.fields(StoreLimits)}:
-            raise SettingsError("validation.allow_sparse_manifests is not supported by this "
-                                "build's content store")
-        limits = dataclasses.replace(limits, allow_sparse_manifests=True)
-    return limits
+    """The content store's limits from the settings."""
+    return StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes,
+                       allow_sparse_manifests=settings.validation.allow_sparse_manifests)
 
 
 def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.Application:

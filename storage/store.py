@@ -99,6 +99,9 @@ class StoreLimits:
     digest_algorithms: tuple[str, ...] = field(default=("sha256", "sha512"))
     # in-process cache of manifest bytes by digest (immutable content only)
     manifest_cache_bytes: int = 64 * 1024 * 1024
+    # accept manifests whose layers or index children were never pushed
+    # (mirrors of a subset, non-distributable layers); off, as Distribution
+    allow_sparse_manifests: bool = False
 
 
 @dataclass
@@ -570,7 +573,7 @@ class ContentStore:
         needs_empty = EMPTY_DIGEST in missing and EMPTY_DIGEST not in parsed.children
         if needs_empty:
             missing.remove(EMPTY_DIGEST)
-        if missing:
+        if missing and not self.limits.allow_sparse_manifests:
             raise ManifestBlobUnknown(f"manifest references unknown content: {missing[0]}",
                                       {"digest": missing[0]})
         if needs_empty:
