@@ -46,8 +46,7 @@ pip_args=(-q --disable-pip-version-check --root-user-action=ignore)
 if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
   pip_args+=(--break-system-packages)
 fi
-# oras: the ORAS project's Python SDK, a peer client of the interop tests
-"$PYTHON" -m pip install "${pip_args[@]}" -e '.[test]' 'oras>=0.2'
+"$PYTHON" -m pip install "${pip_args[@]}" -e '.[test]'
 
 set +e
 "$PYTHON" -m pytest -q -p no:cacheprovider "${@:-tests}"
