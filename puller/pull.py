@@ -113,6 +113,16 @@ def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
         hasher.update(data)  # hashlib releases the GIL for buffers over 2 KiB
 
 
+def _range_starts_at(response, offset: int) -> bool:
+    content_range = response.headers.get("Content-Range", "")
+    if not content_range:
+        return True  # a 206 without Content-Range: trust the Range we asked for
+    try:
+        return int(content_range.split()[1].split("-")[0]) == offset
+    except (IndexError, ValueError):
+        return False
+
+
 class BlobFetcher:
     """Downloads blobs of one repository into a store: bounded concurrency,
     one download per digest at a time, verified, resumable."""
@@ -176,6 +186,9 @@ class BlobFetcher:
             pending: asyncio.Future | None = None
             try:
                 async with self.client.blob(ref, digest, offset) as response:
+                    if offset and response.status == 206 and not _range_starts_at(response, offset):
+                        raise DigestMismatchError(f"blob {digest}: registry answered a different range than "
+                                                  f"bytes={offset}-")
                     if offset and response.status == 200:
                         # the server ignored Range: start again from zero
                         await asyncio.to_thread(handle.truncate, 0)
