@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from puller.unpack import (ApplyOptions, UnpackError, apply_layer, chain_ids, clean_name,
-                           open_in_root)
+from puller.unpack import (ApplyOptions, StagedLayer, UnpackError, apply_layer, apply_staged, chain_ids,
+                           clean_name, open_in_root, stage_layer)
 
 Layer = tuple[Path, str, str | None]   # (blob path, media type, diff ID or None)
 
@@ -113,15 +113,38 @@ class SnapshotCache:
         tmp.write_text(diff_id)
         os.replace(tmp, target)
 
+    def stage(self, blob: Path, media_type: str, diff_id: str | None,
+              options: ApplyOptions | None = None) -> StagedLayer | None:
+        """Phase one of a layer (decompress, verify, write its files) before
+        its parent snapshot exists; None if the layer is too large to stage
+        (see puller.unpack.StagedLayer). Pass the result to apply_next."""
+        directory = Path(tempfile.mkdtemp(prefix="stage-", dir=self.staging))
+        staged = None
+        try:
+            staged = stage_layer(blob, media_type, diff_id, directory, options)
+            return staged
+        finally:
+            if staged is None:
+                shutil.rmtree(directory, ignore_errors=True)
+
+    @staticmethod
+    def discard(staged: StagedLayer | None) -> None:
+        if staged is not None:
+            shutil.rmtree(staged.directory, ignore_errors=True)
+
     def apply_next(self, parent_chain: str | None, blob: Path, media_type: str,
                    diff_id: str | None, options: ApplyOptions | None = None,
-                   blob_digest: str | None = None) -> str:
+                   blob_digest: str | None = None, staged: StagedLayer | None = None) -> str:
         """Build the snapshot for parent + this layer; return its chain ID.
-        With diff_id None the digest measured while applying names it."""
+        With diff_id None the digest measured while applying names it.
+        `staged` (from stage(), same layer) is consumed."""
         options = options or ApplyOptions()
+        if staged is not None:
+            diff_id = staged.stats.diff_id  # verified against the expected one when staged
         if diff_id is not None:
             chain = self._chain(parent_chain, diff_id)
             if self.has(chain):
+                self.discard(staged)
                 return chain
         work = Path(tempfile.mkdtemp(prefix="snap-", dir=self.staging))
         try:
@@ -130,10 +153,13 @@ class SnapshotCache:
                 tree.mkdir(mode=0o755)
             else:
                 _run_cp(["-al", "--", str(self.path(parent_chain)), str(tree)])
-            stats = apply_layer(tree, blob, media_type, diff_id,
-                                ApplyOptions(limits=options.limits, as_root=options.as_root,
-                                             decompressor=options.decompressor, shared_inodes=True,
-                                             force_portable_resolver=options.force_portable_resolver))
+            shared = ApplyOptions(limits=options.limits, as_root=options.as_root,
+                                  decompressor=options.decompressor, shared_inodes=True,
+                                  force_portable_resolver=options.force_portable_resolver)
+            if staged is not None:
+                stats = apply_staged(tree, staged, shared)
+            else:
+                stats = apply_layer(tree, blob, media_type, diff_id, shared)
             chain = self._chain(parent_chain, stats.diff_id)
             if blob_digest:
                 self.remember_diff_id(blob_digest, stats.diff_id)
@@ -145,6 +171,7 @@ class SnapshotCache:
             return chain
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            self.discard(staged)
 
     @staticmethod
     def _chain(parent_chain: str | None, diff_id: str) -> str:

@@ -61,21 +61,52 @@ def parse_layout_ref(ref: str) -> tuple[Path, str] | None:
 
 
 class _LayerPipeline:
-    """pull's on_layer: apply each verified layer to the snapshot cache in
-    order while later layers download (diff IDs checked again at the end)."""
+    """pull's on_layer: each verified layer goes into the snapshot cache, in
+    order, while later layers still download. A layer that arrives while the
+    one before it is still being applied is STAGED meanwhile (decompressed,
+    verified, its files written: puller.unpack.StagedLayer), so the heavy
+    work of several layers runs at once, one per core; placing a staged layer
+    on its parent snapshot is mostly renames. Diff IDs are checked again
+    against the image config at the end (SnapshotCache.ensure)."""
 
-    def __init__(self, cache: SnapshotCache, options: ApplyOptions):
+    def __init__(self, cache: SnapshotCache, options: ApplyOptions, parallel: int | None = None):
         self.cache = cache
         self.options = options
-        self.parent: str | None = None
+        self.slots = asyncio.Semaphore(parallel or max(1, os.cpu_count() or 1))  # layers staged at once
+        self.tasks: list[asyncio.Task] = []
 
     async def __call__(self, index: int, descriptor: dict, path: Path) -> None:
-        self.parent = await asyncio.to_thread(self._apply, descriptor, path)
+        for task in self.tasks:  # a failed layer stops the pull
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+        parent = self.tasks[-1] if self.tasks else None
+        self.tasks.append(asyncio.ensure_future(self._layer(parent, descriptor, Path(path))))
 
-    def _apply(self, descriptor: dict, path: Path) -> str:
-        known = self.cache.known_diff_id(descriptor["digest"])
-        return self.cache.apply_next(self.parent, Path(path), descriptor.get("mediaType", ""), known,
-                                     self.options, blob_digest=descriptor["digest"])
+    async def _layer(self, parent_task: asyncio.Task | None, descriptor: dict, path: Path) -> str:
+        media_type = descriptor.get("mediaType", "")
+        known = await asyncio.to_thread(self.cache.known_diff_id, descriptor["digest"])
+        staged = None
+        if parent_task is not None and known is None:  # a known layer is likely cached already
+            async with self.slots:  # never held while waiting for another layer
+                if not parent_task.done():
+                    staged = await asyncio.to_thread(self.cache.stage, path, media_type, None, self.options)
+        try:
+            parent = await parent_task if parent_task is not None else None
+        except BaseException:
+            self.cache.discard(staged)
+            raise
+        # the chain itself takes no slot: it is the critical path, one layer at a time
+        return await asyncio.to_thread(self.cache.apply_next, parent, path, media_type, known,
+                                       self.options, blob_digest=descriptor["digest"], staged=staged)
+
+    async def finish(self, failed: bool) -> None:
+        """Wait for every layer handed over; raise the first layer error
+        unless the pull itself failed (its error is the one to report)."""
+        results = await asyncio.gather(*self.tasks, return_exceptions=True)
+        if not failed:
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
 
 async def prepare_image(ref: str, *, store, cache: SnapshotCache | None, platform: str | None = None,
@@ -100,8 +131,15 @@ async def prepare_image(ref: str, *, store, cache: SnapshotCache | None, platfor
                 raise
             from puller.pull import pull
             pipeline = _LayerPipeline(cache, options) if cache is not None else None
-            await pull(ref, store=store, platform=platform, options=client_options, progress=progress,
-                       on_layer=pipeline)
+            try:
+                await pull(ref, store=store, platform=platform, options=client_options, progress=progress,
+                           on_layer=pipeline)
+            except BaseException:
+                if pipeline is not None:
+                    await pipeline.finish(failed=True)
+                raise
+            if pipeline is not None:
+                await pipeline.finish(failed=False)
             _, manifest, config = await asyncio.to_thread(store.image_for_platform, ref, platform)
         blob_path = store.blob_path
     layers = layer_sequence(manifest, config, blob_path)

@@ -400,6 +400,8 @@ class Entry:
     devmajor: int
     devminor: int
     xattrs: dict[str, bytes]
+    staged: str | None = None      # regular file already written in a StagedLayer's directory
+    staged_ino: int = 0
 
 
 def _num(field_: bytes) -> int:
@@ -756,9 +758,10 @@ def _remove(name: str, dirfd: int, st: os.stat_result | None = None) -> None:
 class LayerApplier:
     """Applies one layer's entries to a tree (see the module docstring)."""
 
-    def __init__(self, tree: _Tree, options: ApplyOptions):
+    def __init__(self, tree: _Tree | None, options: ApplyOptions, staged_fd: int | None = None):
         self.tree = tree
         self.options = options
+        self.staged_fd = staged_fd               # directory of a StagedLayer's file inodes
         self.root = options.root_privileges
         self.stats = LayerStats()
         self.layer_paths: set[str] = set()     # entries of this layer and their ancestors
@@ -840,6 +843,12 @@ class LayerApplier:
 
     def _regular(self, name, parent, existing, entry, reader) -> None:
         self._replace(name, parent, existing)
+        if entry.staged is not None:
+            # written (data and attributes) while an earlier layer was applied
+            os.rename(entry.staged, name, src_dir_fd=self.staged_fd, dst_dir_fd=parent)
+            if self.options.shared_inodes:
+                self.created_inodes.add(entry.staged_ino)
+            return
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=parent)
         try:
@@ -1063,11 +1072,107 @@ def apply_layer(root: str | os.PathLike, blob_path: str | os.PathLike, media_typ
         stream.close()
     applier.stats.uncompressed_bytes = meter.count
     applier.stats.diff_id = "sha256:" + meter.hasher.hexdigest()
-    if expected_diff_id is not None and applier.stats.diff_id != expected_diff_id:
+    _verify(applier.stats, expected_diff_id, blob_path)
+    return applier.stats
+
+
+# ---- two-phase apply: file data first, in parallel with earlier layers ------------------------
+
+STAGE_MAX_ENTRIES = 200_000  # entries kept in memory by a StagedLayer; beyond, apply in one pass
+
+
+@dataclass
+class StagedLayer:
+    """A layer verified and with its regular files written, not yet placed.
+
+    Phase one (`stage_layer`) needs no parent tree: it decompresses, hashes
+    and parses the layer, writing each regular file (data and attributes) as
+    a new inode named by its entry number under `directory`. Phase two
+    (`apply_staged`) replays the entries on the tree in archive order exactly
+    like `apply_layer`, renaming each staged file into place. So layer n+1's
+    heavy work can run while layer n is applied (the pipelined pull)."""
+    directory: Path
+    entries: list[Entry]
+    stats: LayerStats
+
+
+def stage_layer(blob_path: str | os.PathLike, media_type: str, expected_diff_id: str | None,
+                directory: str | os.PathLike, options: ApplyOptions | None = None,
+                max_entries: int = STAGE_MAX_ENTRIES) -> StagedLayer | None:
+    """Phase one into `directory` (which must exist, empty and private).
+    None when the layer has more than max_entries entries (the caller then
+    applies it in one pass); the directory is left for the caller to remove."""
+    options = options or ApplyOptions()
+    directory = Path(directory)
+    chunks = decompressed_chunks(blob_path, media_type, options.decompressor)
+    meter = _Meter(chunks, options.limits.max_layer_bytes)
+    stream = _prefetch(iter(meter))
+    reader = _Reader(stream)
+    attrs = LayerApplier(None, options)
+    dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    entries: list[Entry] = []
+    try:
+        for entry in read_entries(reader, options.limits):
+            if len(entries) >= max_entries:
+                return None
+            if entry.type == b"0":
+                if entry.name.rpartition("/")[2].startswith(WHITEOUT):
+                    reader.skip(entry.size)  # a whiteout's (meaningless) data
+                else:
+                    name = str(len(entries))
+                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                 0o600, dir_fd=dirfd)
+                    try:
+                        if entry.size:
+                            reader.copy_to(fd, entry.size)
+                        attrs._fd_attrs(fd, entry)
+                        os.utime(fd, ns=(_ns(entry.mtime),) * 2)
+                        entry.staged, entry.staged_ino = name, os.fstat(fd).st_ino
+                    except OSError as exc:
+                        raise UnpackError(f"cannot apply {entry.name!r}: {exc.strerror or exc}") from None
+                    finally:
+                        os.close(fd)
+            entries.append(entry)
+        reader.drain()
+    finally:
+        os.close(dirfd)
+        stream.close()
+    for entry in entries:
+        entry.size = 0  # the data is consumed (read_entries needed the sizes until the end)
+    stats = LayerStats(diff_id="sha256:" + meter.hasher.hexdigest(), uncompressed_bytes=meter.count)
+    _verify(stats, expected_diff_id, blob_path)
+    return StagedLayer(directory, entries, stats)
+
+
+def apply_staged(root: str | os.PathLike, staged: StagedLayer, options: ApplyOptions | None = None) -> LayerStats:
+    """Phase two: the staged layer's entries on the tree at root."""
+    options = options or ApplyOptions()
+    tree = _Tree(root, options)
+    dirfd = os.open(staged.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    applier = LayerApplier(tree, options, staged_fd=dirfd)
+    nodata = _Reader(iter(()))
+    try:
+        for entry in staged.entries:
+            try:
+                applier.apply(entry, nodata)
+            except UnpackError:
+                raise
+            except OSError as exc:
+                raise UnpackError(f"cannot apply {entry.name!r}: {exc.strerror or exc}") from None
+        applier.finish()
+    finally:
+        tree.close()
+        os.close(dirfd)
+    applier.stats.diff_id = staged.stats.diff_id
+    applier.stats.uncompressed_bytes = staged.stats.uncompressed_bytes
+    return applier.stats
+
+
+def _verify(stats: LayerStats, expected_diff_id: str | None, blob_path) -> None:
+    if expected_diff_id is not None and stats.diff_id != expected_diff_id:
         raise LayerVerificationError(
             f"layer {Path(blob_path).name[:12]} does not match its diff ID: "
-            f"expected {expected_diff_id}, got {applier.stats.diff_id}")
-    return applier.stats
+            f"expected {expected_diff_id}, got {stats.diff_id}")
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:

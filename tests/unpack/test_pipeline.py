@@ -1,0 +1,104 @@
+"""Two-phase apply (stage a layer's files while its parent is applied) and the
+pull pipeline that uses it: same trees as the one-pass apply, same checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from puller.bundle import SnapshotCache
+from puller.run import _LayerPipeline
+from puller.unpack import (ApplyOptions, LayerVerificationError, UnsafeEntry, apply_layer, apply_staged,
+                           chain_ids, stage_layer)
+from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, tar_bytes
+from tests.unpack.test_config_and_cache import _listing
+
+# every directory has an entry: an implicit one's mtime is "now", which differs run to run
+LOWER = [D("."), D("etc"), F("etc/conf", b"old"), F("etc/keep", b"k"), D("opq"), F("opq/gone", b"g"),
+         F("shared", b"s", mode=0o644), D("dir-to-file"), F("dir-to-file/x", b"x"), F("bye", b"b")]
+UPPER = [D("."), D("bin"), D("a"), D("opq"), D("etc"), F("etc/conf", b"new", mode=0o600, uid=7, gid=8), F(".wh.bye"), F("opq/.wh..wh..opq"),
+         F("opq/new", b"n"), F("dir-to-file", b"now a file"), H("hl", "etc/conf"),
+         H("shared-link", "shared", mode=0o600), L("sym", "/etc/keep"), F("twice", b"1"), F("twice", b"2"),
+         F("x", b"x", pax={"SCHILY.xattr.user.k": "v"}), F("bin/su", b"s", mode=0o4755),
+         E("fifo", type=tarfile.FIFOTYPE), F("big", os.urandom(3 << 20)), F("a/.wh.missing")]
+
+
+def test_staged_apply_makes_the_same_tree_as_one_pass(tmp_path, layers):
+    lower, upper = tar_bytes(LOWER), tar_bytes(UPPER)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for r in (one, two):
+        r.mkdir()
+        apply_layer(r, layers.blob(lower), TAR, diff_id(lower))
+    apply_layer(one, layers.blob(upper, GZIP), GZIP, diff_id(upper))
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    staged = stage_layer(layers.blob(upper, GZIP), GZIP, diff_id(upper), stage_dir)
+    assert staged is not None and staged.stats.diff_id == diff_id(upper)
+    stats = apply_staged(two, staged)
+    assert stats.diff_id == diff_id(upper)
+    assert _listing(one) == _listing(two)
+    assert os.listdir(stage_dir) == []  # every staged file was placed (the first "twice", then replaced)
+
+
+def test_staging_verifies_the_diff_id_and_gives_up_past_the_entry_cap(tmp_path, layers):
+    upper = tar_bytes(UPPER)
+    (tmp_path / "s1").mkdir()
+    with pytest.raises(LayerVerificationError):
+        stage_layer(layers.blob(upper), TAR, "sha256:" + "0" * 64, tmp_path / "s1")
+    (tmp_path / "s2").mkdir()
+    assert stage_layer(layers.blob(upper), TAR, None, tmp_path / "s2", max_entries=3) is None
+
+
+def test_staged_unsafe_entry_is_refused_when_placed(tmp_path, layers):
+    bad = tar_bytes([F("ok", b"1"), F("../../escape", b"x")])
+    (tmp_path / "s").mkdir()
+    staged = stage_layer(layers.blob(bad), TAR, None, tmp_path / "s")
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(UnsafeEntry):
+        apply_staged(root, staged)
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def _pipeline_run(cache: SnapshotCache, blobs: list[tuple[Path, str]]) -> str:
+    async def main():
+        pipeline = _LayerPipeline(cache, ApplyOptions(), parallel=2)
+        for i, (path, digest) in enumerate(blobs):
+            await pipeline(i, {"digest": digest, "mediaType": GZIP}, path)  # returns at once
+        await pipeline.finish(failed=False)
+        return await pipeline.tasks[-1]
+    return asyncio.run(main())
+
+
+def test_pipeline_stages_later_layers_and_builds_every_snapshot(tmp_path, layers):
+    tars = [tar_bytes(LOWER), tar_bytes(UPPER), tar_bytes([D("."), D("etc"), F("etc/conf", b"third"), F("more", os.urandom(1 << 20))])]
+    blobs = [(layers.blob(t, GZIP), "sha256:%064x" % i) for i, t in enumerate(tars)]
+    cache = SnapshotCache(tmp_path / "cache")
+    staged_calls = []
+    original = cache.stage
+    cache.stage = lambda *a, **k: staged_calls.append(a[0]) or original(*a, **k)
+    top = _pipeline_run(cache, blobs)
+    chains = chain_ids([diff_id(t) for t in tars])
+    assert top == chains[-1] and all(cache.has(c) for c in chains)
+    assert staged_calls  # the later layers arrived while the first was being applied
+    assert os.listdir(cache.staging) == []
+    # the same snapshots as a serial build
+    serial = SnapshotCache(tmp_path / "serial")
+    ref = serial.ensure([(p, GZIP, diff_id(t)) for (p, _), t in zip(blobs, tars)])
+    assert _listing(cache.path(top)) == _listing(ref)
+    assert (cache.path(chains[0]) / "etc/conf").read_bytes() == b"old"  # lower snapshots untouched
+    assert cache.known_diff_id(blobs[1][1]) == diff_id(tars[1])
+
+
+def test_pipeline_error_in_a_middle_layer_is_raised_and_cleaned_up(tmp_path, layers):
+    tars = [tar_bytes([F("a", os.urandom(2 << 20))]), tar_bytes([F("../../escape", b"x")]), tar_bytes([F("c", b"c")])]
+    blobs = [(layers.blob(t, GZIP), "sha256:%064x" % i) for i, t in enumerate(tars)]
+    cache = SnapshotCache(tmp_path / "cache")
+    with pytest.raises(UnsafeEntry):
+        _pipeline_run(cache, blobs)
+    assert os.listdir(cache.staging) == []
+    assert cache.has(diff_id(tars[0])) and len(os.listdir(cache.snapshots)) == 1
