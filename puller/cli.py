@@ -7,33 +7,33 @@ import argparse
 import importlib
 import sys
 
-# (module, what it serves) - each module has `register(subparsers)` which adds
-# its subcommands with `set_defaults(func=...)`; func(args) returns an exit code.
-COMMAND_MODULES = (
-    "registry.cli",        # serve, gc
-    "puller.cli_client",   # pull, push, copy, login, logout, inspect
-    "puller.cli_run",      # unpack, run
-)
+# Each module has `register(subparsers)`, which adds its subcommands with
+# `set_defaults(func=...)`; func(args) returns an exit code. The table names
+# the commands each module registers, so a command imports only its own room
+# (aiohttp, the unpacker and the server are not loaded for one another).
+COMMAND_MODULES = {
+    "registry.cli": ("serve",),
+    "puller.cli_client": ("pull", "push", "copy", "login", "logout", "inspect"),
+    "puller.cli_run": ("unpack", "run"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only the room that serves it is loaded."""
     parser = argparse.ArgumentParser(
         prog="dockyard",
         description="A self-hosted OCI registry and its daemonless client.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # a room not written yet
-        module.register(sub)
+    for name, commands in COMMAND_MODULES.items():
+        if command is None or command in commands:
+            importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    known = {c for commands in COMMAND_MODULES.values() for c in commands}
+    parser = build_parser(argv[0] if argv and argv[0] in known else None)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
