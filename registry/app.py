@@ -32,7 +32,7 @@ def open_driver(storage: StorageSettings) -> StorageDriver:
     if storage.driver == "filesystem":
         from storage.filesystem import FilesystemDriver
 
-        return FilesystemDriver(storage.root)
+        return FilesystemDriver(storage.root, fsync=storage.filesystem.fsync)
     if storage.driver == "s3":
         try:
             from storage.s3 import S3Driver  # type: ignore[import-not-found]

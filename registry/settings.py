@@ -13,6 +13,7 @@ underscores, under the prefix DOCKYARD_:
     storage.driver              DOCKYARD_STORAGE_DRIVER
     storage.root                DOCKYARD_STORAGE_ROOT
     storage.redirect            DOCKYARD_STORAGE_REDIRECT
+    storage.filesystem.fsync    DOCKYARD_STORAGE_FILESYSTEM_FSYNC
     storage.delete_enabled      DOCKYARD_STORAGE_DELETE_ENABLED
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
@@ -34,6 +35,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from storage.filesystem import FSYNC_MODES
 
 ENV_PREFIX = "DOCKYARD_"
 DRIVERS = ("filesystem", "s3")
@@ -70,11 +73,20 @@ class S3Settings:
 
 
 @dataclass(frozen=True)
+class FilesystemSettings:
+    # What is fsynced (FSYNC_MODES): "data" file contents
+    # before they are committed (Distribution's policy), "full" directories
+    # too, "off" nothing. Renames keep every mode safe against a killed process.
+    fsync: str = "data"
+
+
+@dataclass(frozen=True)
 class StorageSettings:
     driver: str = "filesystem"
     root: str = field(default_factory=default_storage_root)
     redirect: bool = False         # GET blob -> 307 to a direct URL when the driver has one
     delete_enabled: bool = True
+    filesystem: FilesystemSettings = field(default_factory=FilesystemSettings)
     s3: S3Settings = field(default_factory=S3Settings)
 
 
@@ -125,6 +137,9 @@ class Settings:
                                 f"got {self.storage.driver!r}")
         if self.storage.driver == "filesystem" and not self.storage.root:
             raise SettingsError("storage.root must be set for the filesystem driver")
+        if self.storage.filesystem.fsync not in FSYNC_MODES:
+            raise SettingsError(f"storage.filesystem.fsync must be one of {', '.join(FSYNC_MODES)}, "
+                                f"got {self.storage.filesystem.fsync!r}")
         if self.storage.driver == "s3" and not self.storage.s3.bucket:
             raise SettingsError("storage.s3.bucket must be set for the s3 driver")
         if self.limits.max_manifest_bytes < 1024:

@@ -86,9 +86,11 @@ class StorageDriver(abc.ABC):
         """The whole content at path; PathNotFound if absent."""
 
     @abc.abstractmethod
-    async def put_content(self, path: str, data: bytes) -> None:
+    async def put_content(self, path: str, data: bytes, *, durable: bool = True) -> None:
         """Write the whole content atomically: readers see the old content or
-        the new, never a partial file."""
+        the new, never a partial file. durable=False marks scratch state
+        (upload sessions) that need not survive a power failure: a driver
+        may then skip flushing it to stable storage."""
 
     @abc.abstractmethod
     def reader(self, path: str, offset: int = 0, length: int | None = None,

@@ -3,10 +3,19 @@
 Driver path "/a/b" is the file `<root>/a/b`. Every blocking syscall runs in
 a worker thread (`asyncio.to_thread`), one hop per operation.
 
-Atomicity: `put_content` writes a temp file in the destination directory,
-fsyncs it, renames it over the final name and fsyncs the directory, so a
-reader (in any process) sees the old content or the new one, and a crash
-leaves at most a hidden temp file. Temp names start with TEMP_PREFIX; `list`
+Atomicity: `put_content` writes a temp file in the destination directory
+and renames it over the final name, so a reader (in any process) sees the
+old content or the new one, and a crash (SIGKILL included) leaves at most a
+hidden temp file.
+
+Durability against power loss is the `fsync` policy (FSYNC_MODES):
+  "data"  (default) a file's bytes are fsynced before it is committed or
+          renamed into place (blob data, links, tags, manifests); directory
+          entries are not, as CNCF Distribution's filesystem driver does;
+          scratch writes (`durable=False`: upload sessions) are not synced.
+  "full"  as "data", plus every directory that gained or lost an entry is
+          fsynced, and scratch writes are synced too.
+  "off"   nothing is fsynced (CI, tmpfs, or storage with its own guarantees). Temp names start with TEMP_PREFIX; `list`
 never shows them and no driver path may contain such a component.
 Directories are deleted by first renaming them to a temp name, so a half
 deleted tree is never visible under its real name.
@@ -30,6 +39,7 @@ from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
 TEMP_PREFIX = ".dockyard-tmp-"
 _MAX_PATH = 4096
 _RETRIES = 8  # a concurrent delete of a parent directory is retried this often
+FSYNC_MODES = ("data", "full", "off")
 
 
 # An empty, "." or ".." component, a temp-file component, or a trailing "/".
@@ -79,9 +89,9 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _makedirs_durable(directory: str) -> None:
-    """mkdir -p, fsyncing each parent that gained an entry, so a new file's
-    directory chain survives a crash together with the file."""
+def _makedirs(directory: str, sync_dirs: bool) -> None:
+    """mkdir -p; with sync_dirs, fsync each parent that gained an entry, so
+    a new file's directory chain survives a power loss together with it."""
     if os.path.isdir(directory):
         return
     missing = []
@@ -101,7 +111,8 @@ def _makedirs_durable(directory: str) -> None:
             if os.path.lexists(d):
                 raise NotADirectoryError(errno.ENOTDIR, "not a directory", d)
             raise FileNotFoundError(errno.ENOENT, "deleted meanwhile", d) from None
-        _fsync_dir(os.path.dirname(d))
+        if sync_dirs:
+            _fsync_dir(os.path.dirname(d))
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -112,7 +123,8 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class _FilesystemWriter(FileWriter):
-    def __init__(self, driver_path: str, full: str, fd: int, size: int):
+    def __init__(self, driver_path: str, full: str, fd: int, size: int, sync: bool):
+        self._sync = sync
         self._path = driver_path
         self._full = full
         self._fd: int | None = fd
@@ -139,7 +151,8 @@ class _FilesystemWriter(FileWriter):
 
         def _commit() -> None:
             try:
-                os.fsync(fd)
+                if self._sync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
 
@@ -170,9 +183,18 @@ class _FilesystemWriter(FileWriter):
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, fsync: str = "data"):
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, got {fsync!r}")
         self.root = os.path.abspath(root)
+        self.fsync = fsync
+        self._sync_files = fsync != "off"
+        self._sync_dirs = fsync == "full"
         os.makedirs(self.root, exist_ok=True)
+
+    def _dir_synced(self, directory: str) -> None:
+        if self._sync_dirs:
+            _fsync_dir(directory)
 
     def _full(self, path: str) -> str:
         validate_path(path)
@@ -189,24 +211,26 @@ class FilesystemDriver(StorageDriver):
         with _translated(path):
             return await asyncio.to_thread(_read)
 
-    async def put_content(self, path: str, data: bytes) -> None:
+    async def put_content(self, path: str, data: bytes, *, durable: bool = True) -> None:
         full = self._full(path)
         if path == "/":
             raise InvalidPath(path, "cannot write the root")
+        sync = self._sync_dirs or (durable and self._sync_files)
         with _translated(path):
-            await asyncio.to_thread(self._put_sync, full, bytes(data))
+            await asyncio.to_thread(self._put_sync, full, bytes(data), sync)
 
-    def _put_sync(self, full: str, data: bytes) -> None:
+    def _put_sync(self, full: str, data: bytes, sync: bool) -> None:
         directory = os.path.dirname(full)
         for attempt in range(_RETRIES):
             tmp = None
             try:
-                _makedirs_durable(directory)
+                _makedirs(directory, self._sync_dirs)
                 tmp = os.path.join(directory, _temp_name())
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 try:
                     _write_all(fd, data)
-                    os.fsync(fd)
+                    if sync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
                 try:
@@ -229,7 +253,7 @@ class FilesystemDriver(StorageDriver):
                 if attempt < _RETRIES - 1:
                     continue
                 return
-            _fsync_dir(directory)
+            self._dir_synced(directory)
             return
 
     # ---- streams -------------------------------------------------------
@@ -276,7 +300,7 @@ class FilesystemDriver(StorageDriver):
             flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
             for attempt in range(_RETRIES):
                 try:
-                    _makedirs_durable(os.path.dirname(full))
+                    _makedirs(os.path.dirname(full), self._sync_dirs)
                     fd = os.open(full, flags, 0o644)
                     break
                 except FileNotFoundError:  # a parent vanished meanwhile
@@ -286,7 +310,7 @@ class FilesystemDriver(StorageDriver):
 
         with _translated(path):
             fd, size = await asyncio.to_thread(_open)
-        return _FilesystemWriter(path, full, fd, size)
+        return _FilesystemWriter(path, full, fd, size, self._sync_files)
 
     # ---- metadata ------------------------------------------------------
     async def stat(self, path: str) -> FileInfo:
@@ -321,15 +345,15 @@ class FilesystemDriver(StorageDriver):
             dst_dir = os.path.dirname(full_dst)
             for attempt in range(_RETRIES):
                 try:
-                    _makedirs_durable(dst_dir)
+                    _makedirs(dst_dir, self._sync_dirs)
                     os.replace(full_src, full_dst)
                     break
                 except FileNotFoundError:
                     if not os.path.lexists(full_src) or attempt == _RETRIES - 1:
                         raise PathNotFound(src) from None
-            _fsync_dir(dst_dir)
+            self._dir_synced(dst_dir)
             if os.path.dirname(full_src) != dst_dir:
-                _fsync_dir(os.path.dirname(full_src))
+                self._dir_synced(os.path.dirname(full_src))
 
         with _translated(src):
             await asyncio.to_thread(_move)
@@ -347,7 +371,7 @@ class FilesystemDriver(StorageDriver):
                 hidden = os.path.join(os.path.dirname(full), _temp_name())
                 os.rename(full, hidden)
                 shutil.rmtree(hidden, ignore_errors=True)
-            _fsync_dir(os.path.dirname(full))
+            self._dir_synced(os.path.dirname(full))
 
         with _translated(path):
             await asyncio.to_thread(_delete)

@@ -334,8 +334,11 @@ class ContentStore:
         names.validate_name(repo)
         upload_id = str(uuid.uuid4())
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        await self.driver.put_content(layout.upload_started_at(repo, upload_id), started.encode())
-        await self.driver.put_content(layout.upload_data(repo, upload_id), b"")
+        # Session state is scratch: a session lost to a power failure is just
+        # unknown to the client, which starts over.
+        await self.driver.put_content(layout.upload_started_at(repo, upload_id), started.encode(),
+                                      durable=False)
+        await self.driver.put_content(layout.upload_data(repo, upload_id), b"", durable=False)
         self._hashers[(repo, upload_id)] = _RunningHash(hashlib.sha256(), 0)
         self._trim_hashers()
         return UploadStatus(repo, upload_id, 0)

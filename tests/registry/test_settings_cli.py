@@ -27,6 +27,8 @@ def test_defaults(monkeypatch, tmp_path):
     assert settings.storage.driver == "filesystem"
     assert settings.storage.root == str(tmp_path / "xdg" / "dockyard" / "registry")
     assert settings.limits.max_manifest_bytes == 4 * 1024 * 1024
+    assert settings.storage.filesystem.fsync == "data"
+    assert load_settings(environ={"DOCKYARD_STORAGE_FILESYSTEM_FSYNC": "full"}).storage.filesystem.fsync == "full"
     with pytest.raises(dataclasses.FrozenInstanceError):
         settings.http.port = 1  # type: ignore[misc]
 
@@ -60,6 +62,7 @@ def test_layers_file_env_flags(tmp_path):
     ("http:\n  port: 70000\n", {}, "http.port must be"),
     ("storage:\n  driver: ftp\n", {}, "storage.driver must be one of"),
     ("storage:\n  driver: s3\n", {}, "storage.s3.bucket must be set"),
+    ("storage:\n  filesystem:\n    fsync: sometimes\n", {}, "storage.filesystem.fsync must be one of"),
     ("http: [1, 2]\n", {}, "http: expected a mapping"),
     ("http:\n  port: [1\n", {}, "invalid YAML"),
     ("- just a list\n", {}, "expected a mapping at the top level"),

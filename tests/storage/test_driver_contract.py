@@ -14,12 +14,15 @@ import pytest
 from storage.driver import FileWriter, InvalidOffset, InvalidPath, PathNotFound, StorageDriver
 from storage.filesystem import FilesystemDriver
 
-DRIVER_KINDS = ["filesystem"]
+# The fsync policy must not change what a driver does, only what survives a power loss.
+DRIVER_KINDS = ["filesystem", "filesystem-fsync-full", "filesystem-fsync-off"]
 
 
 async def make_driver(kind: str, tmp_path) -> StorageDriver:
     if kind == "filesystem":
         return FilesystemDriver(str(tmp_path / "root"))
+    if kind.startswith("filesystem-fsync-"):
+        return FilesystemDriver(str(tmp_path / "root"), fsync=kind.rsplit("-", 1)[1])
     raise AssertionError(f"no fixture for driver {kind}")
 
 

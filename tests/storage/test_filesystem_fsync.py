@@ -1,0 +1,88 @@
+"""The filesystem driver's fsync policy: what each mode flushes.
+
+fsync calls are counted by wrapping os.fsync (the real call still runs):
+the policy is about which files and directories are flushed, which no
+observable behaviour short of a power cut shows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+import pytest
+
+from storage import layout
+from storage.filesystem import FilesystemDriver
+from storage.store import ContentStore
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Every fsync as 'dir' or 'file', in call order."""
+    calls: list[str] = []
+    real = os.fsync
+
+    def counting(fd):
+        calls.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    return calls
+
+
+@pytest.mark.parametrize("mode, durable, expected", [
+    ("data", True, ["file"]),
+    ("data", False, []),
+    ("full", True, ["dir", "dir", "file", "dir"]),   # two new parents, the file, its directory
+    ("full", False, ["dir", "dir", "file", "dir"]),
+    ("off", True, []),
+])
+async def test_put_content(tmp_path, fsyncs, mode, durable, expected):
+    driver = FilesystemDriver(str(tmp_path), fsync=mode)
+    await driver.put_content("/a/b/c", b"x", durable=durable)
+    assert fsyncs == expected
+    assert await driver.get_content("/a/b/c") == b"x"
+
+
+@pytest.mark.parametrize("mode, expected", [("data", 1), ("full", 1), ("off", 0)])
+async def test_writer_commit_syncs_file_data(tmp_path, fsyncs, mode, expected):
+    driver = FilesystemDriver(str(tmp_path), fsync=mode)
+    os.makedirs(tmp_path / "w")
+    writer = await driver.writer("/w/f")
+    await writer.write(b"data")
+    await writer.commit()
+    assert fsyncs.count("file") == expected
+
+
+async def test_blob_push_syncs_blob_data_and_link_only(tmp_path, fsyncs):
+    """Default policy, blobs pushed in sessions: the bytes and the repo link
+    are flushed (and the catalog entry, once per repository); the session's
+    scratch files and directories are not."""
+    store = ContentStore(FilesystemDriver(str(tmp_path)))
+
+    async def push(data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+        async def body():
+            yield data
+
+        upload = await store.start_upload("r")
+        await store.append_upload("r", upload.upload_id, body())
+        await store.finish_upload("r", upload.upload_id, digest)
+        return digest
+
+    await push(b"first")
+    assert fsyncs == ["file", "file", "file"]     # bytes, link, catalog entry
+    fsyncs.clear()
+    data = os.urandom(1000)
+    digest = await push(data)
+    assert fsyncs == ["file", "file"]              # bytes, link
+    blob = tmp_path / layout.blob_data(digest).lstrip("/")
+    assert blob.read_bytes() == data
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="fsync must be one of"):
+        FilesystemDriver(str(tmp_path), fsync="sometimes")
