@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from registry.settings import Settings, SettingsError, load_settings
@@ -29,6 +30,7 @@ log = logging.getLogger("dockyard.serve")
 
 _READY_TIMEOUT = 30.0      # seconds a worker has to start listening
 _DRAIN_TIMEOUT = 10.0      # seconds in-flight requests get to finish on SIGTERM
+_IO_THREADS = 32            # storage threads per worker process
 _STOP_GRACE = 15.0         # seconds the supervisor waits for workers after SIGTERM
 _RESTART_WINDOW = 10.0     # a worker dying sooner than this after start ...
 _MAX_QUICK_DEATHS = 5      # ... this many times in a row stops the server
@@ -126,6 +128,11 @@ async def _serve(settings: Settings, reuse_port: bool,
 
     from registry.app import create_app
 
+    # Storage calls hop to the loop's default executor; with fsync a hop may
+    # wait on the disk for a millisecond, so keep more of them in flight than
+    # the CPU-bound default (cores + 4) allows.
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="dockyard-io"))
     app = create_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
     runner = web.AppRunner(app, access_log=access_log, handle_signals=False,

@@ -40,6 +40,7 @@ TEMP_PREFIX = ".dockyard-tmp-"
 _MAX_PATH = 4096
 _RETRIES = 8  # a concurrent delete of a parent directory is retried this often
 FSYNC_MODES = ("data", "full", "off")
+_HOLD_LIMIT = 256 << 10  # a writer holds back one write up to this size (see _FilesystemWriter)
 
 
 # An empty, "." or ".." component, a temp-file component, or a trailing "/".
@@ -123,12 +124,17 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 
 class _FilesystemWriter(FileWriter):
+    """Writes go to the file as they come, except that one small write is
+    held back until the next call: a small blob's single write then shares
+    its thread hop with the commit."""
+
     def __init__(self, driver_path: str, full: str, fd: int, size: int, sync: bool):
         self._sync = sync
         self._path = driver_path
         self._full = full
         self._fd: int | None = fd
         self._size = size
+        self._held = b""
 
     @property
     def size(self) -> int:
@@ -139,18 +145,33 @@ class _FilesystemWriter(FileWriter):
             raise StorageError(f"writer for {self._path} is closed")
         return self._fd
 
+    def _take_held(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
     async def write(self, data: bytes) -> None:
         fd = self._require_open()
-        with _translated(self._path):
-            await asyncio.to_thread(_write_all, fd, data)
+        if not self._held and len(data) <= _HOLD_LIMIT:
+            self._held = bytes(data)
+        else:
+            held = self._take_held()
+
+            def _write() -> None:
+                _write_all(fd, held)
+                _write_all(fd, data)
+
+            with _translated(self._path):
+                await asyncio.to_thread(_write)
         self._size += len(data)
 
     async def commit(self) -> None:
         fd = self._require_open()
         self._fd = None
+        held = self._take_held()
 
         def _commit() -> None:
             try:
+                _write_all(fd, held)
                 if self._sync:
                     os.fsync(fd)
             finally:
@@ -161,6 +182,7 @@ class _FilesystemWriter(FileWriter):
 
     async def cancel(self) -> None:
         fd, self._fd = self._fd, None
+        self._held = b""
 
         def _cancel() -> None:
             if fd is not None:
@@ -175,9 +197,16 @@ class _FilesystemWriter(FileWriter):
 
     async def close(self) -> None:
         fd, self._fd = self._fd, None
+        held = self._take_held()
         if fd is not None:
+            def _close() -> None:
+                try:
+                    _write_all(fd, held)   # what was written reaches the file
+                finally:
+                    os.close(fd)
+
             with _translated(self._path):
-                await asyncio.to_thread(os.close, fd)
+                await asyncio.to_thread(_close)
 
 
 class FilesystemDriver(StorageDriver):

@@ -217,6 +217,12 @@ class ContentStore:
         except PathNotFound:
             return False
 
+    async def _stat_or_none(self, path: str):
+        try:
+            return await self.driver.stat(path)
+        except PathNotFound:
+            return None
+
     async def _delete_if_present(self, path: str) -> bool:
         try:
             await self.driver.delete(path)
@@ -248,14 +254,14 @@ class ContentStore:
         manifest through the blobs endpoint)."""
         names.validate_name(repo)
         self._parse_digest(digest)
-        linked = (await self._exists(layout.layer_link(repo, digest))
-                  or await self._exists(layout.manifest_revision_link(repo, digest)))
-        if linked:
-            try:
-                info = await self.driver.stat(layout.blob_data(digest))
-                return BlobInfo(digest, info.size)
-            except PathNotFound:
-                pass
+        # Both links and the bytes are looked up at once: one storage round
+        # trip of latency (HEAD is on every push's path for every blob).
+        layer, revision, data = await asyncio.gather(
+            self._exists(layout.layer_link(repo, digest)),
+            self._exists(layout.manifest_revision_link(repo, digest)),
+            self._stat_or_none(layout.blob_data(digest)))
+        if (layer or revision) and data is not None:
+            return BlobInfo(digest, data.size)
         raise BlobUnknown(f"blob unknown to repository {repo}: {digest}", {"digest": digest})
 
     async def read_blob(self, digest: str, offset: int = 0,
@@ -336,9 +342,10 @@ class ContentStore:
         started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         # Session state is scratch: a session lost to a power failure is just
         # unknown to the client, which starts over.
-        await self.driver.put_content(layout.upload_started_at(repo, upload_id), started.encode(),
-                                      durable=False)
-        await self.driver.put_content(layout.upload_data(repo, upload_id), b"", durable=False)
+        await asyncio.gather(
+            self.driver.put_content(layout.upload_started_at(repo, upload_id), started.encode(),
+                                    durable=False),
+            self.driver.put_content(layout.upload_data(repo, upload_id), b"", durable=False))
         self._hashers[(repo, upload_id)] = _RunningHash(hashlib.sha256(), 0)
         self._trim_hashers()
         return UploadStatus(repo, upload_id, 0)
@@ -468,8 +475,9 @@ class ContentStore:
             raise DigestInvalid("provided digest did not match uploaded content",
                                 {"expected": digest, "actual": actual})
         await self._commit_blob(layout.upload_data(repo, upload_id), digest)
-        await self._link_blob(repo, digest)
-        await self._delete_if_present(layout.upload_dir(repo, upload_id))
+        # The bytes are in place: link them and drop the session together.
+        await asyncio.gather(self._link_blob(repo, digest),
+                             self._delete_if_present(layout.upload_dir(repo, upload_id)))
         self._hashers.pop((repo, upload_id), None)
         return BlobInfo(digest, total)
 
