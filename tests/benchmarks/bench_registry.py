@@ -8,6 +8,11 @@ manifest GET and tags list requests/second with wrk, and blob GET MB/s with
 curl. The table gives every value per registry and, for each Dockyard
 column, ratio = how many times better Dockyard is than Distribution
 (ratio > 1: Dockyard better; for times that is Distribution's time / Dockyard's).
+
+Timed steps run several times (fresh images for pushes, fresh target
+directories for pulls) and report the median; steps interleave the
+registries. The machine's load average at start and end is printed: on a
+shared machine, compare runs only at similar load.
 """
 
 from __future__ import annotations
@@ -27,10 +32,10 @@ from _common import (  # noqa: E402
     MiB,
     BenchError,
     Row,
-    best_of,
     curl_download,
     format_table,
     helpers,
+    median_of,
     need_tool,
     parallel,
     rows_as_json,
@@ -48,7 +53,7 @@ class Plan:
     big_layer_size: int      # bytes each
     small_layers: int        # layers of the many-small-layers image
     small_layer_size: int
-    repeats: int             # best-of for push/pull timings
+    repeats: int             # timed runs of each step; the median is reported
     wrk_seconds: int
     blob_fetches: int
     budget_seconds: float    # no new step starts after this (a loaded machine stays bounded)
@@ -57,7 +62,7 @@ class Plan:
     def of(quick: bool) -> "Plan":
         if quick:
             return Plan(4, 16 * MiB, 30, 16 * 1024, 1, 2, 3, 100)
-        return Plan(4, 64 * MiB, 100, 16 * 1024, 2, 5, 5, 220)
+        return Plan(4, 64 * MiB, 100, 16 * 1024, 5, 5, 5, 330)
 
 
 @dataclass(frozen=True)
@@ -148,39 +153,43 @@ class Bench:
 
     # every timed push sends blobs this registry has never seen
     def push_big(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = min(timed(lambda: push_fresh(self.skopeo, image, server.host, f"bench/big{i}"))
-                      for i, image in enumerate(self.images.big))
+        seconds = median_of(self.plan.repeats, lambda i: push_fresh(
+            self.skopeo, self.images.big[i], server.host, f"bench/big{i}"))
         self.record(label, f"push {self.big_name} (skopeo)", "MB/s", True,
                     self.images.big_bytes / MiB / seconds)
 
     def push_small(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = min(timed(lambda: push_fresh(self.skopeo, image, server.host, f"bench/small{i}"))
-                      for i, image in enumerate(self.images.small))
+        seconds = median_of(self.plan.repeats, lambda i: push_fresh(
+            self.skopeo, self.images.small[i], server.host, f"bench/small{i}"))
         self.record(label, f"push {self.small_name} (skopeo)", "s", False, seconds)
 
     def _pull_dir(self, label: str, n: int = 0) -> Path:
         return self.work / f"pull-{label.replace(' ', '_').replace('=', '')}-{n}"
 
+    def _cleanup_pulls(self, label: str, count: int) -> None:
+        for i in range(count):
+            shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
+
+    # every timed pull writes into a directory of its own (no rm inside the timing)
     def pull_big(self, label: str, server: helpers.RegistryServer) -> None:
-        target = self._pull_dir(label)
-        seconds = best_of(self.plan.repeats, lambda: pull_into(
-            self.skopeo, f"docker://{server.host}/bench/big0:big", target))
-        shutil.rmtree(target, ignore_errors=True)
+        seconds = median_of(self.plan.repeats, lambda i: pull_into(
+            self.skopeo, f"docker://{server.host}/bench/big0:big", self._pull_dir(label, i)))
+        self._cleanup_pulls(label, self.plan.repeats)
         self.record(label, f"pull {self.big_name} (skopeo)", "MB/s", True,
                     self.images.big_bytes / MiB / seconds)
 
     def pull_small(self, label: str, server: helpers.RegistryServer) -> None:
-        target = self._pull_dir(label)
-        seconds = best_of(self.plan.repeats, lambda: pull_into(
-            self.skopeo, f"docker://{server.host}/bench/small0:small", target))
-        shutil.rmtree(target, ignore_errors=True)
+        seconds = median_of(self.plan.repeats, lambda i: pull_into(
+            self.skopeo, f"docker://{server.host}/bench/small0:small", self._pull_dir(label, i)))
+        self._cleanup_pulls(label, self.plan.repeats)
         self.record(label, f"pull {self.small_name} (skopeo)", "s", False, seconds)
 
     def pull_four(self, label: str, server: helpers.RegistryServer) -> None:
         remote = f"docker://{server.host}/bench/big0:big"
-        seconds = timed(lambda: parallel(4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, i))))
-        for i in range(4):
-            shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
+        runs = max(1, self.plan.repeats // 2)
+        seconds = median_of(runs, lambda run: parallel(
+            4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, 4 * run + i))))
+        self._cleanup_pulls(label, 4 * runs)
         self.record(label, "4 concurrent pulls, big image", "MB/s", True,
                     4 * self.images.big_bytes / MiB / seconds)
 
@@ -234,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--workers takes numbers, e.g. 1,2")
     plan = Plan.of(args.quick)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dy-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -262,12 +272,14 @@ def main(argv: list[str] | None = None) -> int:
         rows = {row.name: row for row in bench.run()}
 
         total = time.perf_counter() - started
+        load = (round(load_before, 2), round(os.getloadavg()[0], 2))
         if args.json:
             print(rows_as_json(list(rows.values()), targets, BASELINE, quick=args.quick, skipped=bench.skipped,
-                               cpus=os.cpu_count(), seconds=round(total, 1)))
+                               cpus=os.cpu_count(), seconds=round(total, 1), load_average=load))
         else:
             print(f"\nDockyard vs CNCF Distribution 2.8, loopback, {os.cpu_count()} CPUs, "
-                  f"{'quick' if args.quick else 'full'} run in {total:.0f}s")
+                  f"{'quick' if args.quick else 'full'} run in {total:.0f}s, "
+                  f"load average {load[0]:.2f} at start, {load[1]:.2f} at end")
             print("ratio = how many times better Dockyard is than Distribution "
                   "(>1: Dockyard better; ↑ higher is better, ↓ lower is better)\n")
             print(format_table(list(rows.values()), targets, BASELINE))
