@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from puller.bundle import (ConfigError, Layer, RunSettings, SnapshotCache, materialize,
+from puller.bundle import (ConfigError, Layer, RunSettings, SnapshotCache, materialize, new_trees_here,
                            runtime_config, write_bundle_files)
 from puller.unpack import ApplyOptions, UnpackError, layer_sequence
 
@@ -237,6 +237,7 @@ def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSett
         raise RunError(f"invalid container name {container_id!r}")
     containers = cache.root / "containers"
     containers.mkdir(mode=0o700, exist_ok=True)
+    new_trees_here(containers)
     bundle = containers / container_id
     if bundle.exists():
         if _runtime_state(runtime, container_id) is not None:
