@@ -17,6 +17,7 @@
         │                                      file, so concurrent pushes never rewrite one)
         └── _uploads/<upload id>/
             ├── data                           bytes received so far (appended in place)
+            ├── digest                         "<size> <sha256>" of data's first size bytes
             └── startedat                      ISO 8601 start time (for expiry)
 
 Why it is safe to build paths from client input: every name is checked
@@ -111,6 +112,13 @@ def upload_data(repo: str, upload_id: str) -> str:
 
 def upload_started_at(repo: str, upload_id: str) -> str:
     return f"{upload_dir(repo, upload_id)}/startedat"
+
+
+def upload_digest_record(repo: str, upload_id: str) -> str:
+    """"<size> <digest>": the sha256 of the upload's first <size> bytes, as
+    the process that received them computed it, so that a finish landing on
+    another worker need not read the whole upload back to hash it."""
+    return f"{upload_dir(repo, upload_id)}/digest"
 
 
 def uploads_dir(repo: str) -> str:

@@ -56,6 +56,7 @@ EMPTY_DIGEST = "sha256:" + hashlib.sha256(EMPTY_BLOB).hexdigest()
 
 _WRITE_BATCH = 1 << 20          # bytes gathered from the network before one write
 _HASH_ON_LOOP_LIMIT = 64 << 10  # hash smaller buffers inline, larger in a thread
+_DIGEST_RECORD_MIN = 1 << 20   # smaller uploads are cheaper to re-hash than to record
 _MAX_HASHERS = 1024             # in-process running hashes kept (an optimisation)
 _MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
 
@@ -406,7 +407,13 @@ class ContentStore:
                     batch.clear()
             if batch:
                 await self._write_batch(writer, running, bytes(batch))
-            await writer.commit()
+            if running is not None and writer.size >= _DIGEST_RECORD_MIN:
+                # Another worker may finish this upload: leave it the digest.
+                record = f"{writer.size} sha256:{running.hasher.copy().hexdigest()}".encode()
+                await asyncio.gather(writer.commit(), self.driver.put_content(
+                    layout.upload_digest_record(repo, upload_id), record, durable=False))
+            else:
+                await writer.commit()
             done = True
         finally:
             if not done:
@@ -435,6 +442,10 @@ class ContentStore:
         running = self._take_hasher((repo, upload_id), size)
         if running is not None and alg == "sha256":
             return f"sha256:{running.hasher.hexdigest()}"
+        if alg == "sha256" and size >= _DIGEST_RECORD_MIN:
+            recorded = await self._recorded_digest(repo, upload_id, size)
+            if recorded is not None:
+                return recorded
         path = layout.upload_data(repo, upload_id)
         local = self.driver.local_path(path)
         if local is not None:
@@ -450,6 +461,20 @@ class ContentStore:
         except PathNotFound as exc:
             raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
         return f"{alg}:{hasher.hexdigest()}"
+
+    async def _recorded_digest(self, repo: str, upload_id: str, size: int) -> str | None:
+        """The digest another process recorded for exactly `size` bytes of
+        this upload, if any. The record is written once its bytes are, and
+        an upload only grows, so a record for the current size is current."""
+        try:
+            raw = await self.driver.get_content(layout.upload_digest_record(repo, upload_id))
+            recorded_size, digest = raw.decode().split()
+            if int(recorded_size) == size:
+                self._parse_digest(digest)
+                return digest
+        except (PathNotFound, ValueError, UnicodeDecodeError, DigestInvalid):
+            pass
+        return None
 
     async def finish_upload(self, repo: str, upload_id: str, digest: str,
                             chunks: AsyncIterator[bytes] | None = None,

@@ -1,0 +1,74 @@
+"""An upload received by one worker and finished by another: the receiver
+records the digest of what it wrote, so the finishing worker need not read
+the whole upload back; a record that no longer matches the upload is ignored."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+
+import storage.store as store_module
+from storage import layout
+from storage.errors import DigestInvalid
+from storage.filesystem import FilesystemDriver
+from storage.store import ContentStore
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def body(*parts: bytes):
+    for part in parts:
+        yield part
+
+
+@pytest.fixture
+def workers(tmp_path):
+    """Two ContentStores on one root: what two worker processes see."""
+    root = str(tmp_path / "root")
+    return ContentStore(FilesystemDriver(root)), ContentStore(FilesystemDriver(root))
+
+
+async def test_finish_on_another_worker_uses_the_record(workers, monkeypatch, tmp_path):
+    receiver, finisher = workers
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    upload = await receiver.start_upload("r")
+    await receiver.append_upload("r", upload.upload_id, body(data[:1 << 20], data[1 << 20:]))
+    record = tmp_path / "root" / layout.upload_digest_record("r", upload.upload_id).lstrip("/")
+    assert record.read_text() == f"{len(data)} {sha256(data)}"
+
+    def no_rehash(*args):
+        raise AssertionError("the finishing worker read the upload back")
+
+    monkeypatch.setattr(store_module, "_hash_file", no_rehash)
+    info = await finisher.finish_upload("r", upload.upload_id, sha256(data))
+    assert (info.digest, info.size) == (sha256(data), len(data))
+    got = b"".join([c async for c in finisher.read_blob(sha256(data))])
+    assert got == data
+
+
+async def test_a_stale_record_is_ignored(workers):
+    receiver, other = workers
+    data = os.urandom(2 * 1024 * 1024)
+    upload = await receiver.start_upload("r")
+    await receiver.append_upload("r", upload.upload_id, body(data))
+    # Another worker appends (it has no running hash: the record stays at the old size).
+    await other.append_upload("r", upload.upload_id, body(b"tail"))
+    full = data + b"tail"
+    with pytest.raises(DigestInvalid):
+        await receiver.finish_upload("r", upload.upload_id, sha256(data))
+    info = await receiver.finish_upload("r", upload.upload_id, sha256(full))
+    assert info.size == len(full)
+
+
+async def test_small_uploads_leave_no_record(workers, tmp_path):
+    receiver, finisher = workers
+    data = b"small" * 100
+    upload = await receiver.start_upload("r")
+    await receiver.append_upload("r", upload.upload_id, body(data))
+    record = tmp_path / "root" / layout.upload_digest_record("r", upload.upload_id).lstrip("/")
+    assert not record.exists()
+    assert (await finisher.finish_upload("r", upload.upload_id, sha256(data))).size == len(data)
