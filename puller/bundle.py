@@ -22,6 +22,15 @@ chain both succeed and one copy is dropped. A second image that shares a base
 (same diff IDs in the same order) finds the base's chain snapshot and only
 applies its own layers.
 
+Durability without an fsync on the way: files are written through the page
+cache and never fsynced one by one (that would cost more than the whole
+unpack). Instead, before a snapshot is renamed into place, `unsynced/<chain>`
+records the kernel's boot ID. A snapshot whose marker names ANOTHER boot may
+have lost data in a crash before writeback, so it is discarded and rebuilt;
+one from this boot is what the page cache holds, hence correct. Markers older
+than the kernel's writeback delay are cleared after one `syncfs` (cheap by
+then: the data is on disk already) when a cache is opened.
+
 The bundle's rootfs must be private to the container (a write there must not
 reach the cache through a shared inode), so it is MATERIALISED: `cp -a
 --reflink=auto` of the top snapshot (a reflink on btrfs/xfs, an in-kernel
@@ -46,6 +55,7 @@ the container's private rootfs).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -53,6 +63,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +121,27 @@ def new_trees_here(path: Path, on: bool = True) -> None:
         os.close(fd)
 
 
+WRITEBACK_DELAY = 60.0  # seconds: past the kernel's dirty_expire (30 s by default)
+
+
+def boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def syncfs(path: Path) -> bool:
+    """syncfs(2) on the filesystem holding path."""
+    import ctypes
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syncfs(fd) == 0
+    finally:
+        os.close(fd)
+
+
 def _run_cp(args: list[str]) -> None:
     proc = subprocess.run(["cp", *args], capture_output=True)
     if proc.returncode != 0:
@@ -121,6 +153,8 @@ class SnapshotCache:
         self.root = _private_dir(Path(root))
         self.snapshots = _private_dir(self.root / "snapshots")
         self.staging = _private_dir(self.root / "staging")
+        self.unsynced = _private_dir(self.root / "unsynced")
+        self.settle()
         new_trees_here(self.staging)
         self.diffids = _private_dir(self.root / "diffids")
 
@@ -128,7 +162,50 @@ class SnapshotCache:
         return self.snapshots / _hex(chain_id)
 
     def has(self, chain_id: str) -> bool:
-        return self.path(chain_id).is_dir()
+        return self.path(chain_id).is_dir() and self._durable_or_this_boot(chain_id)
+
+    def _durable_or_this_boot(self, chain_id: str) -> bool:
+        marker = self.unsynced / _hex(chain_id)
+        try:
+            boot = marker.read_text().strip()
+        except FileNotFoundError:
+            return True
+        if boot == boot_id():
+            return True
+        # committed in an earlier boot and never known to be on disk: rebuild it
+        trash = Path(tempfile.mkdtemp(prefix="stale-", dir=self.staging))
+        try:
+            os.rename(self.path(chain_id), trash / "tree")
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+        return False
+
+    def _mark_unsynced(self, chain_id: str) -> None:
+        target = self.unsynced / _hex(chain_id)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(boot_id())
+        os.replace(tmp, target)
+
+    def settle(self, older_than: float = WRITEBACK_DELAY) -> int:
+        """Clear the markers of snapshots committed more than `older_than`
+        seconds ago, after one syncfs; returns how many were cleared."""
+        now = time.time()
+        old = []
+        for marker in self.unsynced.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if now - marker.stat().st_mtime >= older_than and not marker.name.startswith("."):
+                    old.append(marker)
+        if not old:
+            return 0
+        if not syncfs(self.root):
+            return 0
+        for marker in old:
+            with contextlib.suppress(FileNotFoundError):
+                marker.unlink()
+        return len(old)
 
     def known_diff_id(self, blob_digest: str) -> str | None:
         try:
@@ -195,6 +272,7 @@ class SnapshotCache:
             if blob_digest:
                 self.remember_diff_id(blob_digest, stats.diff_id)
             try:
+                self._mark_unsynced(chain)
                 os.rename(tree, self.path(chain))
             except OSError as exc:
                 if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):

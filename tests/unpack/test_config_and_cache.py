@@ -6,11 +6,12 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
 
-from puller.bundle import (ConfigError, RunSettings, SnapshotCache, Volume, copy_tree, materialize,
+from puller.bundle import (ConfigError, RunSettings, SnapshotCache, Volume, boot_id, copy_tree, materialize,
                            resolve_user, runtime_config, safe_workdir)
 from puller.unpack import chain_ids
 from tests.unpack.conftest import TAR, D, E, F, H, L, diff_id, tar_bytes
@@ -220,3 +221,55 @@ def test_copy_tree_refuses_an_existing_destination(tmp_path, root):
     (tmp_path / "there").mkdir()
     with pytest.raises(FileExistsError):
         copy_tree(root, tmp_path / "there")
+
+
+def test_snapshot_from_an_earlier_boot_without_sync_is_rebuilt(tmp_path, layers):
+    cache = SnapshotCache(tmp_path / "cache")
+    base = _blob(layers, [F("f", b"data")])
+    snap = cache.ensure([base])
+    marker = cache.unsynced / snap.name
+    assert marker.read_text() == boot_id()  # written before the rename, for this boot
+    assert cache.has(base[2])
+    # the machine crashed before writeback: the files may be empty, so do not trust them
+    marker.write_text("another-boot")
+    (snap / "f").write_bytes(b"")
+    assert not cache.has(base[2]) and not snap.exists() and not marker.exists()
+    again = cache.ensure([base])
+    assert (again / "f").read_bytes() == b"data"
+
+
+def test_settle_clears_old_markers_after_syncfs(tmp_path, layers):
+    cache = SnapshotCache(tmp_path / "cache")
+    one = cache.ensure([_blob(layers, [F("a", b"1")])])
+    two = cache.ensure([_blob(layers, [F("b", b"2")])])
+    old = time.time() - 3600
+    os.utime(cache.unsynced / one.name, (old, old))
+    assert cache.settle() == 1
+    assert not (cache.unsynced / one.name).exists() and (cache.unsynced / two.name).exists()
+    os.utime(cache.unsynced / two.name, (old, old))
+    SnapshotCache(tmp_path / "cache")  # opening the cache settles too
+    assert os.listdir(cache.unsynced) == []
+    assert cache.has("sha256:" + two.name)  # on disk: trusted after any reboot
+
+
+def test_new_trees_start_in_their_own_block_group_hint(tmp_path, layers):
+    import array
+    import fcntl
+    from puller.bundle import FS_IOC_GETFLAGS, FS_TOPDIR_FL, write_bundle
+
+    def flags(path):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            buf = array.array("i", [0])
+            fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+            return buf[0]
+        except OSError:
+            pytest.skip("this filesystem has no inode flags")
+        finally:
+            os.close(fd)
+    cache = SnapshotCache(tmp_path / "cache")
+    if not flags(cache.staging) & FS_TOPDIR_FL:
+        pytest.skip("this filesystem ignores the TOPDIR flag")
+    bundle = write_bundle(tmp_path / "bundle", [_blob(layers, [F("a", b"1")])], {}, cache=cache)
+    assert not flags(bundle) & FS_TOPDIR_FL  # the user's directory is left as it would be
+    assert (bundle / "rootfs/a").read_bytes() == b"1"
