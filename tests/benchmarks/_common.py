@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -63,12 +62,6 @@ def best_of(n: int, fn: Callable[[], object], before: Callable[[], object] | Non
             before()
         times.append(timed(fn))
     return min(times)
-
-
-def median_of(n: int, fn: Callable[[int], object]) -> float:
-    """The median wall-clock seconds of n timed calls fn(0) .. fn(n-1): on a
-    shared, loaded machine a median is steadier than a best-of."""
-    return statistics.median(timed(lambda i=i: fn(i)) for i in range(n))
 
 
 def parallel(n: int, fn: Callable[[int], object]) -> list:

@@ -9,9 +9,9 @@ curl. The table gives every value per registry and, for each Dockyard
 column, ratio = how many times better Dockyard is than Distribution
 (ratio > 1: Dockyard better; for times that is Distribution's time / Dockyard's).
 
-Timed steps run several times (fresh images for pushes, fresh target
-directories for pulls) and report the median; steps interleave the
-registries. The machine's load average at start and end is printed: on a
+Timed skopeo and curl steps run several times (fresh images for pushes, fresh
+target directories for pulls), the registries taking turns run by run, and
+report the median. The machine's load average at start and end is printed: on a
 shared machine, compare runs only at similar load.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -35,7 +36,6 @@ from _common import (  # noqa: E402
     curl_download,
     format_table,
     helpers,
-    median_of,
     need_tool,
     parallel,
     rows_as_json,
@@ -115,8 +115,9 @@ def pull_into(skopeo: Skopeo, remote: str, target: Path) -> None:
 
 class Bench:
     """The measurements. Each step runs on every registry before the next step
-    starts, the order rotating from step to step, so a busy moment on the
-    machine does not land on one registry only."""
+    starts: timed skopeo and curl steps run by run, registries taking turns;
+    the wrk steps registry by registry, the order rotating from step to step,
+    so a busy moment on the machine does not land on one registry only."""
 
     def __init__(self, servers: dict[str, helpers.RegistryServer], images: Images, plan: Plan,
                  skopeo: Skopeo, work: Path):
@@ -126,14 +127,19 @@ class Bench:
         self.skipped: list[str] = []
 
     def run(self) -> list[Row]:
-        steps = [self.push_big, self.push_small, self.pull_big, self.pull_small, self.pull_four,
-                 self.manifest_get, self.tags_list, self.blob_get_one, self.blob_get_four]
+        interleaved = [self.push_big, self.push_small, self.pull_big, self.pull_small, self.pull_four,
+                       self.blob_get_one, self.blob_get_four]
+        per_server = [self.manifest_get, self.tags_list]
+        steps = interleaved[:5] + per_server + interleaved[5:]   # the table's row order
         labels = list(self.servers)
         for n, step in enumerate(steps):
             if time.perf_counter() > self.deadline:
                 self.skipped = [s.__name__ for s in steps[n:]]
                 print(f"time budget spent: skipping {', '.join(self.skipped)}", file=sys.stderr)
                 break
+            if step in interleaved:
+                step()
+                continue
             order = labels[n % len(labels):] + labels[:n % len(labels)]
             for label in order:
                 step(label, self.servers[label])
@@ -151,47 +157,70 @@ class Bench:
     def small_name(self) -> str:
         return f"{len(self.images.small[0].layers)}-layer image"
 
-    # every timed push sends blobs this registry has never seen
-    def push_big(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = median_of(self.plan.repeats, lambda i: push_fresh(
-            self.skopeo, self.images.big[i], server.host, f"bench/big{i}"))
-        self.record(label, f"push {self.big_name} (skopeo)", "MB/s", True,
-                    self.images.big_bytes / MiB / seconds)
+    def interleaved(self, name: str, unit: str, higher: bool, runs: int,
+                    once, value) -> None:
+        """Time `once(label, server, run)` `runs` times on every registry,
+        registries taking turns run by run (the order rotating), and record
+        value(median seconds) per registry: a busy spell on the machine then
+        hits every registry alike instead of one registry's whole step."""
+        labels = list(self.servers)
+        times: dict[str, list[float]] = {label: [] for label in labels}
+        for run in range(runs):
+            for label in labels[run % len(labels):] + labels[:run % len(labels)]:
+                server = self.servers[label]
+                times[label].append(timed(lambda: once(label, server, run)))
+        for label in labels:
+            self.record(label, name, unit, higher, value(statistics.median(times[label])))
 
-    def push_small(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = median_of(self.plan.repeats, lambda i: push_fresh(
-            self.skopeo, self.images.small[i], server.host, f"bench/small{i}"))
-        self.record(label, f"push {self.small_name} (skopeo)", "s", False, seconds)
+    # every timed push sends blobs this registry has never seen
+    def push_big(self) -> None:
+        self.interleaved(
+            f"push {self.big_name} (skopeo)", "MB/s", True, self.plan.repeats,
+            lambda label, server, i: push_fresh(self.skopeo, self.images.big[i], server.host, f"bench/big{i}"),
+            lambda seconds: self.images.big_bytes / MiB / seconds)
+
+    def push_small(self) -> None:
+        self.interleaved(
+            f"push {self.small_name} (skopeo)", "s", False, self.plan.repeats,
+            lambda label, server, i: push_fresh(self.skopeo, self.images.small[i], server.host,
+                                                f"bench/small{i}"),
+            lambda seconds: seconds)
 
     def _pull_dir(self, label: str, n: int = 0) -> Path:
         return self.work / f"pull-{label.replace(' ', '_').replace('=', '')}-{n}"
 
-    def _cleanup_pulls(self, label: str, count: int) -> None:
-        for i in range(count):
-            shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
+    def _cleanup_pulls(self, count: int) -> None:
+        for label in self.servers:
+            for i in range(count):
+                shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
 
     # every timed pull writes into a directory of its own (no rm inside the timing)
-    def pull_big(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = median_of(self.plan.repeats, lambda i: pull_into(
-            self.skopeo, f"docker://{server.host}/bench/big0:big", self._pull_dir(label, i)))
-        self._cleanup_pulls(label, self.plan.repeats)
-        self.record(label, f"pull {self.big_name} (skopeo)", "MB/s", True,
-                    self.images.big_bytes / MiB / seconds)
+    def pull_big(self) -> None:
+        self.interleaved(
+            f"pull {self.big_name} (skopeo)", "MB/s", True, self.plan.repeats,
+            lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/big0:big",
+                                               self._pull_dir(label, i)),
+            lambda seconds: self.images.big_bytes / MiB / seconds)
+        self._cleanup_pulls(self.plan.repeats)
 
-    def pull_small(self, label: str, server: helpers.RegistryServer) -> None:
-        seconds = median_of(self.plan.repeats, lambda i: pull_into(
-            self.skopeo, f"docker://{server.host}/bench/small0:small", self._pull_dir(label, i)))
-        self._cleanup_pulls(label, self.plan.repeats)
-        self.record(label, f"pull {self.small_name} (skopeo)", "s", False, seconds)
+    def pull_small(self) -> None:
+        self.interleaved(
+            f"pull {self.small_name} (skopeo)", "s", False, self.plan.repeats,
+            lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/small0:small",
+                                               self._pull_dir(label, i)),
+            lambda seconds: seconds)
+        self._cleanup_pulls(self.plan.repeats)
 
-    def pull_four(self, label: str, server: helpers.RegistryServer) -> None:
-        remote = f"docker://{server.host}/bench/big0:big"
+    def pull_four(self) -> None:
         runs = max(1, self.plan.repeats // 2)
-        seconds = median_of(runs, lambda run: parallel(
-            4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, 4 * run + i))))
-        self._cleanup_pulls(label, 4 * runs)
-        self.record(label, "4 concurrent pulls, big image", "MB/s", True,
-                    4 * self.images.big_bytes / MiB / seconds)
+
+        def once(label: str, server: helpers.RegistryServer, run: int) -> None:
+            remote = f"docker://{server.host}/bench/big0:big"
+            parallel(4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, 4 * run + i)))
+
+        self.interleaved("4 concurrent pulls, big image", "MB/s", True, runs, once,
+                         lambda seconds: 4 * self.images.big_bytes / MiB / seconds)
+        self._cleanup_pulls(4 * runs)
 
     def _wrk(self, label: str, url: str, headers: list[str]):
         result = wrk(url, seconds=self.plan.wrk_seconds, headers=headers)
@@ -216,17 +245,21 @@ class Bench:
         size = (image.path / "blobs" / "sha256" / layer.split(":")[1]).stat().st_size
         return f"{server.url}/v2/bench/big0/blobs/{layer}", size
 
-    def blob_get_one(self, label: str, server: helpers.RegistryServer) -> None:
-        url, size = self._blob(server)
-        seconds = sum(curl_download(url, size) for _ in range(self.plan.blob_fetches))
-        self.record(label, "blob GET, one client (curl)", "MB/s", True,
-                    self.plan.blob_fetches * size / MiB / seconds)
+    def blob_get_one(self) -> None:
+        size = self._blob(next(iter(self.servers.values())))[1]
+        self.interleaved("blob GET, one client (curl)", "MB/s", True, self.plan.blob_fetches,
+                         lambda label, server, run: curl_download(self._blob(server)[0], size),
+                         lambda seconds: size / MiB / seconds)
 
-    def blob_get_four(self, label: str, server: helpers.RegistryServer) -> None:
-        url, size = self._blob(server)
-        n = self.plan.blob_fetches
-        seconds = timed(lambda: parallel(4, lambda _: [curl_download(url, size) for _ in range(n)]))
-        self.record(label, "blob GET, 4 clients (curl)", "MB/s", True, 4 * n * size / MiB / seconds)
+    def blob_get_four(self) -> None:
+        size = self._blob(next(iter(self.servers.values())))[1]
+
+        def once(label: str, server: helpers.RegistryServer, run: int) -> None:
+            url = self._blob(server)[0]
+            parallel(4, lambda _: curl_download(url, size))
+
+        self.interleaved("blob GET, 4 clients (curl)", "MB/s", True, self.plan.blob_fetches, once,
+                         lambda seconds: 4 * size / MiB / seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
