@@ -31,14 +31,23 @@ one from this boot is what the page cache holds, hence correct. Markers older
 than the kernel's writeback delay are cleared after one `syncfs` (cheap by
 then: the data is on disk already) when a cache is opened.
 
+Pipelined pulls (puller.run) apply layer n while later layers download; a
+layer that arrives while its parent is still being applied is STAGED (its
+files written as new inodes, verified) and later placed by rename, so several
+layers' decompression and writing run at once (puller.unpack.StagedLayer).
+
 The bundle's rootfs must be private to the container (a write there must not
-reach the cache through a shared inode), so it is MATERIALISED: `cp -a
---reflink=auto` of the top snapshot (a reflink on btrfs/xfs, an in-kernel
-copy elsewhere; hard-link groups, owners, modes, xattrs and devices kept), or
-for `dockyard run` as root an overlayfs mount with the snapshot as the
-read-only lower dir and the bundle's own upper dir (O(1), what containerd
-does). `cache=None` skips all of this and applies the layers straight into
-the bundle.
+reach the cache through a shared inode), so it is MATERIALISED: `copy_tree`
+of the top snapshot (copy_file_range, i.e. an in-kernel copy or a reflink
+where the filesystem has them, in a small thread pool; hard-link groups,
+owners, modes, xattrs and devices kept), or for `dockyard run` as root an
+overlayfs mount with the snapshot as the read-only lower dir and the bundle's
+own upper dir (O(1), what containerd does). Why not hard-link the bundle to
+the cache: the container could write a shared inode in place. Why not an
+overlay for `unpack`: the bundle must stay a plain directory (it outlives a
+reboot, `rm -rf` works on it). `cache=None` skips all of this and applies the
+layers straight into the bundle. New snapshot and rootfs trees carry an ext4
+placement hint (see new_trees_here).
 
 Bundles are assembled in a sibling `DIR.tmp-XXXX` (mode 0700) and renamed to
 DIR only when complete, so a failure never leaves something that looks like
