@@ -419,12 +419,7 @@ def _copy_node(src: str, dst: str, st: os.stat_result) -> None:
         try:
             fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                left = st.st_size
-                while left > 0:
-                    done = os.copy_file_range(fin, fout, min(left, 1 << 30))
-                    if done == 0:
-                        break  # the file shrank: cannot happen in a snapshot, do not spin
-                    left -= done
+                _copy_data(fin, fout, st.st_size)
                 _set_fd_attrs(fout, st, fin)
             finally:
                 os.close(fout)
@@ -442,6 +437,29 @@ def _copy_node(src: str, dst: str, st: os.stat_result) -> None:
     else:
         return
     _set_attrs(dst, st, src, symlink=False)
+
+
+def _copy_data(fin: int, fout: int, size: int) -> None:
+    """size bytes: copy_file_range (in-kernel, reflink if possible), or
+    sendfile where the kernel refuses it (another filesystem: EXDEV)."""
+    done = 0
+    use_range = True
+    while done < size:
+        step = min(size - done, 1 << 30)
+        if use_range:
+            try:
+                n = os.copy_file_range(fin, fout, step, done, done)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                use_range = False
+                continue
+        else:
+            os.lseek(fout, done, os.SEEK_SET)
+            n = os.sendfile(fout, fin, done, step)
+        if n == 0:
+            break  # the file shrank: cannot happen in a snapshot, do not spin
+        done += n
 
 
 def _set_fd_attrs(fd: int, st: os.stat_result, src_fd: int) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -273,3 +275,17 @@ def test_new_trees_start_in_their_own_block_group_hint(tmp_path, layers):
     bundle = write_bundle(tmp_path / "bundle", [_blob(layers, [F("a", b"1")])], {}, cache=cache)
     assert not flags(bundle) & FS_TOPDIR_FL  # the user's directory is left as it would be
     assert (bundle / "rootfs/a").read_bytes() == b"1"
+
+
+def test_copy_tree_to_another_filesystem(tmp_path, layers, root):
+    other = Path("/dev/shm")
+    if not other.is_dir() or os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem at /dev/shm")
+    big = os.urandom((1 << 20) + 5)
+    layers.apply(root, [F("a", big), F("d/b", b"small"), H("c", "a")])
+    dst = Path(tempfile.mkdtemp(dir=other)) / "copy"
+    try:
+        copy_tree(root, dst)  # copy_file_range says EXDEV here: sendfile instead
+        assert _listing(dst) == _listing(root)
+    finally:
+        shutil.rmtree(dst.parent)
