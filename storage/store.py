@@ -397,6 +397,9 @@ class ContentStore:
         path = layout.upload_data(repo, upload_id)
         writer = await self.driver.writer(path, append=True)
         running = self._take_hasher(key, writer.size)
+        if running is None and writer.size == 0:
+            # Started by another worker, nothing written yet: hash from here.
+            running = _RunningHash(hashlib.sha256(), 0)
         done = False
         try:
             batch = bytearray()

@@ -72,3 +72,19 @@ async def test_small_uploads_leave_no_record(workers, tmp_path):
     record = tmp_path / "root" / layout.upload_digest_record("r", upload.upload_id).lstrip("/")
     assert not record.exists()
     assert (await finisher.finish_upload("r", upload.upload_id, sha256(data))).size == len(data)
+
+
+async def test_started_on_one_worker_received_on_another(workers, monkeypatch):
+    """POST on one worker, the whole body PATCHed on a second, PUT on the
+    first: the second hashes as it receives and records the digest."""
+    starter, receiver = workers
+    data = os.urandom(2 * 1024 * 1024)
+    upload = await starter.start_upload("r")
+    await receiver.append_upload("r", upload.upload_id, body(data))
+
+    def no_rehash(*args):
+        raise AssertionError("the finishing worker read the upload back")
+
+    monkeypatch.setattr(store_module, "_hash_file", no_rehash)
+    info = await starter.finish_upload("r", upload.upload_id, sha256(data))
+    assert info.size == len(data)
