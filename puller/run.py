@@ -72,7 +72,10 @@ class _LayerPipeline:
     def __init__(self, cache: SnapshotCache, options: ApplyOptions, parallel: int | None = None):
         self.cache = cache
         self.options = options
-        self.slots = asyncio.Semaphore(parallel or max(1, os.cpu_count() or 1))  # layers staged at once
+        workers = parallel or max(1, os.cpu_count() or 1)
+        self.slots = asyncio.Semaphore(workers)  # layers being staged at once
+        self.max_waiting = 2 * workers           # staged layers (entry lists in memory) not placed yet
+        self.waiting = 0
         self.tasks: list[asyncio.Task] = []
 
     async def __call__(self, index: int, descriptor: dict, path: Path) -> None:
@@ -86,18 +89,26 @@ class _LayerPipeline:
         media_type = descriptor.get("mediaType", "")
         known = await asyncio.to_thread(self.cache.known_diff_id, descriptor["digest"])
         staged = None
-        if parent_task is not None and known is None:  # a known layer is likely cached already
-            async with self.slots:  # never held while waiting for another layer
-                if not parent_task.done():
-                    staged = await asyncio.to_thread(self.cache.stage, path, media_type, None, self.options)
+        counted = False
         try:
-            parent = await parent_task if parent_task is not None else None
-        except BaseException:
-            self.cache.discard(staged)
-            raise
-        # the chain itself takes no slot: it is the critical path, one layer at a time
-        return await asyncio.to_thread(self.cache.apply_next, parent, path, media_type, known,
-                                       self.options, blob_digest=descriptor["digest"], staged=staged)
+            if parent_task is not None and known is None:  # a known layer is likely cached already
+                async with self.slots:  # never held while waiting for another layer
+                    # past the cap, apply in one pass later rather than wait (which could deadlock)
+                    if not parent_task.done() and self.waiting < self.max_waiting:
+                        self.waiting += 1
+                        counted = True
+                        staged = await asyncio.to_thread(self.cache.stage, path, media_type, None, self.options)
+            try:
+                parent = await parent_task if parent_task is not None else None
+            except BaseException:
+                self.cache.discard(staged)
+                raise
+            # the chain itself takes no slot: it is the critical path, one layer at a time
+            return await asyncio.to_thread(self.cache.apply_next, parent, path, media_type, known,
+                                           self.options, blob_digest=descriptor["digest"], staged=staged)
+        finally:
+            if counted:
+                self.waiting -= 1
 
     async def finish(self, failed: bool) -> None:
         """Wait for every layer handed over; raise the first layer error

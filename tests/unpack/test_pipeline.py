@@ -102,3 +102,27 @@ def test_pipeline_error_in_a_middle_layer_is_raised_and_cleaned_up(tmp_path, lay
         _pipeline_run(cache, blobs)
     assert os.listdir(cache.staging) == []
     assert cache.has(diff_id(tars[0])) and len(os.listdir(cache.snapshots)) == 1
+
+
+def test_pipeline_bounds_layers_staged_and_waiting(tmp_path, layers, monkeypatch):
+    tars = [tar_bytes([D("."), F(f"f{i}", os.urandom(256 << 10))]) for i in range(8)]
+    blobs = [(layers.blob(t, GZIP), "sha256:%064x" % i) for i, t in enumerate(tars)]
+    cache = SnapshotCache(tmp_path / "cache")
+    peak = []
+    original = cache.stage
+
+    async def main():
+        pipeline = _LayerPipeline(cache, ApplyOptions(), parallel=1)
+
+        def stage(*a, **k):
+            peak.append(pipeline.waiting)
+            return original(*a, **k)
+        cache.stage = stage
+        for i, (path, digest) in enumerate(blobs):
+            await pipeline(i, {"digest": digest, "mediaType": GZIP}, path)
+        await pipeline.finish(failed=False)
+        return await pipeline.tasks[-1], pipeline.waiting
+    top, waiting = asyncio.run(main())
+    assert top == chain_ids([diff_id(t) for t in tars])[-1] and waiting == 0
+    assert peak and max(peak) <= 2  # 2 x parallel
+    assert sorted(os.listdir(cache.path(top))) == [f"f{i}" for i in range(8)]
