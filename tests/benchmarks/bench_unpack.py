@@ -159,16 +159,18 @@ def main() -> int:
                                     ("dockyard pull (no unpack)", dockyard_pull_only, None),
                                     ("docker pull", docker_once, docker_reset),
                                     ("skopeo copy + umoci unpack", umoci_once, None)):
-                best = None
+                times = []
                 for i in range(args.runs):
                     if reset:
                         reset(i)
                     subprocess.run(["sync"])
-                    t = timed(lambda: fn(i))
-                    best = t if best is None else min(best, t)
+                    times.append(timed(lambda: fn(i)))
                     subprocess.run(["rm", "-rf", str(work / f"dy-{name}-{i}"), str(work / f"um-{name}-{i}")])
+                best = min(times)
                 results.append((name, tool, best))
-                print(f"{name:8} {tool:28} {best:7.2f} s  ({size / (1 << 20):.0f} MiB compressed)", file=sys.stderr)
+                every = " ".join(f"{t:.2f}" for t in times)
+                print(f"{name:8} {tool:28} {best:7.2f} s  (runs: {every}; {size / (1 << 20):.0f} MiB compressed)",
+                      file=sys.stderr)
     finally:
         docker.stop()
         registry.stop()
