@@ -171,6 +171,7 @@ class Bench:
                 times[label].append(timed(lambda: once(label, server, run)))
         for label in labels:
             self.record(label, name, unit, higher, value(statistics.median(times[label])))
+            print(f"  {'':>14}  runs (s): {' '.join(f'{t:.2f}' for t in times[label])}", file=sys.stderr)
 
     # every timed push sends blobs this registry has never seen
     def push_big(self) -> None:
