@@ -66,7 +66,7 @@ def _progress(args):
     return make_progress(mode)
 
 
-def _run(coro_factory) -> int:
+def _run(coro_factory, args=None) -> int:
     try:
         try:
             import uvloop
@@ -77,6 +77,8 @@ def _run(coro_factory) -> int:
     except _expected_errors() as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"dockyard: error: {message}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message}))
         return 1
 
 
@@ -97,16 +99,13 @@ def cmd_pull(args) -> int:
     async def main() -> int:
         ref = parse_reference(args.reference)
         options = _options(args, [ref.registry, ref.api_host])
-        progress = _progress(args)
-        try:
+        with _progress(args) as progress:
             result = await pull(args.reference, store=store, platform=args.platform,
                                 all_platforms=args.all_platforms, options=options, progress=progress)
-        finally:
-            progress.close(None)
         _emit(args, result.to_json(), f"{result.reference}: pulled {result.manifest_digest} "
                                       f"({len(result.layers)} layers, {result.bytes_downloaded} bytes downloaded)")
         return 0
-    return _run(main)
+    return _run(main, args)
 
 
 # -- push -------------------------------------------------------------------------
@@ -131,25 +130,24 @@ def cmd_push(args) -> int:
         dest = parse_reference(dest_text)
         options = _options(args, [dest.registry, dest.api_host])
         workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-push-"))
-        progress = _progress(args)
         try:
-            if kind == "store":
-                source = LayoutSource(store, location)
-                if store.descriptor(location) is None:
-                    raise StoreError(f"{location} is not in the store {store.root} (pull it first)")
-            elif kind in ("oci", "docker-archive"):
-                source = await asyncio.to_thread(open_layout_source, kind, location, name, workdir)
-            else:
-                raise ReferenceError(f"cannot push from {args.source}: use dockyard copy")
-            async with RegistryClient(options) as client:
-                result = await push_image(source, client, dest, progress=progress)
+            with _progress(args) as progress:
+                if kind == "store":
+                    source = LayoutSource(store, location)
+                    if store.descriptor(location) is None:
+                        raise StoreError(f"{location} is not in the store {store.root} (pull it first)")
+                elif kind in ("oci", "docker-archive"):
+                    source = await asyncio.to_thread(open_layout_source, kind, location, name, workdir)
+                else:
+                    raise ReferenceError(f"cannot push from {args.source}: use dockyard copy")
+                async with RegistryClient(options) as client:
+                    result = await push_image(source, client, dest, progress=progress)
         finally:
-            progress.close(None)
             shutil.rmtree(workdir, ignore_errors=True)
         _emit(args, result.to_json(), f"{result.reference}: pushed {result.digest} ({result.blobs_uploaded} "
                                       f"uploaded, {result.blobs_mounted} mounted, {result.blobs_existing} present)")
         return 0
-    return _run(main)
+    return _run(main, args)
 
 
 # -- copy -------------------------------------------------------------------------
@@ -163,17 +161,14 @@ def cmd_copy(args) -> int:
             if not text.startswith(("oci:", "docker-archive:")):
                 ref = parse_reference(text[9:] if text.startswith("docker://") else text)
                 registries += [ref.registry, ref.api_host]
-        progress = _progress(args)
-        try:
+        with _progress(args) as progress:
             result = await copy(args.source, args.destination, options=_options(args, registries),
                                 referrers=args.referrers, progress=progress)
-        finally:
-            progress.close(None)
         extra = f", {len(result.referrers)} referrers" if args.referrers else ""
         _emit(args, result.to_json(), f"{result.destination}: copied {result.digest} "
                                       f"({len(result.manifests)} manifests{extra})")
         return 0
-    return _run(main)
+    return _run(main, args)
 
 
 # -- login / logout ---------------------------------------------------------------
@@ -216,7 +211,7 @@ def cmd_login(args) -> int:
         if not args.quiet:
             print(f"Login Succeeded (credentials saved in {where})")
         return 0
-    return _run(main)
+    return _run(main, args)
 
 
 def cmd_logout(args) -> int:
@@ -256,7 +251,7 @@ def cmd_inspect(args) -> int:
                 return 0
             print(json.dumps(payload, indent=2))
         return 0
-    return _run(main)
+    return _run(main, args)
 
 
 def register(subparsers) -> None:

@@ -63,11 +63,9 @@ def _prepare(args, store, cache, options, client_options, progress):
     from puller.run import prepare_image
 
     async def main():
-        try:
+        with progress:
             return await prepare_image(args.reference, store=store, cache=cache, platform=args.platform,
                                        client_options=client_options, progress=progress, options=options)
-        finally:
-            progress.close(None)
     try:
         import uvloop
         return uvloop.run(main())

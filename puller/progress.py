@@ -3,6 +3,7 @@
     progress = make_progress(mode)   # "auto" | "rich" | "plain" | "quiet" | "json"
     progress.start(key, label, total)  progress.advance(key, n)
     progress.done(key, skipped=False)  progress.close(summary)
+    with make_progress(mode) as progress: ...   # closes it; no summary on failure
 
 "auto" shows per-blob bars with bytes and speed (rich) on a terminal and
 one summary line otherwise; "quiet" and "json" print nothing while running
@@ -42,8 +43,15 @@ class Progress:
     def message(self, text: str) -> None:
         pass
 
-    def close(self, summary: str | None = None) -> None:
+    def close(self, summary: str | None = None, failed: bool = False) -> None:
         pass
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # a failed transfer ends with the one error line, not a summary
+        self.close(None, failed=exc_type is not None)
 
     @property
     def elapsed(self) -> float:
@@ -60,7 +68,9 @@ class PlainProgress(Progress):
     def message(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
 
-    def close(self, summary: str | None = None) -> None:
+    def close(self, summary: str | None = None, failed: bool = False) -> None:
+        if failed:
+            return
         elapsed = max(self.elapsed, 1e-6)
         line = (f"{self.blobs_done} blob(s) transferred, {self.blobs_skipped} already present, "
                 f"{human_bytes(self.bytes)} in {elapsed:.1f}s ({human_bytes(self.bytes / elapsed)}/s)")
@@ -108,9 +118,9 @@ class RichProgress(PlainProgress):
     def message(self, text: str) -> None:
         self._bars.console.print(text)
 
-    def close(self, summary: str | None = None) -> None:
+    def close(self, summary: str | None = None, failed: bool = False) -> None:
         self._bars.stop()
-        super().close(summary)
+        super().close(summary, failed)
 
 
 def make_progress(mode: str = "auto", stream=None) -> Progress:

@@ -153,14 +153,24 @@ async def test_wrong_credentials_one_line_exit_1(fake, tmp_path):
     code, out, err = await _run_cli("pull", "--store", str(tmp_path / "s"), f"{fake.host}/app/private:v1",
                                     env={"DOCKER_CONFIG": str(config_dir)})
     assert code == 1
-    lines = [l for l in err.strip().splitlines() if l.startswith("dockyard")]
-    assert len(lines) == 1 and "authentication" in lines[0] and "Traceback" not in err, err
+    # the error is the whole of stderr: no progress summary before it
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dockyard: error:"), err
+    assert "authentication" in lines[0]
     # the right credentials from the same config format work
     (config_dir / "config.json").write_text(json.dumps(
         {"auths": {fake.host: {"auth": base64.b64encode(b"alice:right").decode()}}}))
     code, out, err = await _run_cli("pull", "-q", "--store", str(tmp_path / "s"), f"{fake.host}/app/private:v1",
                                     env={"DOCKER_CONFIG": str(config_dir)})
     assert code == 0, err
+
+
+async def test_json_mode_reports_a_failure_as_json(fake, tmp_path):
+    code, out, err = await _run_cli("pull", "--json", "--store", str(tmp_path / "s"),
+                                    f"{fake.host}/app/missing:v1")
+    assert code == 1
+    assert "not found" in json.loads(out)["error"]
+    assert len(err.strip().splitlines()) == 1, err
 
 
 async def test_anonymous_against_private_registry_says_login(fake, tmp_path):
