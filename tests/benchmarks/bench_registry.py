@@ -213,7 +213,7 @@ class Bench:
         self._cleanup_pulls(self.plan.repeats)
 
     def pull_four(self) -> None:
-        runs = max(1, self.plan.repeats // 2)
+        runs = max(1, (self.plan.repeats + 1) // 2)
 
         def once(label: str, server: helpers.RegistryServer, run: int) -> None:
             remote = f"docker://{server.host}/bench/big0:big"
