@@ -75,7 +75,7 @@ class S3Settings:
 @dataclass(frozen=True)
 class FilesystemSettings:
     # What is fsynced (FSYNC_MODES): "data" file contents
-    # before they are committed (Distribution's policy), "full" directories
+    # before they are committed (Distribution 2.8's policy), "full" directories
     # too, "off" nothing. Renames keep every mode safe against a killed process.
     fsync: str = "data"
 

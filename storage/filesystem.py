@@ -11,7 +11,9 @@ hidden temp file.
 Durability against power loss is the `fsync` policy (FSYNC_MODES):
   "data"  (default) a file's bytes are fsynced before it is committed or
           renamed into place (blob data, links, tags, manifests); directory
-          entries are not, as CNCF Distribution's filesystem driver does;
+          entries are not, as CNCF Distribution 2.8's filesystem driver does
+          (strace: every file write fsynced, no directory; 3.x adds one
+          directory fsync per whole-file write);
           scratch writes (`durable=False`: upload sessions) are not synced.
   "full"  as "data", plus every directory that gained or lost an entry is
           fsynced, and scratch writes are synced too.
