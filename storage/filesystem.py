@@ -17,8 +17,10 @@ Durability against power loss is the `fsync` policy (FSYNC_MODES):
           scratch writes (`durable=False`: upload sessions) are not synced.
   "full"  as "data", plus every directory that gained or lost an entry is
           fsynced, and scratch writes are synced too.
-  "off"   nothing is fsynced (CI, tmpfs, or storage with its own guarantees). Temp names start with TEMP_PREFIX; `list`
-never shows them and no driver path may contain such a component.
+  "off"   nothing is fsynced (CI, tmpfs, or storage with its own guarantees).
+
+Temp names start with TEMP_PREFIX; `list` never shows them and no driver
+path may contain such a component.
 Directories are deleted by first renaming them to a temp name, so a half
 deleted tree is never visible under its real name.
 """
