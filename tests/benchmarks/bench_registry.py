@@ -158,17 +158,22 @@ class Bench:
         return f"{len(self.images.small[0].layers)}-layer image"
 
     def interleaved(self, name: str, unit: str, higher: bool, runs: int,
-                    once, value) -> None:
+                    once, value, cleanup=None) -> None:
         """Time `once(label, server, run)` `runs` times on every registry,
         registries taking turns run by run (the order rotating), and record
         value(median seconds) per registry: a busy spell on the machine then
-        hits every registry alike instead of one registry's whole step."""
+        hits every registry alike instead of one registry's whole step.
+        After each run, untimed: cleanup(label, run) and sync(2), so no run
+        pays for the previous one's files or dirty pages."""
         labels = list(self.servers)
         times: dict[str, list[float]] = {label: [] for label in labels}
         for run in range(runs):
             for label in labels[run % len(labels):] + labels[:run % len(labels)]:
                 server = self.servers[label]
                 times[label].append(timed(lambda: once(label, server, run)))
+                if cleanup is not None:
+                    cleanup(label, run)
+                os.sync()
         for label in labels:
             self.record(label, name, unit, higher, value(statistics.median(times[label])))
             print(f"  {'':>14}  runs (s): {' '.join(f'{t:.2f}' for t in times[label])}", file=sys.stderr)
@@ -190,10 +195,9 @@ class Bench:
     def _pull_dir(self, label: str, n: int = 0) -> Path:
         return self.work / f"pull-{label.replace(' ', '_').replace('=', '')}-{n}"
 
-    def _cleanup_pulls(self, count: int) -> None:
-        for label in self.servers:
-            for i in range(count):
-                shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
+    def _remove_pull(self, label: str, run: int, dirs: int = 1) -> None:
+        for i in range(dirs * run, dirs * (run + 1)):
+            shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
 
     # every timed pull writes into a directory of its own (no rm inside the timing)
     def pull_big(self) -> None:
@@ -201,16 +205,14 @@ class Bench:
             f"pull {self.big_name} (skopeo)", "MB/s", True, self.plan.repeats,
             lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/big0:big",
                                                self._pull_dir(label, i)),
-            lambda seconds: self.images.big_bytes / MiB / seconds)
-        self._cleanup_pulls(self.plan.repeats)
+            lambda seconds: self.images.big_bytes / MiB / seconds, cleanup=self._remove_pull)
 
     def pull_small(self) -> None:
         self.interleaved(
             f"pull {self.small_name} (skopeo)", "s", False, self.plan.repeats,
             lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/small0:small",
                                                self._pull_dir(label, i)),
-            lambda seconds: seconds)
-        self._cleanup_pulls(self.plan.repeats)
+            lambda seconds: seconds, cleanup=self._remove_pull)
 
     def pull_four(self) -> None:
         runs = max(1, (self.plan.repeats + 1) // 2)
@@ -220,8 +222,8 @@ class Bench:
             parallel(4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, 4 * run + i)))
 
         self.interleaved("4 concurrent pulls, big image", "MB/s", True, runs, once,
-                         lambda seconds: 4 * self.images.big_bytes / MiB / seconds)
-        self._cleanup_pulls(4 * runs)
+                         lambda seconds: 4 * self.images.big_bytes / MiB / seconds,
+                         cleanup=lambda label, run: self._remove_pull(label, run, 4))
 
     def _wrk(self, label: str, url: str, headers: list[str]):
         result = wrk(url, seconds=self.plan.wrk_seconds, headers=headers)
