@@ -19,8 +19,9 @@ driver edge into the typed errors below with `raise ... from`.
 from __future__ import annotations
 
 import abc
+import asyncio
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 
 class StorageError(Exception):
@@ -105,6 +106,17 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def stat(self, path: str) -> FileInfo:
         """PathNotFound if absent. Directories (prefixes) have is_dir=True."""
+
+    async def stat_many(self, paths: Sequence[str]) -> list[FileInfo | None]:
+        """stat of each path, None for an absent one. Drivers with a cheaper
+        batch (one thread hop, one request) override this."""
+        async def one(path: str) -> FileInfo | None:
+            try:
+                return await self.stat(path)
+            except PathNotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(p) for p in paths)))
 
     @abc.abstractmethod
     async def list(self, path: str) -> list[str]:

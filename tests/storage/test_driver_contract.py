@@ -265,3 +265,13 @@ async def test_put_survives_concurrent_delete_of_its_directory(driver):
     await driver.put_content("/tags/t/current/link", b"final")
     assert await driver.get_content("/tags/t/current/link") == b"final"
     assert await walk(driver) == ["/tags/t/current/link"]
+
+
+async def test_stat_many(driver):
+    await driver.put_content("/m/file", b"12345")
+    infos = await driver.stat_many(["/m/file", "/m/absent", "/m", "/m/file/below", "/nowhere/x"])
+    assert [None if i is None else (i.path, i.size, i.is_dir) for i in infos] == [
+        ("/m/file", 5, False), None, ("/m", 0, True), None, None]
+    assert await driver.stat_many([]) == []
+    with pytest.raises(InvalidPath):
+        await driver.stat_many(["/ok", "relative"])
