@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from puller.bundle import SnapshotCache
+from puller.bundle import SnapshotCache, materialize
 from puller.run import _LayerPipeline
 from puller.unpack import (ApplyOptions, LayerVerificationError, UnsafeEntry, apply_layer, apply_staged,
                            chain_ids, stage_layer)
@@ -126,3 +126,70 @@ def test_pipeline_bounds_layers_staged_and_waiting(tmp_path, layers, monkeypatch
     assert top == chain_ids([diff_id(t) for t in tars])[-1] and waiting == 0
     assert peak and max(peak) <= 2  # 2 x parallel
     assert sorted(os.listdir(cache.path(top))) == [f"f{i}" for i in range(8)]
+
+
+# ---- through a real registry: `dockyard unpack` pulls and applies at once -----------------------
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    from tests.helpers import launch_dockyard
+    server = launch_dockyard(tmp_path_factory.mktemp("registry"))
+    yield server
+    server.stop()
+
+
+def _push_image(registry, repo: str, tars: list[bytes]) -> str:
+    import gzip
+    import json
+    from tests.helpers import OCI_MANIFEST, image_config, push_blob, put_manifest, sha256_digest
+    base = f"http://{registry.host}"
+    blobs = [gzip.compress(t, 1) for t in tars]
+    config = json.dumps(image_config([sha256_digest(t) for t in tars], cmd=["/bin/sh"])).encode()
+    manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": push_blob(base, repo, config), "size": len(config)},
+                "layers": [{"mediaType": GZIP, "digest": push_blob(base, repo, b), "size": len(b)} for b in blobs]}
+    assert put_manifest(base, repo, "1", manifest).status == 201
+    return f"{registry.host}/{repo}:1"
+
+
+def _unpack(tmp_path, ref: str, name: str):
+    import subprocess
+    import sys
+    from tests.helpers import REPO_ROOT
+    return subprocess.run([sys.executable, "-m", "puller", "unpack", "-q", "--plain-http",
+                           "--store", str(tmp_path / "store"), "--cache", str(tmp_path / "cache"),
+                           ref, str(tmp_path / name)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+
+
+def test_pulled_multi_layer_unpack_matches_the_layers(tmp_path, registry):
+    tars = [tar_bytes(LOWER), tar_bytes([D("."), F("big", os.urandom(4 << 20))]), tar_bytes(UPPER)]
+    ref = _push_image(registry, "pipeline/ok", tars)
+    proc = _unpack(tmp_path, ref, "bundle")
+    assert proc.returncode == 0, proc.stderr
+    # the same tree as a serial build of the cache (layer by layer, no staging), copied out
+    serial = SnapshotCache(tmp_path / "serial")
+    blobs = []
+    for i, t in enumerate(tars):
+        (tmp_path / f"l{i}.tar").write_bytes(t)
+        blobs.append((tmp_path / f"l{i}.tar", TAR, diff_id(t)))
+    materialize(serial.ensure(blobs), tmp_path / "ref")  # link counts as in a bundle
+    got, want = _listing(tmp_path / "bundle/rootfs"), _listing(tmp_path / "ref")
+    got["nodes"].pop("."), want["nodes"].pop(".")  # the rootfs directory's own mtime: when it was made
+    assert got == want and "big" in got["nodes"] and "opq/gone" not in got["nodes"]
+    cache = SnapshotCache(tmp_path / "cache")
+    assert cache.has(chain_ids([diff_id(t) for t in tars])[-1]) and os.listdir(cache.staging) == []
+
+
+def test_pulled_unpack_with_an_unsafe_layer_fails_cleanly(tmp_path, registry):
+    tars = [tar_bytes([F("a", os.urandom(2 << 20))]), tar_bytes([F("../../escape", b"x")]),
+            tar_bytes([F("c", os.urandom(1 << 20))])]
+    ref = _push_image(registry, "pipeline/bad", tars)
+    proc = _unpack(tmp_path, ref, "bundle")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dockyard: error:") and "outside the root" in lines[0], lines
+    assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob("bundle.tmp-*"))
+    assert os.listdir(tmp_path / "cache/staging") == []
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
