@@ -50,6 +50,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -929,8 +930,26 @@ class LayerApplier:
                 self.created_inodes.add(os.fstat(dst).st_ino)
             finally:
                 os.close(dst)
+            self._relink_group(os.fstat(src), name, parent)
         finally:
             os.close(src)
+
+    def _relink_group(self, old: os.stat_result, name: str, parent: int) -> None:
+        """Every other name of the shared inode `old` in this tree now names
+        the private copy (parent/name): Docker changes the one inode, so all
+        its names see the new attributes. Only this tree's directories change
+        (they are per snapshot); their mtimes are kept."""
+        for _, _, files, dfd in os.fwalk(".", dir_fd=self.tree.rootfd, follow_symlinks=False):
+            hits = [f for f in files if (st := _lstat(f, dfd)) is not None
+                    and st.st_ino == old.st_ino and st.st_dev == old.st_dev]
+            if not hits:
+                continue
+            times = os.fstat(dfd)
+            for f in hits:
+                tmp = f".dockyard-relink-{uuid.uuid4().hex}"
+                os.link(name, tmp, src_dir_fd=parent, dst_dir_fd=dfd, follow_symlinks=False)
+                os.rename(tmp, f, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.utime(dfd, ns=(times.st_atime_ns, times.st_mtime_ns))
 
     # -- whiteouts
 

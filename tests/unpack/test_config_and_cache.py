@@ -15,7 +15,7 @@ import pytest
 
 from puller.bundle import (ConfigError, RunSettings, SnapshotCache, Volume, boot_id, copy_tree, materialize,
                            resolve_user, runtime_config, safe_workdir)
-from puller.unpack import chain_ids
+from puller.unpack import apply_layer, chain_ids
 from tests.unpack.conftest import TAR, D, E, F, H, L, diff_id, tar_bytes
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001:A:/home/alice:/bin/sh\nbob:x:1002:1002::/b:/bin/sh\n"
@@ -163,6 +163,27 @@ def test_hardlink_attribute_change_does_not_touch_lower_snapshot(tmp_path, layer
     lower = cache.path(base[2])
     assert os.lstat(lower / "f").st_mode & 0o777 == 0o644
     assert os.lstat(top / "g").st_mode & 0o777 == 0o600 and (top / "g").read_bytes() == b"data"
+
+
+def test_hardlink_attribute_change_gives_what_docker_gives(tmp_path, layers):
+    """Docker changes the linked inode itself: every name of it sees the new
+    attributes. The cache cannot touch the shared inode, so the whole group
+    moves to a private copy in the new snapshot: same tree as an uncached apply."""
+    base = _blob(layers, [D("."), D("d"), F("f", b"data", mode=0o644), H("d/f2", "f"), F("other", b"o")])
+    up = _blob(layers, [D("."), D("d"), H("g", "f", mode=0o600, uid=5)])
+    cache = SnapshotCache(tmp_path / "cache")
+    top = cache.ensure([base, up])
+    rootfs = tmp_path / "rootfs"
+    materialize(top, rootfs)
+    direct = tmp_path / "direct"
+    direct.mkdir()
+    for blob, media_type, digest in (base, up):
+        apply_layer(direct, blob, media_type, digest)
+    got, want = _listing(rootfs), _listing(direct)
+    assert got == want and ["d/f2", "f", "g"] in got["links"]
+    lower = cache.path(base[2])
+    assert os.lstat(lower / "f").st_mode & 0o777 == 0o644 and os.lstat(lower / "d/f2").st_nlink >= 2
+    assert not list(top.rglob(".dockyard-relink-*"))
 
 
 def _listing(top: Path) -> dict:
