@@ -16,7 +16,8 @@ directories, shared file inodes, no data copied), then layer n is applied to
 it with `shared_inodes=True`: the applier never modifies an existing inode in
 place (a changed file is a new inode, directories are per snapshot, and a hard
 link whose header would change a shared inode's attributes gets a private copy
-instead), so older snapshots are never altered. A snapshot becomes visible
+instead, which every name of that inode in the new tree then links to), so
+older snapshots are never altered. A snapshot becomes visible
 only by an atomic rename of a complete tree; two builders racing for the same
 chain both succeed and one copy is dropped. A second image that shares a base
 (same diff IDs in the same order) finds the base's chain snapshot and only
