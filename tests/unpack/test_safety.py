@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from puller.bundle import write_bundle
-from puller.unpack import (ApplyOptions, CorruptLayer, LayerTooLarge, LayerVerificationError, UnpackError,
+from puller.unpack import (ApplyOptions, CorruptLayer, LayerTooLarge, LayerVerificationError,
                            UnpackLimits, UnsafeEntry, apply_layer)
 from tests.helpers import REPO_ROOT, write_oci_layout
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, kind, tar_bytes
