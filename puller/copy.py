@@ -88,7 +88,7 @@ async def copy(source: str, destination: str, *, options=None, referrers: bool =
             await _copy_referrers(client, src_ref, dest_ref, list(pushed.manifests), result, progress, 0)
         return result
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)  # may hold an unpacked archive
         if own:
             await client.close()
 

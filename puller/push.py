@@ -280,7 +280,9 @@ class _Pusher:
                 self.result.blobs_existing += 1
                 self.progress.done(digest, skipped=True)
                 return
-            for repository in self.source.mount_candidates(digest, self.dest)[:1]:
+            # a layout source reads its index and manifests to answer: off the loop
+            candidates = await asyncio.to_thread(self.source.mount_candidates, digest, self.dest)
+            for repository in candidates[:1]:
                 location = await self.client.start_upload(self.dest, mount=digest, mount_from=repository)
                 if location is None:
                     self.result.blobs_mounted += 1

@@ -100,7 +100,7 @@ class _LayerPipeline:
             try:
                 parent = await parent_task if parent_task is not None else None
             except BaseException:
-                self.cache.discard(staged)
+                await asyncio.to_thread(self.cache.discard, staged)  # a staged tree: rmtree off the loop
                 raise
             # the chain itself takes no slot: it is the critical path, one layer at a time
             return await asyncio.to_thread(self.cache.apply_next, parent, path, media_type, known,
