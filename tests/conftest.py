@@ -7,7 +7,6 @@ Fixture names are a contract for the other rooms' tests: add, do not rename.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import helpers` fro
 from helpers import (  # noqa: E402
     RegistryServer,
     ServerProcess,
+    docker_ping,
     launch_distribution,
     launch_dockyard,
     missing_peer,
@@ -104,17 +104,6 @@ class DockerDaemon:
                     "--namespace", "dockyard-tests", *args], timeout=timeout, check=check)
 
 
-def _docker_ping(socket_path: Path) -> bool:
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(2)
-            sock.connect(str(socket_path))
-            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in sock.recv(256)
-    except OSError:
-        return False
-
-
 def _docker_cli(dockerd: str) -> str:
     # Prefer the CLI shipped next to the daemon (same package, same API version).
     sibling = Path(dockerd).resolve().parent.parent / "bin" / "docker"
@@ -156,7 +145,7 @@ def dockerd(tmp_path_factory) -> DockerDaemon:
             "-H", f"unix://{socket_path}", "--pidfile", str(base / "docker.pid"),
             "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
             "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false"]
-    server = ServerProcess(argv, ready_check=lambda: _docker_ping(socket_path),
+    server = ServerProcess(argv, ready_check=lambda: docker_ping(socket_path),
                            log_path=base / "dockerd.log", name="dockerd", grace=20)
     try:
         server.start(timeout=60)

@@ -138,6 +138,18 @@ def wait_for_http(url: str, timeout: float = 20.0, proc: subprocess.Popen | None
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s (last: {last})")
 
 
+def docker_ping(socket_path: str | Path) -> bool:
+    """True once a Docker daemon answers GET /_ping on its unix socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(socket_path))
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in sock.recv(256)
+    except OSError:
+        return False
+
+
 def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 300,
         check: bool = True, input: bytes | None = None, cwd: str | Path | None = None
         ) -> subprocess.CompletedProcess:
@@ -334,15 +346,17 @@ http:
 
 
 def launch_distribution(workdir: str | Path, *, port: int | None = None, log_level: str = "warn",
-                        timeout: float = 30.0) -> RegistryServer:
-    """Start CNCF Distribution (`docker-registry`, Debian) with filesystem storage under workdir."""
+                        auth: str | None = None, timeout: float = 30.0) -> RegistryServer:
+    """Start CNCF Distribution (`docker-registry`, Debian) with filesystem storage under workdir.
+    `auth`: the body of an `auth:` section (YAML indented by two spaces), e.g. token or htpasswd."""
     binary = require_tool("docker-registry")
     port = port or free_port()
     workdir = Path(workdir)
     root = workdir / "storage"
     root.mkdir(parents=True, exist_ok=True)
     config = workdir / "config.yml"
-    config.write_text(DISTRIBUTION_CONFIG.format(log_level=log_level, root=root, port=port))
+    text = DISTRIBUTION_CONFIG.format(log_level=log_level, root=root, port=port)
+    config.write_text(text + (f"auth:\n{auth}" if auth else ""))
     server = ServerProcess([binary, "serve", str(config)], ready_url=f"http://127.0.0.1:{port}/v2/",
                            log_path=workdir / "registry.log", name="docker-registry")
     server.start(timeout)

@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -128,20 +127,11 @@ def start_dockerd(workdir: Path):
     exec_root = Path(tempfile.mkdtemp(prefix="dy-bexec-", dir="/tmp"))
     sock = exec_root / "docker.sock"
 
-    def ping() -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(2)
-                s.connect(str(sock))
-                s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-                return b" 200 " in s.recv(256)
-        except OSError:
-            return False
     argv = [daemon, "--data-root", str(data_root), "--exec-root", str(exec_root), "-H", f"unix://{sock}",
             "--pidfile", str(workdir / "docker.pid"), "--bridge=none", "--iptables=false", "--ip-masq=false",
             "--ip-forward=false", "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false"]
-    server = helpers.ServerProcess(argv, ready_check=ping, log_path=workdir / "dockerd.log", name="dockerd",
-                                   grace=20)
+    server = helpers.ServerProcess(argv, ready_check=lambda: helpers.docker_ping(sock),
+                                   log_path=workdir / "dockerd.log", name="dockerd", grace=20)
     server.start(60)
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_CONFIG": str(workdir / "docker-client")}
     return server, env, exec_root

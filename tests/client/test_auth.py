@@ -27,7 +27,7 @@ from puller.store import LocalStore
 
 TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(TESTS))
-from helpers import ServerProcess, free_port, require_tool, write_oci_layout  # noqa: E402
+from helpers import launch_distribution, write_oci_layout  # noqa: E402
 
 REPO_ROOT = TESTS.parent
 
@@ -192,36 +192,6 @@ class TokenServer:
         return self._token(user, scopes)
 
 
-TOKEN_REGISTRY_CONFIG = """\
-version: 0.1
-log:
-  level: warn
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root}
-  delete:
-    enabled: true
-http:
-  addr: 127.0.0.1:{port}
-auth:
-{auth}
-"""
-
-
-def _start_distribution(workdir: Path, auth_yaml: str) -> tuple[ServerProcess, str]:
-    binary = require_tool("docker-registry")
-    port = free_port()
-    (workdir / "storage").mkdir(parents=True, exist_ok=True)
-    config = workdir / "config.yml"
-    config.write_text(TOKEN_REGISTRY_CONFIG.format(root=workdir / "storage", port=port, auth=auth_yaml))
-    server = ServerProcess([binary, "serve", str(config)], ready_url=f"http://127.0.0.1:{port}/v2/",
-                           log_path=workdir / "registry.log", name="docker-registry")
-    server.start(30)
-    return server, f"127.0.0.1:{port}"
-
-
 @pytest.fixture
 async def token_registry(tmp_path):
     key_pem, x5c = _make_key_and_cert(tmp_path)
@@ -235,10 +205,10 @@ async def token_registry(tmp_path):
     token_port = site._server.sockets[0].getsockname()[1]
     auth = (f"  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: {TokenServer.SERVICE}\n"
             f"    issuer: {TokenServer.ISSUER}\n    rootcertbundle: {tmp_path / 'signer.pem'}\n")
-    server, host = await asyncio.to_thread(_start_distribution, tmp_path / "registry", auth)
-    tokens.host = host
+    registry = await asyncio.to_thread(launch_distribution, tmp_path / "registry", auth=auth)
+    tokens.host = registry.host
     yield tokens
-    await asyncio.to_thread(server.stop)
+    await asyncio.to_thread(registry.stop)
     await runner.cleanup()
 
 
@@ -367,9 +337,9 @@ def basic_registry(tmp_path):
     htpasswd = tmp_path / "htpasswd"
     htpasswd.write_text("bob:" + bcrypt.hashpw(b"builder", bcrypt.gensalt(rounds=5)).decode() + "\n")
     auth = f"  htpasswd:\n    realm: basic-realm\n    path: {htpasswd}\n"
-    server, host = _start_distribution(tmp_path / "registry", auth)
-    yield host
-    server.stop()
+    registry = launch_distribution(tmp_path / "registry", auth=auth)
+    yield registry.host
+    registry.stop()
 
 
 @pytest.mark.interop
