@@ -10,10 +10,10 @@ and stamps `Docker-Distribution-API-Version` on every response.
     StoreError                    (storage/errors.py: code + message + detail)
     ├── BlobUnknown, DigestInvalid, ManifestInvalid, ... (store's domain)
     ├── RangeInvalid              (416 + Range: where the upload stands)
+    ├── ManifestTooLarge          (413, code SIZE_INVALID; also a body over the limit)
     └── registry-level:
         ├── Unauthorized, Denied, TooManyRequests
         ├── PaginationNumberInvalid
-        ├── ManifestTooLarge      (413, code SIZE_INVALID)
         ├── BodyIncomplete        (the client broke off its request body)
         └── RouteNotFound, MethodNotAllowed (aiohttp's own 404/405)
 """
@@ -29,7 +29,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from storage.driver import StorageError
-from storage.errors import RangeInvalid, StoreError
+from storage.errors import ManifestTooLarge, RangeInvalid, StoreError
 
 log = logging.getLogger("dockyard.registry")
 
@@ -101,11 +101,6 @@ class UnsupportedOperation(RegistryError):
 
 class PaginationNumberInvalid(RegistryError):
     code = "PAGINATION_NUMBER_INVALID"
-
-
-class ManifestTooLarge(RegistryError):
-    code = "SIZE_INVALID"
-    status = 413
 
 
 class UploadRangeInvalid(RegistryError):

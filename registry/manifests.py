@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.errors import ManifestTooLarge, UnsupportedOperation
+from registry.errors import UnsupportedOperation
 from registry.protocol import (DIGEST_HEADER, OCI_SUBJECT_HEADER, OCI_TAG_HEADER, absolute,
                                manifest_path, read_limited)
 from registry.state import SETTINGS, STORE
+from storage.errors import ManifestTooLarge
 from storage.store import ContentStore
 
 # Clients may send more tags with ?tag= than this; the URL length limit

@@ -303,18 +303,23 @@ async def test_cross_repo_mount_asks_both_scopes_push_first(token_registry, tmp_
         [c["scopes"] for c in token_registry.calls]
 
 
+async def _run_cli(*args: str, env: dict, stdin: bytes | None = None) -> tuple[int, str, str]:
+    """`dockyard ARGS` as a user runs it: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "puller", *args, env=env,
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
+    return proc.returncode, out.decode(), err.decode()
+
+
 @pytest.mark.interop
 async def test_cli_login_then_pull_with_docker_config(token_registry, tmp_path):
     host = token_registry.host
     image, _ = await _push_layout(tmp_path, host, "private/cli")
     env = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "dockercfg"), "PYTHONPATH": str(REPO_ROOT)}
 
-    async def cli(*args, stdin: bytes | None = None):
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "puller", *args, env=env,
-                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-        return proc.returncode, out.decode(), err.decode()
+    def cli(*args, stdin: bytes | None = None):
+        return _run_cli(*args, env=env, stdin=stdin)
 
     code, _, err = await cli("login", host, "-u", "alice", "--password-stdin", stdin=b"nope\n")
     assert code == 1 and "incorrect username or password" in err and "Traceback" not in err
@@ -386,12 +391,8 @@ async def test_docker_login_and_dockyard_login_share_credentials(basic_registry,
     await asyncio.to_thread(dockerd.run, "login", host, "-u", "bob", "--password-stdin", input=b"builder\n")
     env = {**os.environ, "DOCKER_CONFIG": str(config_dir), "PYTHONPATH": str(REPO_ROOT)}
 
-    async def cli(*args, stdin: bytes | None = None):
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "puller", *args, env=env,
-                                                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-        return proc.returncode, out.decode(), err.decode()
+    def cli(*args, stdin: bytes | None = None):
+        return _run_cli(*args, env=env, stdin=stdin)
 
     code, out, err = await cli("pull", "--json", "--store", str(tmp_path / "store"), f"{host}/team/shared:v1")
     assert code == 0, err
