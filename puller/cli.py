@@ -10,7 +10,7 @@ import sys
 # Each module has `register(subparsers)`, which adds its subcommands with
 # `set_defaults(func=...)`; func(args) returns an exit code. The table names
 # the commands each module registers, so a command imports only its own room
-# (aiohttp, the unpacker and the server are not loaded for one another).
+# (the HTTP client, the unpacker and the server are not loaded for one another).
 COMMAND_MODULES = {
     "registry.cli": ("serve",),
     "puller.cli_client": ("pull", "push", "copy", "login", "logout", "inspect"),

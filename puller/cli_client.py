@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 
-# Heavy modules (aiohttp, rich) are imported inside the commands: the
+# Heavy modules (the HTTP client, rich) are imported inside the commands: the
 # dispatcher imports this module for every subcommand, `serve` included.
 from puller.auth import CredentialError, Credentials, DockerConfig
 from puller.reference import ReferenceError, parse_reference
@@ -245,7 +245,7 @@ def cmd_inspect(args) -> int:
                        "manifest": top.json}
             if not top.is_index and top.json.get("config"):
                 async with client.blob(ref, top.json["config"]["digest"]) as response:
-                    payload["config"] = json.loads(await response.content.read(4 * 1024 * 1024))
+                    payload["config"] = json.loads(await response.read(4 * 1024 * 1024))
             if args.raw:
                 sys.stdout.write(top.data.decode())
                 return 0

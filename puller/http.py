@@ -1,4 +1,4 @@
-"""The registry HTTP client: one aiohttp session, auth, redirects, retries.
+"""The registry HTTP client: auth, redirects, retries over one connection pool.
 
     async with RegistryClient(ClientOptions(...)) as client:
         manifest = await client.get_manifest(ref, "latest")       # -> FetchedManifest
@@ -6,6 +6,9 @@
         await client.blob_size(ref, digest)                        # HEAD, None if absent
         await client.put_manifest(ref, "v1", body, media_type)
         ...
+
+Transport: puller.transport (asyncio + h11, keep-alive pool); this module
+adds the registry's semantics on top.
 
 Scheme: HTTPS, except plain HTTP with --plain-http, or for a loopback
 registry (localhost, 127.0.0.0/8, ::1) that does not speak TLS - probed
@@ -38,16 +41,14 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import aiohttp
-
 from puller.auth import (ANONYMOUS, AuthError, Challenge, Credentials, CredentialError, DockerConfig, Scope,
                          TokenCache, challenges_from_headers, merge_scopes, parse_scope_list, token_from_response)
 from puller.reference import Reference, is_loopback
+from puller.transport import CertificateFailure, Response, Transport, TransportFailure, TransportOptions
 
 MiB = 1024 * 1024
 MAX_MANIFEST_SIZE = 4 * MiB
@@ -64,7 +65,9 @@ MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 ACCEPT_MANIFESTS = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
-TRANSIENT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError)
+TRANSIENT_ERRORS = (TransportFailure, asyncio.TimeoutError)
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 10
 
 
 # -- errors -----------------------------------------------------------------------
@@ -171,7 +174,7 @@ def _registry_error(status: int, body: bytes) -> tuple[str | None, str]:
 class RegistryClient:
     def __init__(self, options: ClientOptions | None = None):
         self.options = options or ClientOptions()
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: Transport | None = None
         self._endpoints: dict[str, _Endpoint] = {}
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._token_locks: dict[tuple, asyncio.Lock] = {}
@@ -186,40 +189,23 @@ class RegistryClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    def _ssl_context(self) -> ssl.SSLContext | bool:
-        if self.options.insecure:
-            return False
-        if not self.options.ca_file:
-            return True  # aiohttp's verified default context, already built at import
-        context = ssl.create_default_context()
-        if self.options.ca_file:
-            context.load_verify_locations(cafile=self.options.ca_file)
-        return context
-
     def open(self) -> None:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=max(4, self.options.concurrency * 2),
-                                             limit_per_host=max(2, self.options.concurrency + 2),
-                                             ssl=self._ssl_context(), enable_cleanup_closed=True)
-            timeout = aiohttp.ClientTimeout(total=None, connect=self.options.connect_timeout,
-                                            sock_read=self.options.read_timeout)
-            # a large read buffer: fewer pause/resume cycles of the socket on big blobs
-            self._session = aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
-                                                  read_bufsize=4 * MiB,
-                                                  headers={"User-Agent": self.options.user_agent,
-                                                           # bytes as stored: digests are over them
-                                                           "Accept-Encoding": "identity"})
+        if self._transport is None:
+            options = self.options
+            self._transport = Transport(TransportOptions(
+                insecure=options.insecure, ca_file=options.ca_file, connect_timeout=options.connect_timeout,
+                read_timeout=options.read_timeout, user_agent=options.user_agent))
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._transport is not None:
+            await self._transport.close()
+            self._transport = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def transport(self) -> Transport:
+        if self._transport is None:
             self.open()
-        return self._session
+        return self._transport
 
     # -- endpoints and auth ---------------------------------------------------------------
     async def endpoint(self, host: str) -> _Endpoint:
@@ -250,17 +236,16 @@ class RegistryClient:
         for scheme in schemes:
             base = f"{scheme}://{host}"
             # a TLS attempt on a plain loopback port must not hang for the read timeout
-            timeout = aiohttp.ClientTimeout(total=10) if len(schemes) > 1 and scheme == "https" else None
+            timeout = 10.0 if len(schemes) > 1 and scheme == "https" else None
             try:
-                async with self.session.get(f"{base}/v2/", allow_redirects=False,
-                                            **({"timeout": timeout} if timeout else {})) as response:
-                    await response.read()
-                    challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate", []))
+                async with self.transport.request("GET", f"{base}/v2/", headers=_IDENTITY,
+                                                  timeout=timeout) as response:
+                    await response.read(64 * 1024)
+                    challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate"))
                     return _Endpoint(base=base, challenges=challenges if response.status == 401 else [])
-            except aiohttp.ClientConnectorCertificateError as exc:
-                raise TransportError(f"TLS certificate of {host} not trusted ({exc.certificate_error}); "
-                                     f"use --ca-file or --insecure") from None
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except CertificateFailure as exc:
+                raise TransportError(f"{exc}; use --ca-file or --insecure") from None
+            except TRANSIENT_ERRORS as exc:
                 last = exc  # e.g. TLS spoken to a plain HTTP loopback registry
                 continue
         raise TransportError(f"cannot reach registry {host}: {_describe(last)}")
@@ -311,7 +296,9 @@ class RegistryClient:
                 form.update(grant_type="refresh_token", refresh_token=creds.identity_token)
             else:
                 form.update(grant_type="password", username=creds.username, password=creds.password)
-            status, body = await self._token_request("POST", realm, data=form)
+            status, body = await self._token_request(
+                "POST", realm, body=urlencode(form).encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"})
             if status not in (404, 405):
                 return self._token_result(host, status, body)
             if not (creds.username and creds.password):
@@ -328,15 +315,21 @@ class RegistryClient:
         status, body = await self._token_request("GET", url, headers=headers)
         return self._token_result(host, status, body)
 
-    async def _token_request(self, method: str, url: str, **kwargs) -> tuple[int, bytes]:
+    async def _token_request(self, method: str, url: str, *, headers: dict | None = None,
+                             body: bytes | None = None) -> tuple[int, bytes]:
         for attempt in range(self.options.retries + 1):
             try:
-                async with self.session.request(method, url, allow_redirects=True, **kwargs) as response:
-                    body = await response.content.read(64 * 1024)
-                    if response.status in RETRYABLE_STATUS and attempt < self.options.retries:
-                        await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
-                        continue
-                    return response.status, body
+                # the token server is its own origin: its credentials go nowhere else
+                response = await self._send(method, url, headers or {}, body, follow_redirects=True,
+                                            auth=None, auth_origin=None)
+                try:
+                    data = await response.read(64 * 1024)
+                finally:
+                    response.release()
+                if response.status in RETRYABLE_STATUS and attempt < self.options.retries:
+                    await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
+                    continue
+                return response.status, data
             except TRANSIENT_ERRORS as exc:
                 if attempt >= self.options.retries:
                     raise TransportError(f"token server {urlsplit(url).netloc} unreachable: {_describe(exc)}") from None
@@ -359,10 +352,11 @@ class RegistryClient:
     async def request(self, method: str, host: str, path_or_url: str, *, scopes: list[Scope],
                       headers: dict | None = None, data: bytes | Callable[[], object] | None = None,
                       params: dict | None = None, follow_redirects: bool = True,
-                      retry: bool = True) -> AsyncIterator[aiohttp.ClientResponse]:
+                      retry: bool = True) -> AsyncIterator[Response]:
         """Send one request with auth (one retry after a 401 challenge), retrying
         transient failures when `retry`. `data` is bytes or a zero-argument
-        callable returning a fresh body (so a body can be sent again)."""
+        callable returning a fresh async iterator of bytes (so a body can be
+        sent again)."""
         endpoint = await self.endpoint(host)
         url = path_or_url if "://" in path_or_url else endpoint.base + path_or_url
         if params:
@@ -373,9 +367,9 @@ class RegistryClient:
         reauthed = False        # one fresh credential per request, not counted as a retry
         while True:
             auth = await self._authorization(host, endpoint, scopes, force=False)
-            body = data() if callable(data) else data
             try:
-                response = await self._send(method, url, endpoint, auth, headers or {}, body, follow_redirects)
+                response = await self._send(method, url, headers or {}, data, follow_redirects, auth,
+                                            _origin(endpoint.base))
             except TRANSIENT_ERRORS as exc:
                 if attempt >= attempts:
                     raise TransportError(f"{method} {urlsplit(url).path} on {host} failed: {_describe(exc)}") from None
@@ -383,7 +377,7 @@ class RegistryClient:
                 await asyncio.sleep(min(0.2 * 2 ** attempt, 3))
                 continue
             if response.status == 401 and not reauthed:
-                challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate", []))
+                challenges = challenges_from_headers(response.headers.getall("WWW-Authenticate"))
                 response.release()
                 if challenges:
                     endpoint.challenges = challenges
@@ -396,7 +390,7 @@ class RegistryClient:
                     raise AuthError(f"authentication required by {host}: run 'dockyard login {host}'")
                 continue
             if response.status == 401:
-                code, message = _registry_error(401, await response.read())
+                code, message = _registry_error(401, await response.read(64 * 1024))
                 response.release()
                 if endpoint.credentials.anonymous:
                     raise AuthError(f"authentication required by {host}: run 'dockyard login {host}'")
@@ -412,28 +406,28 @@ class RegistryClient:
                 response.release()
             return
 
-    async def _send(self, method: str, url: str, endpoint: _Endpoint, auth: str | None, headers: dict,
-                    body, follow_redirects: bool) -> aiohttp.ClientResponse:
-        registry_origin = _origin(endpoint.base)
-        for _ in range(10):
-            request_headers = dict(headers)
-            if auth and _origin(url) == registry_origin:
+    async def _send(self, method: str, url: str, headers: dict, body, follow_redirects: bool,
+                    auth: str | None, auth_origin: tuple | None) -> Response:
+        """One request, following redirects; `auth` goes only to `auth_origin`."""
+        for _ in range(MAX_REDIRECTS):
+            request_headers = {**_IDENTITY, **headers}
+            if auth and _origin(url) == auth_origin:
                 request_headers["Authorization"] = auth
-            response = await self.session.request(method, url, headers=request_headers, data=body,
-                                                  allow_redirects=False)
-            if not follow_redirects or response.status not in (301, 302, 303, 307, 308):
+            response = await self.transport.send(method, url, headers=request_headers, body=body)
+            if not follow_redirects or response.status not in REDIRECTS:
                 return response
             location = response.headers.get("Location")
             response.release()
             if not location:
                 raise RegistryResponseError(f"redirect without Location from {urlsplit(url).netloc}")
             url = urljoin(url, location)
-            if response.status == 303:
+            if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                 method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
         raise RegistryResponseError("too many redirects")
 
-    async def error_for(self, response: aiohttp.ClientResponse, what: str) -> ClientError:
-        body = await response.content.read(64 * 1024)
+    async def error_for(self, response: Response, what: str) -> ClientError:
+        body = await response.read(64 * 1024)
         code, message = _registry_error(response.status, body)
         if response.status == 404:
             return NotFoundError(f"{what}: not found" + (f" ({message})" if message else ""))
@@ -456,14 +450,9 @@ class RegistryClient:
             limit = self.options.max_manifest_size
             if response.content_length is not None and response.content_length > limit:
                 raise ManifestError(f"{what}: {response.content_length} bytes exceeds the {limit} byte limit")
-            data = await response.content.read(limit + 1)
+            data = await response.read(limit)
             if len(data) > limit:
                 raise ManifestError(f"{what}: exceeds the {limit} byte limit")
-            while len(data) < (response.content_length or 0):
-                more = await response.content.read(limit + 1 - len(data))
-                if not more:
-                    break
-                data += more
             header_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         return self._check_manifest(what, identifier, data, header_type)
 
@@ -526,7 +515,7 @@ class RegistryClient:
             async with self.request("GET", ref.api_host, path, scopes=scopes) as response:
                 if response.status != 200:
                     raise await self.error_for(response, f"tags of {ref.name}")
-                body = await response.json(content_type=None)
+                body = _json_body(await response.read(), f"tags of {ref.name}")
                 tags.extend(body.get("tags") or [])
                 link = response.headers.get("Link")
             if not link or 'rel="next"' not in link:
@@ -541,7 +530,7 @@ class RegistryClient:
         async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/referrers/{digest}",
                                 scopes=scopes, headers={"Accept": OCI_INDEX}) as response:
             if response.status == 200:
-                body = await response.json(content_type=None)
+                body = _json_body(await response.read(MAX_MANIFEST_SIZE), f"referrers of {ref.name}@{digest}")
                 return list(body.get("manifests") or [])
             if response.status not in (404, 405, 400):
                 raise await self.error_for(response, f"referrers of {ref.name}@{digest}")
@@ -566,7 +555,7 @@ class RegistryClient:
             return int(response.headers.get("Content-Length") or 0)
 
     @contextlib.asynccontextmanager
-    async def blob(self, ref: Reference, digest: str, offset: int = 0) -> AsyncIterator[aiohttp.ClientResponse]:
+    async def blob(self, ref: Reference, digest: str, offset: int = 0) -> AsyncIterator[Response]:
         """GET a blob from `offset` (Range); yields the 200/206 response."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         scopes = [Scope.repository(ref.repository, "pull")]
@@ -594,7 +583,7 @@ class RegistryClient:
             location = response.headers.get("Location")
             if not location:
                 raise RegistryResponseError(f"upload to {ref.name}: no Location in the answer")
-            return urljoin(str(response.url), location)
+            return urljoin(response.url, location)
 
     async def upload_blob(self, ref: Reference, location: str, digest: str, size: int,
                           read_chunks: Callable[[int, int], AsyncIterator[bytes]],
@@ -633,7 +622,7 @@ class RegistryClient:
                                     data=lambda o=offset, n=length: body(o, n), retry=False) as response:
                 if response.status != 202:
                     raise await self.error_for(response, what)
-                location = urljoin(str(response.url), response.headers.get("Location") or location)
+                location = urljoin(response.url, response.headers.get("Location") or location)
             offset += length
         async with self.request("PUT", host, location, scopes=scopes, params={"digest": digest},
                                 headers={"Content-Length": "0"}, data=b"", retry=False) as response:
@@ -652,6 +641,19 @@ class RegistryClient:
     def set_credentials(self, host: str, creds: Credentials) -> None:
         if host in self._endpoints:
             self._endpoints[host].credentials = creds
+
+
+_IDENTITY = {"Accept-Encoding": "identity"}   # bytes as stored: digests are over them
+
+
+def _json_body(data: bytes, what: str) -> dict:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        raise RegistryResponseError(f"{what}: the registry answered something that is not JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryResponseError(f"{what}: the registry answered JSON that is not an object")
+    return body
 
 
 def _describe(exc: BaseException | None) -> str:

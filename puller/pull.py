@@ -41,7 +41,6 @@ import pathlib
 import time
 import uuid
 
-import aiohttp
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -51,6 +50,7 @@ from puller.progress import Progress
 from puller.reference import (ReferenceError, Reference, choose_platform, describe_platform, host_platform,
                               parse_platform, parse_reference)
 from puller.store import LocalStore
+from puller.transport import TransportFailure
 
 OnLayer = Callable[[int, dict, pathlib.Path], Awaitable[None]]
 
@@ -199,7 +199,7 @@ class BlobFetcher:
                     # written and hashed in a thread once ~1 MiB has gathered
                     parts: list[bytes] = []
                     gathered = 0
-                    async for data, _ in response.content.iter_chunks():
+                    async for data in response.iter_body():
                         if not data:
                             continue
                         parts.append(data)
@@ -225,7 +225,7 @@ class BlobFetcher:
                     if size < 0:
                         break
                     if offset < size:
-                        raise aiohttp.ClientPayloadError(f"connection closed after {offset} of {size} bytes")
+                        raise TransportFailure(f"connection closed after {offset} of {size} bytes")
             except TRANSIENT_ERRORS + (TransportError,) as exc:
                 if pending is not None:
                     with contextlib.suppress(Exception):

@@ -170,7 +170,7 @@ class RegistrySource(ImageSource):
         received = 0
         async with self.client.blob(self.ref, digest, headers_offset) as response:
             skip = start if (start and response.status == 200) else 0
-            async for data in response.content.iter_chunked(MiB):
+            async for data in response.iter_body():
                 if skip:
                     cut = min(skip, len(data))
                     data, skip = data[cut:], skip - cut
