@@ -231,7 +231,12 @@ class RegistryClient:
         if self.options.plain_http:
             schemes = ["http"]
         elif is_loopback(host):
-            schemes = ["https", "http"]
+            # as Docker does for a loopback registry: TLS if it speaks TLS, else plain
+            parts = urlsplit(f"//{host}")
+            if await self.transport.speaks_tls(parts.hostname, parts.port or 443, timeout=10.0):
+                schemes = ["https", "http"]
+            else:
+                schemes = ["http"]
         last: Exception | None = None
         for scheme in schemes:
             base = f"{scheme}://{host}"

@@ -12,9 +12,12 @@ Why not aiohttp, which the server uses: importing aiohttp's client costs a
 contexts at import), more than the whole download of a small image. The
 client needs little of it: requests with a byte, or streamed, body; bodies
 read as they arrive; redirects and auth are handled a layer up (puller.http).
-h11 does the HTTP/1.1 framing (Content-Length, chunked, HEAD, keep-alive
-rules); this module does the I/O, TLS (a context built on first use), the
-connection pool and timeouts.
+h11 does the HTTP/1.1 framing of requests and of response heads (and of
+chunked or close-delimited bodies); this module does the I/O, TLS (a context
+built on first use), the connection pool and timeouts. A Content-Length
+body - every blob - bypasses h11: the socket is read straight into 1 MiB
+buffers whose filled parts are handed to the caller as memoryviews, so a
+byte is copied once, by the kernel, on its way to the hasher and the file.
 
 Failures: `TransportFailure` (connection refused or reset, a timeout, a
 body cut short, a protocol violation: worth a retry) and
@@ -35,8 +38,9 @@ from urllib.parse import urlsplit
 import h11
 
 MiB = 1024 * 1024
-READ_SIZE = MiB                 # largest piece taken off a socket at once
-STREAM_LIMIT = 4 * MiB          # the reader stops the socket beyond twice this
+RECEIVE_BUFFER = MiB            # the socket is read into buffers of this size
+PAUSE_ABOVE = 8 * MiB           # received but not taken: stop reading the socket
+HEAD_PIECE = 16 * 1024          # read size while waiting for a response head
 IDLE_REUSE_SECONDS = 30.0       # an idle connection older than this is not reused
 MAX_IDLE_PER_ORIGIN = 16
 MAX_HEADER_BYTES = 256 * 1024
@@ -104,29 +108,154 @@ def _origin_of(url: str) -> tuple[_Origin, str]:
     return _Origin(parts.scheme, parts.hostname.lower(), port), target
 
 
+class _Channel(asyncio.BufferedProtocol):
+    """One connection's bytes in both directions. Received bytes land in
+    RECEIVE_BUFFER-sized bytearrays; `take` hands out the filled,
+    not yet taken part as a memoryview (never rewritten: later bytes go
+    further along, or into a fresh buffer). Bytes that arrived are still
+    delivered after the peer closed or reset the connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray(0)
+        self._start = 0             # first byte of _buffer not yet taken
+        self._end = 0               # bytes received into _buffer
+        self._full: list[memoryview] = []   # untaken parts of earlier buffers
+        self._available = 0
+        self._paused = False
+        self._eof = False
+        self._error: BaseException | None = None
+        self._readable: asyncio.Future | None = None
+        self._writable: asyncio.Future | None = None
+        self._write_paused = False
+
+    # -- protocol callbacks --------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._end == len(self._buffer):
+            if self._start < self._end:
+                self._full.append(memoryview(self._buffer)[self._start:self._end])
+            self._buffer = bytearray(RECEIVE_BUFFER)
+            self._start = self._end = 0
+        return memoryview(self._buffer)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._end += nbytes
+        self._available += nbytes
+        if self._available > PAUSE_ABOVE and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake_reader()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake_reader()
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._eof = True
+        if exc is not None:
+            self._error = exc
+        self._wake_reader()
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_exception(exc or ConnectionResetError("connection closed"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._writable is not None and not self._writable.done():
+            self._writable.set_result(None)
+
+    def _wake_reader(self) -> None:
+        if self._readable is not None and not self._readable.done():
+            self._readable.set_result(None)
+
+    # -- for the client ------------------------------------------------------------
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._available
+
+    @property
+    def has_unread(self) -> bool:
+        return self._available > 0
+
+    def take(self, limit: int) -> memoryview | None:
+        """Up to `limit` received bytes, None when none are waiting."""
+        if self._full:
+            piece = self._full[0]
+            if len(piece) > limit:
+                self._full[0] = piece[limit:]
+                piece = piece[:limit]
+            else:
+                self._full.pop(0)
+        elif self._start < self._end:
+            stop = min(self._end, self._start + limit)
+            piece = memoryview(self._buffer)[self._start:stop]
+            self._start = stop
+        else:
+            return None
+        self._available -= len(piece)
+        if self._paused and self._available <= PAUSE_ABOVE // 2:
+            self._paused = False
+            self.transport.resume_reading()
+        return piece
+
+    async def receive(self, limit: int, timeout: float | None) -> memoryview | bytes:
+        """The next received bytes (at most `limit`); b"" at a clean end of
+        the stream; raises what broke the connection once all that arrived
+        before it was taken."""
+        while True:
+            piece = self.take(limit)
+            if piece is not None:
+                return piece
+            if self._eof:
+                if self._error is not None:
+                    raise self._error
+                return b""
+            self._readable = asyncio.get_running_loop().create_future()
+            async with asyncio.timeout(timeout):
+                await self._readable
+
+    def write(self, data) -> None:
+        if self.transport.is_closing():
+            raise self._error or ConnectionResetError("connection closed")
+        self.transport.write(data)
+
+    async def drain(self, timeout: float | None) -> None:
+        if self.transport.is_closing():
+            raise self._error or ConnectionResetError("connection closed")
+        if self._write_paused:
+            self._writable = asyncio.get_running_loop().create_future()
+            async with asyncio.timeout(timeout):
+                await self._writable
+
+
 class _Connection:
-    def __init__(self, origin: _Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, origin: _Origin, channel: _Channel):
         self.origin = origin
-        self.reader = reader
-        self.writer = writer
-        self.protocol = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.channel = channel
         self.idle_since = time.monotonic()
 
     def reusable(self) -> bool:
-        return (not self.writer.transport.is_closing() and not self.reader.at_eof()
-                and time.monotonic() - self.idle_since < IDLE_REUSE_SECONDS)
+        return (not self.channel.transport.is_closing() and not self.channel._eof
+                and not self.channel.has_unread and time.monotonic() - self.idle_since < IDLE_REUSE_SECONDS)
 
     def close(self) -> None:
-        self.writer.transport.abort() if self.origin.scheme == "https" else self.writer.close()
+        self.channel.transport.abort()
 
 
 class Response:
     """One response; its body is read with `read`, `read_some` or `iter_body`."""
 
-    def __init__(self, transport: "Transport", connection: _Connection, head: h11.Response, url: str,
-                 read_timeout: float):
+    def __init__(self, transport: "Transport", connection: _Connection, exchange: h11.Connection,
+                 head: h11.Response, method: str, url: str, read_timeout: float):
         self._transport = transport
         self._connection: _Connection | None = connection
+        self._exchange = exchange
         self.status = head.status_code
         self.headers = Headers(head.headers)
         self.url = url
@@ -134,31 +263,57 @@ class Response:
         self._done = False
         length = self.headers.get("Content-Length")
         self.content_length = int(length) if length and length.isdigit() else None
+        # a Content-Length body is read here, past h11; anything else through h11
+        self._direct = (self.content_length is not None and method != "HEAD" and "Transfer-Encoding" not in self.headers
+                        and self.status not in (204, 304) and self.status >= 200)
+        self._remaining = self.content_length or 0
+        self._leftover = b""
+        if self._direct:
+            self._leftover, _ = exchange.trailing_data
+            self._keep_alive = (head.http_version == b"1.1"
+                                and "close" not in (self.headers.get("Connection") or "").lower())
+            if not self._remaining:
+                self._finish(reusable=not self._leftover)
 
-    async def read_some(self) -> bytes:
-        """The next piece of the body as it arrived; b"" once it is complete."""
+    async def read_some(self) -> bytes | memoryview:
+        """The next piece of the body as it arrived (bytes or a memoryview,
+        valid for good); b"" once the body is complete."""
         if self._done:
             return b""
         conn = self._connection
         try:
+            if self._direct:
+                return await self._read_direct(conn)
+            exchange = self._exchange
             while True:
-                event = conn.protocol.next_event()
+                event = exchange.next_event()
                 if event is h11.NEED_DATA:
-                    async with asyncio.timeout(self._read_timeout):
-                        data = await conn.reader.read(READ_SIZE)
-                    conn.protocol.receive_data(data)
+                    exchange.receive_data(bytes(await conn.channel.receive(RECEIVE_BUFFER, self._read_timeout)))
                     continue
                 if isinstance(event, h11.Data):
-                    return bytes(event.data)
+                    return event.data
                 if isinstance(event, h11.EndOfMessage):
-                    self._finish()
+                    self._finish(reusable=exchange.our_state is h11.DONE and exchange.their_state is h11.DONE)
                     return b""
-                raise TransportFailure(f"{conn.origin.host}: unexpected {type(event).__name__} in a response body")
+                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a response body")
         except (h11.RemoteProtocolError, OSError, asyncio.TimeoutError) as exc:
             self._discard()
             raise TransportFailure(f"{conn.origin.host}: {_reason(exc, 'body')}") from None
 
-    async def iter_body(self) -> AsyncIterator[bytes]:
+    async def _read_direct(self, conn: _Connection) -> bytes | memoryview:
+        if self._leftover:
+            piece, self._leftover = self._leftover[:self._remaining], self._leftover[self._remaining:]
+        else:
+            piece = await conn.channel.receive(self._remaining, self._read_timeout)
+            if not piece:
+                raise h11.RemoteProtocolError("peer closed connection without sending complete message body")
+        self._remaining -= len(piece)
+        if not self._remaining:
+            self._finish(reusable=self._keep_alive and not self._leftover
+                         and self._exchange.our_state is h11.DONE)
+        return piece
+
+    async def iter_body(self) -> AsyncIterator[bytes | memoryview]:
         while True:
             piece = await self.read_some()
             if not piece:
@@ -168,7 +323,7 @@ class Response:
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body; with `limit`, stops once more than `limit` bytes
         arrived (so len(result) > limit says it was too big)."""
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         received = 0
         while limit is None or received <= limit:
             piece = await self.read_some()
@@ -178,11 +333,11 @@ class Response:
             received += len(piece)
         return b"".join(parts)
 
-    def _finish(self) -> None:
+    def _finish(self, reusable: bool) -> None:
         self._done = True
         conn, self._connection = self._connection, None
         if conn is not None:
-            self._transport._give_back(conn)
+            self._transport._give_back(conn, reusable)
 
     def _discard(self) -> None:
         self._done = True
@@ -225,14 +380,8 @@ class Transport:
                 conn.close()
         self._idle.clear()
 
-    def _give_back(self, conn: _Connection) -> None:
-        protocol = conn.protocol
-        if (self._closed or protocol.our_state is not h11.DONE or protocol.their_state is not h11.DONE):
-            conn.close()
-            return
-        try:
-            protocol.start_next_cycle()
-        except h11.LocalProtocolError:
+    def _give_back(self, conn: _Connection, reusable: bool) -> None:
+        if self._closed or not reusable:
             conn.close()
             return
         conn.idle_since = time.monotonic()
@@ -246,15 +395,30 @@ class Transport:
         context = self.ssl_context() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(timeout or self.options.connect_timeout):
-                reader, writer = await asyncio.open_connection(
-                    origin.host, origin.port, ssl=context, limit=STREAM_LIMIT,
+                _, channel = await asyncio.get_running_loop().create_connection(
+                    _Channel, origin.host, origin.port, ssl=context,
                     server_hostname=origin.host if context else None)
         except ssl.SSLCertVerificationError as exc:
             raise CertificateFailure(f"TLS certificate of {origin.host} not trusted "
                                      f"({exc.verify_message or exc.reason})") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise TransportFailure(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc, 'connect')}") from None
-        return _Connection(origin, reader, writer)
+        return _Connection(origin, channel)
+
+    async def speaks_tls(self, host: str, port: int, timeout: float) -> bool:
+        """Whether host:port completes a TLS handshake. The certificate is not
+        checked here (a real request does that): this only chooses the scheme
+        for a loopback registry without loading the CA store for a plain one."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port, ssl=context, server_hostname=host)
+        except (OSError, asyncio.TimeoutError):      # ssl.SSLError is an OSError
+            return False
+        writer.transport.abort()
+        return True
 
     def _pooled(self, origin: _Origin) -> _Connection | None:
         pool = self._idle.get(origin)
@@ -301,8 +465,9 @@ class Transport:
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(origin, timeout)
+            exchange = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
             try:
-                head = await self._exchange(conn, method, target, fields, body, read_timeout)
+                head = await self._exchange(conn, exchange, method, target, fields, body, read_timeout)
             except _StaleConnection:
                 conn.close()
                 if reused:
@@ -315,29 +480,27 @@ class Transport:
             except BaseException:
                 conn.close()
                 raise
-            return Response(self, conn, head, url, read_timeout)
+            return Response(self, conn, exchange, head, method, url, read_timeout)
         raise TransportFailure(f"{origin.host}: connection closed before a response")  # pragma: no cover
 
-    async def _exchange(self, conn: _Connection, method: str, target: str, fields: list[tuple[str, str]],
-                        body: Body, read_timeout: float) -> h11.Response:
-        protocol = conn.protocol
-        writer = conn.writer
+    async def _exchange(self, conn: _Connection, exchange: h11.Connection, method: str, target: str,
+                        fields: list[tuple[str, str]], body: Body, read_timeout: float) -> h11.Response:
+        channel = conn.channel
         try:
-            writer.write(protocol.send(h11.Request(method=method, target=target, headers=fields)))
+            channel.write(exchange.send(h11.Request(method=method, target=target, headers=fields)))
             if not callable(body):
                 if body:
-                    writer.write(protocol.send(h11.Data(data=body)))
-                writer.write(protocol.send(h11.EndOfMessage()))
-                async with asyncio.timeout(read_timeout):
-                    await writer.drain()
+                    channel.write(exchange.send(h11.Data(data=body)))
+                channel.write(exchange.send(h11.EndOfMessage()))
+                await channel.drain(read_timeout)
         except ConnectionError:
             raise _StaleConnection() from None
         if not callable(body):
-            return await self._read_head(conn, read_timeout)
+            return await self._read_head(channel, exchange, read_timeout)
         # A streamed body goes out while the answer is awaited: a server may
         # answer before the body is complete (a 413, a 401) and then close.
-        sending = asyncio.ensure_future(self._send_body(conn, body, read_timeout))
-        head = asyncio.ensure_future(self._read_head(conn, None))
+        sending = asyncio.ensure_future(self._send_body(channel, exchange, body, read_timeout))
+        head = asyncio.ensure_future(self._read_head(channel, exchange, None))
         try:
             await asyncio.wait((sending, head), return_when=asyncio.FIRST_COMPLETED)
             if head.done() and not sending.done():
@@ -357,27 +520,24 @@ class Transport:
                         await task
 
     @staticmethod
-    async def _send_body(conn: _Connection, body: Callable[[], AsyncIterator[bytes]], timeout: float) -> None:
-        protocol, writer = conn.protocol, conn.writer
+    async def _send_body(channel: _Channel, exchange: h11.Connection, body: Callable[[], AsyncIterator[bytes]],
+                         timeout: float) -> None:
         async for piece in body():
             if piece:
-                writer.write(protocol.send(h11.Data(data=piece)))
-                async with asyncio.timeout(timeout):
-                    await writer.drain()
-        writer.write(protocol.send(h11.EndOfMessage()))
-        async with asyncio.timeout(timeout):
-            await writer.drain()
+                channel.write(exchange.send(h11.Data(data=piece)))
+                await channel.drain(timeout)
+        channel.write(exchange.send(h11.EndOfMessage()))
+        await channel.drain(timeout)
 
     @staticmethod
-    async def _read_head(conn: _Connection, timeout: float | None) -> h11.Response:
-        protocol = conn.protocol
+    async def _read_head(channel: _Channel, exchange: h11.Connection, timeout: float | None) -> h11.Response:
         received_any = False
         while True:
-            event = protocol.next_event()
+            event = exchange.next_event()
             if event is h11.NEED_DATA:
                 try:
-                    async with asyncio.timeout(timeout):
-                        data = await conn.reader.read(READ_SIZE)
+                    # small pieces: the body after the head stays in the channel
+                    data = await channel.receive(HEAD_PIECE, timeout)
                 except ConnectionError:
                     if received_any:
                         raise
@@ -385,7 +545,7 @@ class Transport:
                 if not data and not received_any:
                     raise _StaleConnection()
                 received_any = True
-                protocol.receive_data(data)
+                exchange.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.InformationalResponse):
                 continue

@@ -225,3 +225,25 @@ async def test_refused_connection_names_the_address(transport):
     with pytest.raises(TransportFailure, match=f"127.0.0.1:{port}"):
         async with transport.request("GET", f"http://127.0.0.1:{port}/"):
             pass
+
+
+async def test_large_body_spans_buffers_and_keeps_the_connection(transport):
+    """A Content-Length body bigger than several receive buffers arrives
+    whole and in order, and the connection serves the next request."""
+    blob = os.urandom(5 * 1024 * 1024 + 12345)
+
+    async def serve_blob(reader, writer, state):
+        while True:
+            try:
+                await read_head(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(answer("200 OK", blob))
+            await writer.drain()
+    async with RawServer(serve_blob) as server:
+        for _ in range(2):
+            async with transport.request("GET", server.url()) as response:
+                pieces = [bytes(piece) async for piece in response.iter_body()]
+            assert b"".join(pieces) == blob
+            assert len(pieces) > 1
+        assert server.connections == 1
