@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import MiB, BenchError, Row, format_table, helpers, need_tool, rows_as_json, sh, timed  # noqa: E402
+from _common import (MiB, BenchError, Row, compile_dockyard, format_table, helpers, need_tool,  # noqa: E402
+                     rows_as_json, sh, timed)
 
 BASELINE = "skopeo"
 # "dockyard transfer": the same dockyard runs, timed inside the process (the pull
@@ -159,6 +160,7 @@ def main() -> int:
     cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
     cache.mkdir(parents=True, exist_ok=True)
     skopeo = need_tool("skopeo")
+    compile_dockyard()
     workdir = Path(tempfile.mkdtemp(prefix="bench-pull-"))
     dockyard = [*helpers.dockyard_command()]
     env = {**os.environ, "PYTHONPATH": str(helpers.REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}

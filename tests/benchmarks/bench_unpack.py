@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchError, helpers, need_tool, sh  # noqa: E402
+from _common import BenchError, compile_dockyard, helpers, need_tool, sh  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dockyard-bench"
 
@@ -119,6 +119,7 @@ def main() -> int:
     for tool in ("skopeo", "umoci", "dockerd", "docker"):
         need_tool(tool)
     work = Path(tempfile.mkdtemp(prefix="dy-bench-unpack-"))
+    compile_dockyard()
     registry = helpers.launch_dockyard(work / "registry")
     docker = Docker(work / "docker")
     docker.start()
