@@ -273,7 +273,7 @@ class Response:
             self._keep_alive = (head.http_version == b"1.1"
                                 and "close" not in (self.headers.get("Connection") or "").lower())
             if not self._remaining:
-                self._finish(reusable=not self._leftover)
+                self._finish(reusable=self._direct_reusable())
 
     async def read_some(self) -> bytes | memoryview:
         """The next piece of the body as it arrived (bytes or a memoryview,
@@ -309,9 +309,12 @@ class Response:
                 raise h11.RemoteProtocolError("peer closed connection without sending complete message body")
         self._remaining -= len(piece)
         if not self._remaining:
-            self._finish(reusable=self._keep_alive and not self._leftover
-                         and self._exchange.our_state is h11.DONE)
+            self._finish(reusable=self._direct_reusable())
         return piece
+
+    def _direct_reusable(self) -> bool:
+        # nothing beyond the body may have arrived, and our request must be complete
+        return self._keep_alive and not self._leftover and self._exchange.our_state is h11.DONE
 
     async def iter_body(self) -> AsyncIterator[bytes | memoryview]:
         while True:
