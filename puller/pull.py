@@ -88,6 +88,7 @@ class _Staged:
             self.handle.close()
             self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
             self.handle = open(self.path, "ab+")
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)   # in use: reclaim_ingest skips it
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -278,7 +279,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     own_client = client is None
     client = client or RegistryClient(options)
     try:
-        await asyncio.to_thread(store.ensure)
+        await asyncio.to_thread(lambda: (store.ensure(), store.reclaim_ingest()))
         fetcher = BlobFetcher(client, store, progress)
         top = await fetch_manifest_into(client, store, ref, ref.identifier)
         platforms_pulled: list[str] = []

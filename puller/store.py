@@ -22,6 +22,7 @@ API (stable; used by puller.unpack / puller.run):
     store.references() -> list[(ref name, descriptor)]
     store.record(reference, descriptor)          # atomic index.json update
     store.ingest_path(digest) / store.commit_blob(tmp_path, digest)
+    store.reclaim_ingest() -> list[str]          # drop what crashed or abandoned pulls left
     store.write_blob(data) -> digest             # small blobs (manifests, configs)
 
 `reference` is either a normalised reference (as `dockyard pull` records) or
@@ -40,12 +41,16 @@ import json
 import os
 import pathlib
 import tempfile
+import time
 
 from puller.reference import (ReferenceError, choose_platform, host_platform, parse_platform,
                               parse_reference, platform_matches)
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
+# when leftovers in ingest/ count as abandoned (see LocalStore.reclaim_ingest)
+STALE_TEMP_SECONDS = 3600
+STALE_PARTIAL_SECONDS = 7 * 86400
 
 INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",
@@ -147,6 +152,37 @@ class LocalStore:
         """Where a download of `digest` is staged (kept between runs to resume)."""
         algorithm, hexpart = split_digest(digest)
         return self.root / "ingest" / f"{algorithm}-{hexpart}.partial"
+
+    def reclaim_ingest(self, now: float | None = None) -> list[str]:
+        """Remove what crashed or abandoned pulls left behind and return the
+        names: temp files and private partials (`.partial.<pid>.<id>`) after
+        an hour, resumable partials after a week. A file another process
+        holds locked is being written and is never touched."""
+        now = time.time() if now is None else now
+        removed = []
+        for folder in (self.root / "ingest", self.root):
+            try:
+                entries = list(os.scandir(folder))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".tmp-"):
+                    limit = STALE_TEMP_SECONDS
+                elif folder.name == "ingest" and ".partial" in name:
+                    limit = STALE_PARTIAL_SECONDS if name.endswith(".partial") else STALE_TEMP_SECONDS
+                else:
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < limit:
+                        continue
+                    with open(entry.path, "rb") as handle:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        os.unlink(entry.path)
+                except (BlockingIOError, FileNotFoundError):
+                    continue        # in use, or gone meanwhile
+                removed.append(name)
+        return removed
 
     def commit_blob(self, staged: pathlib.Path, digest: str) -> pathlib.Path:
         """Move a verified staged file to its final name (atomic rename)."""

@@ -111,6 +111,39 @@ def test_store_layout_records_and_replaces_atomically(tmp_path):
         store.write_blob(b"abc", sha256_digest(b"abd"))
 
 
+def test_reclaim_ingest_keeps_what_is_in_use(tmp_path):
+    """What crashed pulls left in ingest/ goes; what is fresh, resumable or
+    locked by a running pull stays."""
+    import fcntl
+    import time
+    from puller.store import STALE_PARTIAL_SECONDS, STALE_TEMP_SECONDS
+    store = LocalStore(tmp_path)
+    store.ensure()
+    ingest = tmp_path / "ingest"
+    now = time.time()
+    ages = {
+        "sha256-aa.partial": 60,                                  # resumable, recent
+        "sha256-bb.partial": STALE_PARTIAL_SECONDS + 60,          # abandoned a week ago
+        "sha256-cc.partial.4242.deadbeef": STALE_TEMP_SECONDS + 60,   # a crashed pull's private file
+        "sha256-dd.partial.4243.feedface": 60,                    # a private file just made
+        ".tmp-old": STALE_TEMP_SECONDS + 60,
+        "sha256-ee.partial": STALE_PARTIAL_SECONDS + 60,          # old, but a pull holds it
+    }
+    for name, age in ages.items():
+        path = ingest / name
+        path.write_bytes(b"x")
+        os.utime(path, (now - age, now - age))
+    (tmp_path / ".tmp-index").write_bytes(b"{}")
+    os.utime(tmp_path / ".tmp-index", (now - STALE_TEMP_SECONDS - 60,) * 2)
+    with open(ingest / "sha256-ee.partial", "ab") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = store.reclaim_ingest(now=now)
+    assert sorted(removed) == [".tmp-index", ".tmp-old", "sha256-bb.partial", "sha256-cc.partial.4242.deadbeef"]
+    assert sorted(p.name for p in ingest.iterdir()) == [".index.lock", "sha256-aa.partial",
+                                                        "sha256-dd.partial.4243.feedface", "sha256-ee.partial"]
+    assert (tmp_path / "index.json").exists() and (tmp_path / "oci-layout").exists()
+
+
 def test_docker_image_recorded_through_oci_view(tmp_path):
     store = LocalStore(tmp_path / "s")
     config = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
