@@ -262,9 +262,16 @@ class BlobFetcher:
 
 
 async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,
-                              identifier: str) -> FetchedManifest:
+                              identifier: str, writes: list[asyncio.Future] | None = None) -> FetchedManifest:
+    """GET a manifest and store it. With `writes`, the (fsynced) store write
+    is left running and appended there for the caller to await: the layers
+    need not wait for it."""
     manifest = await client.get_manifest(ref, identifier)
-    await asyncio.to_thread(store.write_blob, manifest.data, manifest.digest)
+    write = asyncio.ensure_future(asyncio.to_thread(store.write_blob, manifest.data, manifest.digest))
+    if writes is None:
+        await write
+    else:
+        writes.append(write)
     return manifest
 
 
@@ -278,10 +285,12 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     progress = progress or Progress()
     own_client = client is None
     client = client or RegistryClient(options)
+    # store writes run beside the network; every one is awaited before the end
+    manifest_writes: list[asyncio.Future] = [
+        asyncio.ensure_future(asyncio.to_thread(lambda: (store.ensure(), store.reclaim_ingest())))]
     try:
-        await asyncio.to_thread(lambda: (store.ensure(), store.reclaim_ingest()))
         fetcher = BlobFetcher(client, store, progress)
-        top = await fetch_manifest_into(client, store, ref, ref.identifier)
+        top = await fetch_manifest_into(client, store, ref, ref.identifier, manifest_writes)
         platforms_pulled: list[str] = []
         chosen = top
         chosen_desc = top.descriptor()
@@ -293,7 +302,8 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                 available = ", ".join(sorted({describe_platform(e.get("platform")) for e in entries})) or "none"
                 raise ClientError(f"{ref}: no image for platform {wanted} (available: {available})")
             targets = entries if all_platforms else [pick]
-            fetched = await asyncio.gather(*(fetch_manifest_into(client, store, ref, e["digest"]) for e in targets))
+            fetched = await asyncio.gather(*(fetch_manifest_into(client, store, ref, e["digest"], manifest_writes)
+                                             for e in targets))
             children = list(zip(targets, fetched))
             for desc, manifest in children:
                 if desc["digest"] == pick["digest"]:
@@ -323,11 +333,11 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                         continue
                     path = await task
                     await on_layer(index, layer, path)
-            await asyncio.gather(*blob_tasks.values())
+            await asyncio.gather(*blob_tasks.values(), *manifest_writes)
         except BaseException:
             for task in blob_tasks.values():
                 task.cancel()
-            await asyncio.gather(*blob_tasks.values(), return_exceptions=True)
+            await asyncio.gather(*blob_tasks.values(), *manifest_writes, return_exceptions=True)
             raise
 
         name = record_as or str(ref)
@@ -341,6 +351,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                           config_digest=config.get("digest", ""), bytes_downloaded=fetcher.bytes_downloaded,
                           platforms=platforms_pulled, seconds=time.perf_counter() - started)
     finally:
+        await asyncio.gather(*manifest_writes, return_exceptions=True)
         if own_client:
             await client.close()
 

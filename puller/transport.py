@@ -1,4 +1,4 @@
-"""HTTP/1.1 for the client: asyncio streams, h11 for the protocol, a
+"""HTTP/1.1 for the client: an asyncio protocol, h11 for the framing, a
 keep-alive pool per origin.
 
     transport = Transport(TransportOptions(ca_file=None, insecure=False))
