@@ -12,10 +12,10 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from registry.errors import error_middleware
+from registry.filesend import make_pool
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, StorageSettings, UploadsSettings
-from registry.sendfile import make_pool
-from registry.state import SENDFILE_POOL, SETTINGS, STORE
+from registry.state import FILE_SEND_POOL, SETTINGS, STORE
 from storage.driver import StorageDriver
 from storage.store import ContentStore, StoreLimits
 
@@ -69,11 +69,11 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
         active = open_driver(settings.storage) if own else driver
         limits = store_limits(settings)
         app[STORE] = ContentStore(active, limits)
-        app[SENDFILE_POOL] = make_pool()
+        app[FILE_SEND_POOL] = make_pool()
         try:
             yield
         finally:
-            app[SENDFILE_POOL].shutdown(wait=False, cancel_futures=True)
+            app[FILE_SEND_POOL].shutdown(wait=False, cancel_futures=True)
             if own:
                 await active.close()
 

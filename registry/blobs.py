@@ -1,4 +1,4 @@
-"""Blob handlers: GET/HEAD (sendfile(2), single Range), DELETE."""
+"""Blob handlers: GET/HEAD (file copied to the socket from a thread, single Range), DELETE."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from aiohttp import web
 
 from registry.errors import API_VERSION, API_VERSION_HEADER, UnsupportedOperation
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM, parse_range
-from registry.sendfile import open_file, send_file, socket_of
-from registry.state import SENDFILE_POOL, SETTINGS, STORE
+from registry.filesend import open_file, send_file, socket_of
+from registry.state import FILE_SEND_POOL, SETTINGS, STORE
 from storage.driver import StorageError
 from storage.errors import BlobUnknown, StoreError
 from storage.store import ContentStore
@@ -61,7 +61,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
     path = store.blob_local_path(info.digest)
     if path is not None and socket_of(request) is not None:
-        pool = request.app[SENDFILE_POOL]
+        pool = request.app[FILE_SEND_POOL]
         loop = asyncio.get_running_loop()
         try:
             fd = await loop.run_in_executor(pool, open_file, path)

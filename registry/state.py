@@ -11,4 +11,4 @@ from storage.store import ContentStore
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", ContentStore)
-SENDFILE_POOL = web.AppKey("sendfile_pool", ThreadPoolExecutor)
+FILE_SEND_POOL = web.AppKey("file_send_pool", ThreadPoolExecutor)
