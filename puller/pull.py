@@ -53,6 +53,7 @@ from puller.store import LocalStore
 from puller.transport import TransportFailure
 
 OnLayer = Callable[[int, dict, pathlib.Path], Awaitable[None]]
+EARLY_SYNC_BYTES = 16 * 1024 * 1024     # written-back steps of a download (see _download)
 
 
 @dataclass
@@ -179,6 +180,10 @@ class BlobFetcher:
         hasher = await asyncio.to_thread(_hash_file_prefix, handle, offset, chunk)
         resumed_from_disk = offset > 0
         failures = 0
+        # The disk writes back what has arrived while the rest downloads, so
+        # the closing fdatasync has only the tail to wait for.
+        syncing: asyncio.Future | None = None
+        synced_to = offset
         while True:
             if size >= 0 and offset == size:
                 break
@@ -211,6 +216,9 @@ class BlobFetcher:
                             if pending is not None:
                                 await pending
                             pending = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, handle, hasher, parts))
+                            if offset - synced_to >= EARLY_SYNC_BYTES and (syncing is None or syncing.done()):
+                                syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, handle.fileno()))
+                                synced_to = offset
                             offset += gathered
                             self.bytes_downloaded += gathered
                             self.progress.advance(digest, gathered)
@@ -243,9 +251,10 @@ class BlobFetcher:
                 offset = await asyncio.to_thread(lambda: (handle.flush(), os.fstat(handle.fileno()).st_size)[1])
                 continue
             finally:
-                if pending is not None:
-                    with contextlib.suppress(BaseException):
-                        await pending
+                for running in (pending, syncing):
+                    if running is not None:
+                        with contextlib.suppress(BaseException):
+                            await running
         await asyncio.to_thread(lambda: (handle.flush(), os.fdatasync(handle.fileno())))
         actual = "sha256:" + hasher.hexdigest()
         if actual != digest or (size >= 0 and offset != size):

@@ -221,9 +221,13 @@ class _Channel(asyncio.BufferedProtocol):
                 await self._readable
 
     def write(self, data) -> None:
+        self.writelines([data])
+
+    def writelines(self, pieces: list) -> None:
+        """Several pieces (h11's framing around a body piece) without joining them."""
         if self.transport.is_closing():
             raise self._error or ConnectionResetError("connection closed")
-        self.transport.write(data)
+        self.transport.writelines(pieces)
 
     async def drain(self, timeout: float | None) -> None:
         if self.transport.is_closing():
@@ -493,7 +497,7 @@ class Transport:
             channel.write(exchange.send(h11.Request(method=method, target=target, headers=fields)))
             if not callable(body):
                 if body:
-                    channel.write(exchange.send(h11.Data(data=body)))
+                    channel.writelines(exchange.send_with_data_passthrough(h11.Data(data=body)))
                 channel.write(exchange.send(h11.EndOfMessage()))
                 await channel.drain(read_timeout)
         except ConnectionError:
@@ -527,7 +531,7 @@ class Transport:
                          timeout: float) -> None:
         async for piece in body():
             if piece:
-                channel.write(exchange.send(h11.Data(data=piece)))
+                channel.writelines(exchange.send_with_data_passthrough(h11.Data(data=piece)))
                 await channel.drain(timeout)
         channel.write(exchange.send(h11.EndOfMessage()))
         await channel.drain(timeout)

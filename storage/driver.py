@@ -138,7 +138,7 @@ class StorageDriver(abc.ABC):
         return None
 
     def local_path(self, path: str) -> str | None:
-        """A filesystem path for sendfile, or None on non-local backends."""
+        """A filesystem path the registry may send straight from, or None on non-local backends."""
         return None
 
     async def close(self) -> None:

@@ -271,7 +271,7 @@ class ContentStore:
             raise BlobUnknown(f"blob unknown: {digest}", {"digest": digest}) from exc
 
     def blob_local_path(self, digest: str) -> str | None:
-        """Filesystem path for sendfile, None on object stores."""
+        """Filesystem path the registry sends blob bodies from, None on object stores."""
         self._parse_digest(digest)
         return self.driver.local_path(layout.blob_data(digest))
 

@@ -168,7 +168,7 @@ async def test_repository_names_ending_in_route_words(registry):
         assert repo in repos
 
 
-async def test_large_blob_and_ranges_via_sendfile(registry):
+async def test_large_blob_and_ranges_from_the_file_path(registry):
     data = os.urandom(9 * 1024 * 1024 + 7)
     digest = await registry.push_blob("bigblob", data)
     resp = await registry.get(f"/v2/bigblob/blobs/{digest}")
