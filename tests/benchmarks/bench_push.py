@@ -1,0 +1,105 @@
+"""Push speed: `dockyard push oci:...` vs `skopeo copy oci:... docker://...`,
+side by side against one kind of local registry, in one run.
+
+    python tests/benchmarks/bench_push.py [--registry dockyard|distribution] [--repeats N]
+                                          [--quick] [--no-debian] [--json]
+
+Images are those of bench_pull.py (4 x 64 MiB random layers; a debootstrap
+Debian root filesystem in one layer), read from OCI layouts. Every timed
+push goes to a registry started on empty storage (not timed), so every blob
+crosses the wire: neither client can skip a blob the registry already has
+or mount it from another repository. The runs of the two clients alternate
+and the best of N is kept. Ratio > 1 means dockyard is faster than skopeo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (MiB, BenchError, Row, compile_dockyard, format_table, helpers, need_tool,  # noqa: E402
+                     rows_as_json, timed)
+from bench_pull import big_layout, debian_layout, start_registry  # noqa: E402
+
+BASELINE = "skopeo"
+TARGETS = ["dockyard", "skopeo"]
+
+
+def run(argv: list, env: dict) -> None:
+    proc = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=900,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def layout_bytes(layout: Path) -> int:
+    return sum(p.stat().st_size for p in (layout / "blobs").rglob("*") if p.is_file())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
+    parser.add_argument("--no-debian", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    size = 16 * MiB if args.quick else 64 * MiB
+    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
+    cache.mkdir(parents=True, exist_ok=True)
+    skopeo = need_tool("skopeo")
+    compile_dockyard()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    dockyard = helpers.dockyard_command()
+    env = {**os.environ, "PYTHONPATH": str(helpers.REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
+    policy = workdir / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    try:
+        images = {"big": (big_layout(cache, 4, size), "big")}
+        if not args.no_debian:
+            images["debian"] = (debian_layout(cache), "debian")
+        commands = {
+            "dockyard": lambda layout, tag, ref: [*dockyard, "push", "-q", f"oci:{layout}:{tag}", ref],
+            "skopeo": lambda layout, tag, ref: [skopeo, "--policy", str(policy), "copy", "-q", "--preserve-digests",
+                                                "--dest-tls-verify=false", f"oci:{layout}:{tag}", f"docker://{ref}"],
+        }
+        rows = []
+        for name, (layout, tag) in images.items():
+            total = layout_bytes(layout)
+            times: dict[str, list[float]] = {tool: [] for tool in commands}
+            for attempt in range(repeats):
+                for tool, command in commands.items():
+                    storage = workdir / f"{tool}-{name}-{attempt}"
+                    storage.mkdir()
+                    registry = start_registry(args.registry, storage)
+                    try:
+                        argv = command(layout, tag, f"{registry.host}/bench/{name}:1")
+                        times[tool].append(timed(lambda: run(argv, env)))
+                    finally:
+                        registry.stop()
+                        shutil.rmtree(storage, ignore_errors=True)
+            row = Row(f"push {name} ({total / MiB:.0f} MiB)", "s", False, {t: min(v) for t, v in times.items()})
+            rows.append(row)
+            rows.append(Row(f"  {name} throughput", "MiB/s", True,
+                            {t: total / MiB / v for t, v in row.values.items() if v}))
+        if args.json:
+            print(rows_as_json(rows, TARGETS, BASELINE, registry=args.registry, repeats=repeats))
+        else:
+            print(f"\npush to a fresh local {args.registry} registry on loopback, best of {repeats} "
+                  f"(ratio = how many times faster than {BASELINE})\n")
+            print(format_table(rows, TARGETS, BASELINE))
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
