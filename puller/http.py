@@ -462,12 +462,7 @@ class RegistryClient:
         return self._check_manifest(what, identifier, data, header_type)
 
     def _check_manifest(self, what: str, identifier: str, data: bytes, header_type: str) -> FetchedManifest:
-        try:
-            parsed = json.loads(data)
-        except ValueError:
-            raise ManifestError(f"{what}: not valid JSON") from None
-        if not isinstance(parsed, dict):
-            raise ManifestError(f"{what}: not a JSON object")
+        parsed = _json_object(data, what, ManifestError)
         if ":" in identifier:
             algorithm = identifier.split(":", 1)[0]
             try:
@@ -520,7 +515,7 @@ class RegistryClient:
             async with self.request("GET", ref.api_host, path, scopes=scopes) as response:
                 if response.status != 200:
                     raise await self.error_for(response, f"tags of {ref.name}")
-                body = _json_body(await response.read(), f"tags of {ref.name}")
+                body = _json_object(await response.read(), f"tags of {ref.name}")
                 tags.extend(body.get("tags") or [])
                 link = response.headers.get("Link")
             if not link or 'rel="next"' not in link:
@@ -535,7 +530,7 @@ class RegistryClient:
         async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/referrers/{digest}",
                                 scopes=scopes, headers={"Accept": OCI_INDEX}) as response:
             if response.status == 200:
-                body = _json_body(await response.read(MAX_MANIFEST_SIZE), f"referrers of {ref.name}@{digest}")
+                body = _json_object(await response.read(MAX_MANIFEST_SIZE), f"referrers of {ref.name}@{digest}")
                 return list(body.get("manifests") or [])
             if response.status not in (404, 405, 400):
                 raise await self.error_for(response, f"referrers of {ref.name}@{digest}")
@@ -651,13 +646,13 @@ class RegistryClient:
 _IDENTITY = {"Accept-Encoding": "identity"}   # bytes as stored: digests are over them
 
 
-def _json_body(data: bytes, what: str) -> dict:
+def _json_object(data: bytes, what: str, error: type[ClientError] = RegistryResponseError) -> dict:
     try:
         body = json.loads(data)
     except ValueError:
-        raise RegistryResponseError(f"{what}: the registry answered something that is not JSON") from None
+        raise error(f"{what}: not valid JSON") from None
     if not isinstance(body, dict):
-        raise RegistryResponseError(f"{what}: the registry answered JSON that is not an object")
+        raise error(f"{what}: not a JSON object")
     return body
 
 
