@@ -89,7 +89,9 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def put_content(self, path: str, data: bytes, *, durable: bool = True) -> None:
         """Write the whole content atomically: readers see the old content or
-        the new, never a partial file. durable=False marks scratch state
+        the new, never a partial file, and `list` never shows a directory of
+        its path before the file is in it (as on an object store, where
+        directories are only prefixes). durable=False marks scratch state
         (upload sessions) that need not survive a power failure: a driver
         may then skip flushing it to stable storage."""
 

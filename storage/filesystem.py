@@ -254,6 +254,11 @@ class FilesystemDriver(StorageDriver):
 
     def _put_sync(self, full: str, data: bytes, sync: bool) -> None:
         directory = os.path.dirname(full)
+        for _ in range(_RETRIES):
+            if os.path.isdir(directory):
+                break
+            if self._put_with_new_directories(full, data, sync):
+                return
         for attempt in range(_RETRIES):
             tmp = None
             try:
@@ -288,6 +293,49 @@ class FilesystemDriver(StorageDriver):
                 return
             self._dir_synced(directory)
             return
+
+    def _put_with_new_directories(self, full: str, data: bytes, sync: bool) -> bool:
+        """A file whose directories do not exist yet: the missing chain is
+        built under a hidden name with the file inside and renamed into place
+        at once, so no directory is ever listed without what was put in it (a
+        crash half way leaves a hidden leftover, not an empty tag or link
+        directory). False when the chain appeared meanwhile: the caller then
+        writes the ordinary way."""
+        top = os.path.dirname(full)
+        while not os.path.isdir(os.path.dirname(top)):
+            if os.path.dirname(top) in (top, self.root) or len(top) <= len(self.root):
+                return False
+            top = os.path.dirname(top)
+        parent = os.path.dirname(top)
+        stage = os.path.join(parent, _temp_name())
+        staged_file = os.path.join(stage, os.path.relpath(full, top))
+        try:
+            os.makedirs(os.path.dirname(staged_file))
+            fd = os.open(staged_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                _write_all(fd, data)
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            if self._sync_dirs:
+                d = os.path.dirname(staged_file)
+                while len(d) >= len(stage):
+                    _fsync_dir(d)
+                    d = os.path.dirname(d)
+            try:
+                os.rename(stage, top)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    return False        # another put created it first
+                raise
+        except FileNotFoundError:
+            return False                # the parent went away (a concurrent delete)
+        finally:
+            if os.path.lexists(stage):
+                shutil.rmtree(stage, ignore_errors=True)
+        self._dir_synced(parent)
+        return True
 
     # ---- streams -------------------------------------------------------
     async def reader(self, path: str, offset: int = 0, length: int | None = None,

@@ -35,8 +35,9 @@ def fsyncs(monkeypatch):
 @pytest.mark.parametrize("mode, durable, expected", [
     ("data", True, ["file"]),
     ("data", False, []),
-    ("full", True, ["dir", "dir", "file", "dir"]),   # two new parents, the file, its directory
-    ("full", False, ["dir", "dir", "file", "dir"]),
+    # the file, its two new directories (built hidden), the parent they were renamed into
+    ("full", True, ["file", "dir", "dir", "dir"]),
+    ("full", False, ["file", "dir", "dir", "dir"]),
     ("off", True, []),
 ])
 async def test_put_content(tmp_path, fsyncs, mode, durable, expected):

@@ -5,6 +5,7 @@ instances or processes) on one root, and a worker SIGKILLed mid-upload."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from storage import layout
 from storage.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid, ManifestBlobUnknown,
                             ManifestInvalid, ManifestTooLarge, ManifestUnknown, NameInvalid,
                             NameUnknown, RangeInvalid, SizeInvalid, TagInvalid)
+from storage.driver import StorageError
 from storage.filesystem import TEMP_PREFIX, FilesystemDriver
 from storage.store import (DOCKER_MANIFEST, EMPTY_DIGEST, OCI_INDEX, OCI_MANIFEST, ContentStore,
                            StoreLimits)
@@ -256,6 +258,29 @@ async def test_manifest_pushed_with_extra_tags(store):
     result = await store.put_manifest("app", digest, manifest, OCI_MANIFEST, extra_tags=["a", "b"])
     assert result.digest == digest
     assert (await store.list_tags("app")).items == ["a", "b", "v1"]
+
+
+async def test_interrupted_new_tag_is_never_listed(store, root, monkeypatch):
+    """A new tag's directory appears only together with its link: a put cut
+    short before the final rename (or a crash that leaves the hidden staging
+    directory behind) lists nothing and answers 404."""
+    import storage.filesystem as filesystem
+    await push_image(store, "app", "v1")
+    digest, manifest = await push_image(store, "app", "v2")
+    leftover = root / layout.tags_dir("app").lstrip("/") / f"{TEMP_PREFIX}1-crashed" / "current"
+    leftover.mkdir(parents=True)
+    (leftover / "link").write_text(digest)
+
+    def power_cut(src, dst):
+        raise OSError(errno.EIO, "interrupted")
+    monkeypatch.setattr(filesystem.os, "rename", power_cut)
+    with pytest.raises(StorageError):
+        await store.put_manifest("app", "torn", manifest, OCI_MANIFEST)
+    monkeypatch.undo()
+    assert (await store.list_tags("app")).items == ["v1", "v2"]
+    assert not (root / layout.tag_dir("app", "torn").lstrip("/")).exists()
+    with pytest.raises(ManifestUnknown):
+        await store.get_manifest("app", "torn")
 
 
 async def test_index_requires_children_in_repo(store):
