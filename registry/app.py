@@ -25,6 +25,9 @@ log = logging.getLogger("dockyard.registry")
 # request.content, which client_max_size does not bound. This only guards
 # request.read()/post(), which no handler uses on a blob.
 _CLIENT_MAX_SIZE_SLACK = 64 * 1024
+# hidden leftovers of interrupted storage writes older than this are removed
+# with each upload purge pass
+LEFTOVER_AGE = 3600
 
 
 def open_driver(storage: StorageSettings) -> StorageDriver:
@@ -103,6 +106,10 @@ async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
             purged = await purge_uploads(store, time.time() - uploads.max_age)
             if purged:
                 log.info("purged %d abandoned upload sessions", purged)
+            # a write lives for moments: hidden leftovers an hour old are a crash's
+            reclaimed = await store.driver.reclaim_leftovers(time.time() - LEFTOVER_AGE)
+            if reclaimed:
+                log.info("removed %d leftovers of interrupted writes", reclaimed)
         except Exception:  # keep purging next time; never take the server down
             log.exception("upload purge failed")
         await asyncio.sleep(uploads.purge_interval)

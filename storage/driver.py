@@ -143,5 +143,11 @@ class StorageDriver(abc.ABC):
         """A filesystem path the registry may send straight from, or None on non-local backends."""
         return None
 
+    async def reclaim_leftovers(self, older_than: float) -> int:
+        """Remove what interrupted writes left hidden (temporary files and
+        staging directories) older than `older_than` (epoch seconds); how many.
+        Backends whose writes leave nothing behind keep this default."""
+        return 0
+
     async def close(self) -> None:
         """Release connections and thread pools."""

@@ -477,5 +477,27 @@ class FilesystemDriver(StorageDriver):
         with _translated(path):
             await asyncio.to_thread(_delete)
 
+    async def reclaim_leftovers(self, older_than: float) -> int:
+        def _sweep() -> int:
+            removed = 0
+            for directory, subdirs, files in os.walk(self.root):
+                for name in [n for n in subdirs if n.startswith(TEMP_PREFIX)] + \
+                        [n for n in files if n.startswith(TEMP_PREFIX)]:
+                    full = os.path.join(directory, name)
+                    try:
+                        if os.lstat(full).st_mtime >= older_than:
+                            continue
+                        if name in subdirs:
+                            shutil.rmtree(full)
+                        else:
+                            os.unlink(full)
+                        removed += 1
+                    except FileNotFoundError:
+                        continue    # finished or removed meanwhile
+                subdirs[:] = [n for n in subdirs if not n.startswith(TEMP_PREFIX)]
+            return removed
+
+        return await asyncio.to_thread(_sweep)
+
     def local_path(self, path: str) -> str | None:
         return self._full(path)

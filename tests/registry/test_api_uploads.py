@@ -338,6 +338,29 @@ async def test_abandoned_uploads_are_purged(make_registry, tmp_path):
     assert (await reg2.get(location)).status == 204
 
 
+async def test_purge_pass_removes_leftovers_of_interrupted_writes(make_registry, tmp_path):
+    """A crash mid-write leaves a hidden file or staging tree in storage; the
+    purge pass reclaims it once it is an hour old."""
+    import asyncio
+    import time
+
+    from registry.settings import UploadsSettings
+    from storage.filesystem import TEMP_PREFIX
+
+    reg = await make_registry(uploads=UploadsSettings(max_age=3600, purge_interval=1))
+    await reg.push_blob("left/over", b"the repository exists")
+    leftover = tmp_path / "storage" / f"{TEMP_PREFIX}99-crashed"
+    leftover.mkdir(parents=True)
+    (leftover / "link").write_bytes(b"sha256:00")
+    hour_ago = time.time() - 3700
+    os.utime(leftover, (hour_ago, hour_ago))
+    for _ in range(60):                   # the first pass comes within one interval
+        if not leftover.exists():
+            break
+        await asyncio.sleep(0.1)
+    assert not leftover.exists()
+
+
 async def test_absolute_locations_follow_forwarded_headers(make_registry):
     from registry.settings import HttpSettings
 

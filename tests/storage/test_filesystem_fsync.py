@@ -87,3 +87,30 @@ async def test_blob_push_syncs_blob_data_and_link_only(tmp_path, fsyncs):
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="fsync must be one of"):
         FilesystemDriver(str(tmp_path), fsync="sometimes")
+
+
+async def test_reclaim_leftovers_removes_old_hidden_writes_only(tmp_path):
+    """What interrupted puts leave (hidden temp files, hidden staging trees)
+    goes once old enough; fresh ones (a put in progress) and everything
+    visible stay."""
+    import time
+
+    from storage.filesystem import TEMP_PREFIX
+    driver = FilesystemDriver(str(tmp_path))
+    await driver.put_content("/repo/tags/v1/current/link", b"sha256:aa")
+    tags = tmp_path / "repo" / "tags"
+    old_file = tags / "v1" / "current" / f"{TEMP_PREFIX}1-old"
+    old_tree = tags / f"{TEMP_PREFIX}2-old" / "current"
+    fresh_file = tags / f"{TEMP_PREFIX}3-fresh"
+    old_tree.mkdir(parents=True)
+    (old_tree / "link").write_bytes(b"sha256:bb")
+    old_file.write_bytes(b"partial")
+    fresh_file.write_bytes(b"in progress")
+    now = time.time()
+    for path in (old_file, old_tree.parent):
+        os.utime(path, (now - 7200, now - 7200))
+    assert await driver.reclaim_leftovers(now - 3600) == 2
+    assert not old_file.exists() and not old_tree.parent.exists()
+    assert fresh_file.exists()
+    assert await driver.get_content("/repo/tags/v1/current/link") == b"sha256:aa"
+    assert await driver.list("/repo/tags") == ["/repo/tags/v1"]
