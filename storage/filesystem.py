@@ -488,7 +488,7 @@ class FilesystemDriver(StorageDriver):
                         if os.lstat(full).st_mtime >= older_than:
                             continue
                         if name in subdirs:
-                            shutil.rmtree(full)
+                            shutil.rmtree(full, ignore_errors=True)   # a delete may be removing it too
                         else:
                             os.unlink(full)
                         removed += 1
