@@ -176,8 +176,8 @@ class _Channel(asyncio.BufferedProtocol):
 
     # -- for the client ------------------------------------------------------------
     @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._available
+    def peer_closed(self) -> bool:
+        return self._eof
 
     @property
     def has_unread(self) -> bool:
@@ -245,7 +245,7 @@ class _Connection:
         self.idle_since = time.monotonic()
 
     def reusable(self) -> bool:
-        return (not self.channel.transport.is_closing() and not self.channel._eof
+        return (not self.channel.transport.is_closing() and not self.channel.peer_closed
                 and not self.channel.has_unread and time.monotonic() - self.idle_since < IDLE_REUSE_SECONDS)
 
     def close(self) -> None:
