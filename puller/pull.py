@@ -81,15 +81,28 @@ class _Staged:
     def __init__(self, store: LocalStore, digest: str):
         self.path = store.ingest_path(digest)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.handle = open(self.path, "ab+")
-        try:
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            # someone else is fetching the same blob: use a private file
-            self.handle.close()
-            self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        for attempt in range(3):
             self.handle = open(self.path, "ab+")
-            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)   # in use: reclaim_ingest skips it
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # someone else is fetching the same blob: use a private file
+                self.handle.close()
+                self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+                self.handle = open(self.path, "ab+")
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)   # in use: reclaim_ingest skips it
+                return
+            if self._still_named() or attempt == 2:
+                return
+            # reclaimed (unlinked) between our open and our lock: the file made
+            # anew is fresh, so the next round holds
+            self.handle.close()
+
+    def _still_named(self) -> bool:
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -295,8 +308,8 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     own_client = client is None
     client = client or RegistryClient(options)
     # store writes run beside the network; every one is awaited before the end
-    manifest_writes: list[asyncio.Future] = [
-        asyncio.ensure_future(asyncio.to_thread(lambda: (store.ensure(), store.reclaim_ingest())))]
+    prepared = asyncio.ensure_future(asyncio.to_thread(lambda: (store.ensure(), store.reclaim_ingest())))
+    manifest_writes: list[asyncio.Future] = [prepared]
     try:
         fetcher = BlobFetcher(client, store, progress)
         top = await fetch_manifest_into(client, store, ref, ref.identifier, manifest_writes)
@@ -321,6 +334,8 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
         else:
             children = [(chosen_desc, top)]
 
+        # the ingest clean-up must be over before a download opens a partial it could take
+        await prepared
         # every blob of every manifest being pulled; layers of the chosen one first
         blob_tasks: dict[str, asyncio.Task] = {}
         ordered = sorted(children, key=lambda item: item[1].digest != chosen.digest)
