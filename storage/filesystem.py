@@ -120,6 +120,17 @@ def _makedirs(directory: str, sync_dirs: bool) -> None:
             _fsync_dir(os.path.dirname(d))
 
 
+def _write_new_file(path: str, data: bytes, sync: bool) -> None:
+    """Create `path` (it must not exist), write data, flush it when `sync`."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        _write_all(fd, data)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -264,13 +275,7 @@ class FilesystemDriver(StorageDriver):
             try:
                 _makedirs(directory, self._sync_dirs)
                 tmp = os.path.join(directory, _temp_name())
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    _write_all(fd, data)
-                    if sync:
-                        os.fsync(fd)
-                finally:
-                    os.close(fd)
+                _write_new_file(tmp, data, sync)
                 try:
                     os.replace(tmp, full)
                 except FileNotFoundError:
@@ -311,13 +316,7 @@ class FilesystemDriver(StorageDriver):
         staged_file = os.path.join(stage, os.path.relpath(full, top))
         try:
             os.makedirs(os.path.dirname(staged_file))
-            fd = os.open(staged_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                _write_all(fd, data)
-                if sync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            _write_new_file(staged_file, data, sync)
             if self._sync_dirs:
                 d = os.path.dirname(staged_file)
                 while len(d) >= len(stage):
