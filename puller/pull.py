@@ -140,7 +140,8 @@ def _range_starts_at(response, offset: int) -> bool:
 
 class BlobFetcher:
     """Downloads blobs of one repository into a store: bounded concurrency,
-    one download per digest at a time, verified, resumable."""
+    one download per digest at a time, verified, resumable. The caller has
+    run `store.ensure()` (pull does, before the first fetch)."""
 
     def __init__(self, client: RegistryClient, store: LocalStore, progress: Progress | None = None):
         self.client = client
@@ -169,7 +170,6 @@ class BlobFetcher:
             return final
         async with self.semaphore:
             self.progress.start(digest, label, size if size >= 0 else None)
-            await asyncio.to_thread(self.store.ensure)
             staged = await asyncio.to_thread(_Staged, self.store, digest)
             try:
                 await self._download(ref, digest, size, staged)

@@ -349,7 +349,8 @@ class _Reader:
         self._pos += n
         return out
 
-    def copy_to(self, fd: int, n: int) -> None:
+    def copy_to(self, fd: int | None, n: int) -> None:
+        """The next n bytes of the entry, written to fd (dropped when None)."""
         while n:
             avail = len(self._buf) - self._pos
             if not avail:
@@ -357,23 +358,16 @@ class _Reader:
                     raise CorruptLayer("tar archive is truncated in the middle of an entry")
                 continue
             take = min(avail, n)
-            view = memoryview(self._buf)[self._pos:self._pos + take]
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            if fd is not None:
+                view = memoryview(self._buf)[self._pos:self._pos + take]
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
             self._pos += take
             n -= take
 
     def skip(self, n: int) -> None:
-        while n:
-            avail = len(self._buf) - self._pos
-            if not avail:
-                if not self._fill():
-                    raise CorruptLayer("tar archive is truncated in the middle of an entry")
-                continue
-            take = min(avail, n)
-            self._pos += take
-            n -= take
+        self.copy_to(None, n)
 
     def drain(self) -> bool:
         """Consume the rest; True when all of it was zero bytes (tar padding)."""
