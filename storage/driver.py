@@ -79,6 +79,19 @@ class FileWriter(abc.ABC):
     async def close(self) -> None: ...
 
 
+class StorageLock(abc.ABC):
+    """An exclusive lock on one name in storage, held until `release()`."""
+
+    @abc.abstractmethod
+    async def release(self) -> None: ...
+
+    async def __aenter__(self) -> "StorageLock":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.release()
+
+
 class StorageDriver(abc.ABC):
     name: str = "abstract"
 
@@ -104,6 +117,27 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def writer(self, path: str, append: bool = False) -> FileWriter:
         """An appending writer; with append=True continue an existing file."""
+
+    @abc.abstractmethod
+    async def try_lock(self, path: str) -> StorageLock | None:
+        """Take the exclusive lock named by path, or None at once when another
+        holder has it. The lock holds across every process and host sharing
+        this storage (it is what serialises requests on one upload session),
+        and a holder that dies loses it. It never creates directories:
+        PathNotFound when path's directory does not exist, or stops existing
+        while the lock is taken (the session finished meanwhile). A driver
+        may keep a file at path; it goes when its directory is deleted."""
+
+    async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
+        """get_content of each path, None for an absent one. Drivers with a
+        cheaper batch override this."""
+        async def one(path: str) -> bytes | None:
+            try:
+                return await self.get_content(path)
+            except PathNotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(p) for p in paths)))
 
     @abc.abstractmethod
     async def stat(self, path: str) -> FileInfo:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import os
 import re
 import secrets
@@ -38,7 +39,7 @@ from contextlib import contextmanager
 from typing import AsyncIterator, Iterator, Sequence
 
 from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
-                            PathNotFound, StorageDriver, StorageError)
+                            PathNotFound, StorageDriver, StorageError, StorageLock)
 
 TEMP_PREFIX = ".dockyard-tmp-"
 _MAX_PATH = 4096
@@ -150,6 +151,15 @@ class _FilesystemWriter(FileWriter):
         self._fd: int | None = fd
         self._size = size
         self._held = b""
+        # The thread of the last write. A caller cancelled while it runs
+        # must not close the descriptor under it: the number could be
+        # reused by another open file, which the thread would then write.
+        self._in_flight: asyncio.Future | None = None
+
+    async def _settle(self) -> None:
+        if self._in_flight is not None:
+            await asyncio.wait([self._in_flight])
+            self._in_flight = None
 
     @property
     def size(self) -> int:
@@ -175,11 +185,16 @@ class _FilesystemWriter(FileWriter):
                 _write_all(fd, held)
                 _write_all(fd, data)
 
+            await self._settle()
+            self._in_flight = asyncio.ensure_future(asyncio.to_thread(_write))
             with _translated(self._path):
-                await asyncio.to_thread(_write)
+                await asyncio.shield(self._in_flight)
+            self._in_flight = None
         self._size += len(data)
 
     async def commit(self) -> None:
+        self._require_open()
+        await self._settle()
         fd = self._require_open()
         self._fd = None
         held = self._take_held()
@@ -196,6 +211,7 @@ class _FilesystemWriter(FileWriter):
             await asyncio.to_thread(_commit)
 
     async def cancel(self) -> None:
+        await self._settle()
         fd, self._fd = self._fd, None
         self._held = b""
 
@@ -211,6 +227,7 @@ class _FilesystemWriter(FileWriter):
             await asyncio.to_thread(_cancel)
 
     async def close(self) -> None:
+        await self._settle()
         fd, self._fd = self._fd, None
         held = self._take_held()
         if fd is not None:
@@ -222,6 +239,42 @@ class _FilesystemWriter(FileWriter):
 
             with _translated(self._path):
                 await asyncio.to_thread(_close)
+
+
+class _FlockLock(StorageLock):
+    """flock(2) on a file: shared by every process on this host that opens
+    the same file (each open is its own holder, so two requests in one
+    process exclude each other too), dropped by the kernel when the holder
+    dies, so a crash never leaves a session locked."""
+
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    async def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)    # a close is never slow enough to need a thread
+
+
+def _take_flock(full: str) -> int | None:
+    fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        # The holder before us may have deleted the directory (a finished
+        # session) after we opened: then we hold the lock of nothing.
+        if os.stat(full).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(errno.ENOENT, "lock file replaced", full)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class FilesystemDriver(StorageDriver):
@@ -391,6 +444,31 @@ class FilesystemDriver(StorageDriver):
         with _translated(path):
             fd, size = await asyncio.to_thread(_open)
         return _FilesystemWriter(path, full, fd, size, self._sync_files)
+
+    async def try_lock(self, path: str) -> StorageLock | None:
+        full = self._full(path)
+        if path == "/":
+            raise InvalidPath(path, "cannot lock the root")
+        with _translated(path):
+            fd = await asyncio.to_thread(_take_flock, full)
+        return None if fd is None else _FlockLock(fd)
+
+    async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
+        """All in one thread hop (a referrers page reads hundreds of small files)."""
+        fulls = [self._full(p) for p in paths]
+
+        def _read_all() -> list[bytes | None]:
+            out: list[bytes | None] = []
+            for full in fulls:
+                try:
+                    with open(full, "rb") as f:
+                        out.append(f.read())
+                except (FileNotFoundError, NotADirectoryError):
+                    out.append(None)
+            return out
+
+        with _translated(paths[0] if paths else "/"):
+            return await asyncio.to_thread(_read_all)
 
     # ---- metadata ------------------------------------------------------
     async def stat(self, path: str) -> FileInfo:

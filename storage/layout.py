@@ -18,6 +18,7 @@
         └── _uploads/<upload id>/
             ├── data                           bytes received so far (appended in place)
             ├── digest                         "<size> <sha256>" of data's first size bytes
+            ├── lock                           held by the one request changing the session
             └── startedat                      ISO 8601 start time (for expiry)
 
 Why it is safe to build paths from client input: every name is checked
@@ -119,6 +120,12 @@ def upload_digest_record(repo: str, upload_id: str) -> str:
     the process that received them computed it, so that a finish landing on
     another worker need not read the whole upload back to hash it."""
     return f"{upload_dir(repo, upload_id)}/digest"
+
+
+def upload_lock(repo: str, upload_id: str) -> str:
+    """The session's lock (StorageDriver.try_lock): PATCH, finish and cancel
+    hold it, so one request at a time changes a session, in any process."""
+    return f"{upload_dir(repo, upload_id)}/lock"
 
 
 def uploads_dir(repo: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import contextlib
 import hashlib
 import json
 import time
@@ -31,7 +32,7 @@ from typing import Any, AsyncIterator
 
 from storage import layout, names
 from storage.driver import PathNotFound, StorageDriver
-from storage.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid,
+from storage.errors import (BlobUnknown, BlobUploadInvalid, BlobUploadUnknown, DigestInvalid,
                             ManifestBlobUnknown, ManifestInvalid, ManifestTooLarge,
                             ManifestUnknown, NameUnknown, RangeInvalid, SizeInvalid)
 
@@ -59,6 +60,7 @@ _HASH_ON_LOOP_LIMIT = 64 << 10  # hash smaller buffers inline, larger in a threa
 _DIGEST_RECORD_MIN = 1 << 20   # smaller uploads are cheaper to re-hash than to record
 _MAX_HASHERS = 1024             # in-process running hashes kept (an optimisation)
 _MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
+_SESSION_LOCK_WAIT = 1.0        # seconds a request waits for a busy upload session
 
 
 @dataclass(frozen=True)
@@ -315,17 +317,15 @@ class ContentStore:
         await self._register_repo(repo)
 
     async def _commit_blob(self, src: str, digest: str) -> None:
-        """Move verified bytes into the global store; a no-op (src deleted)
-        when the blob is there already. Two processes moving the same digest
-        at once each replace identical bytes atomically: harmless."""
-        dst = layout.blob_data(digest)
-        if await self._exists(dst):
-            await self._delete_if_present(src)
-            return
+        """Move verified bytes into the global store by rename, replacing
+        whatever is there. A copy already in place is never trusted as is:
+        had it been altered (written through a session before this fix, or
+        by hand), linking a new push to it would serve other bytes under the
+        digest, while the file just hashed is known good. Two processes
+        committing one digest at once each rename identical bytes: harmless."""
         try:
-            await self.driver.move(src, dst)
+            await self.driver.move(src, layout.blob_data(digest))
         except PathNotFound as exc:
-            # The same session finished meanwhile by another request/worker.
             raise BlobUploadUnknown("upload finished or cancelled meanwhile") from exc
 
     # ---- uploads -------------------------------------------------------
@@ -376,13 +376,49 @@ class ContentStore:
             return running
         return None
 
+    @contextlib.asynccontextmanager
+    async def _session_locked(self, repo: str, upload_id: str) -> AsyncIterator[None]:
+        """Hold the session's lock: one request at a time changes a session,
+        whichever process or host it reached. A request that finds the
+        session busy waits a moment (a client's retry may overlap the end of
+        its first try) and then loses: BlobUploadInvalid. A session that is
+        gone, or goes while we wait, is BlobUploadUnknown."""
+        names.validate_name(repo)
+        path = layout.upload_lock(repo, upload_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _SESSION_LOCK_WAIT
+        pause = 0.005
+        while True:
+            try:
+                lock = await self.driver.try_lock(path)
+            except PathNotFound as exc:
+                raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
+            if lock is not None:
+                break
+            if loop.time() >= deadline:
+                raise BlobUploadInvalid("another request is changing this upload session",
+                                        {"uuid": upload_id})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        try:
+            yield
+        finally:
+            await lock.release()
+
     async def append_upload(self, repo: str, upload_id: str,
                             chunks: AsyncIterator[bytes],
                             start: int | None = None) -> UploadStatus:
         """Append a chunk. With start (from Content-Range), RangeInvalid
         unless start == current offset. Nothing of a chunk that fails half
         way is lost or duplicated for the next try: the offset reported after
-        an error is one a client can resume from."""
+        an error is one a client can resume from. Holds the session's lock
+        for the whole body (BlobUploadInvalid when another request has it)."""
+        async with self._session_locked(repo, upload_id):
+            return await self._append(repo, upload_id, chunks, start)
+
+    async def _append(self, repo: str, upload_id: str, chunks: AsyncIterator[bytes],
+                      start: int | None) -> UploadStatus:
+        """append_upload for a caller that holds the session's lock."""
         size = await self._upload_size(repo, upload_id)
         if start is not None and start != size:
             raise RangeInvalid(f"chunk starts at {start}, upload is at {size}", size)
@@ -478,12 +514,22 @@ class ContentStore:
                             size: int | None = None) -> BlobInfo:
         """Append the final chunk (optional), verify the digest (DigestInvalid
         and nothing committed on mismatch, the session stays open), move the
-        bytes into the global blob store (a no-op when already there), link
-        into repo, and delete the session. With size, SizeInvalid unless the
-        upload holds exactly that many bytes."""
+        bytes into the global blob store, link into repo, and delete the
+        session, all under the session's lock, so the bytes committed are
+        exactly the bytes hashed and no other request can still write them.
+        With size, SizeInvalid unless the upload holds exactly that many bytes."""
+        self._parse_digest(digest)
+        async with self._session_locked(repo, upload_id):
+            return await self._finish(repo, upload_id, digest, chunks, start, size)
+
+    async def _finish(self, repo: str, upload_id: str, digest: str,
+                      chunks: AsyncIterator[bytes] | None, start: int | None,
+                      size: int | None) -> BlobInfo:
+        """finish_upload for a caller that holds the session's lock (or owns
+        a session nobody else knows of)."""
         alg, _ = self._parse_digest(digest)
         if chunks is not None:
-            total = (await self.append_upload(repo, upload_id, chunks, start)).offset
+            total = (await self._append(repo, upload_id, chunks, start)).offset
         else:
             total = await self._upload_size(repo, upload_id)
             if start is not None and start != total:
@@ -503,20 +549,21 @@ class ContentStore:
         return BlobInfo(digest, total)
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
-        names.validate_name(repo)
-        self._hashers.pop((repo, upload_id), None)
-        if not await self._delete_if_present(layout.upload_dir(repo, upload_id)):
-            raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id})
+        async with self._session_locked(repo, upload_id):
+            self._hashers.pop((repo, upload_id), None)
+            if not await self._delete_if_present(layout.upload_dir(repo, upload_id)):
+                raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id})
 
     async def put_blob(self, repo: str, digest: str,
                        chunks: AsyncIterator[bytes], *,
                        size: int | None = None) -> BlobInfo:
         """Monolithic upload in one call (POST ?digest= with a body). Staged
-        like any upload, and the session removed whatever happens."""
+        like any upload, and the session removed whatever happens. Its id is
+        never handed out, so no other request can touch it: no lock needed."""
         self._parse_digest(digest)
         status = await self.start_upload(repo)
         try:
-            return await self.finish_upload(repo, status.upload_id, digest, chunks, size=size)
+            return await self._finish(repo, status.upload_id, digest, chunks, None, size)
         except BaseException:
             self._hashers.pop((repo, status.upload_id), None)
             await self._delete_if_present(layout.upload_dir(repo, status.upload_id))
@@ -536,8 +583,17 @@ class ContentStore:
                 started = await self.upload_started_at(repo, upload_id)
             except (BlobUploadUnknown, ValueError):
                 started = 0.0  # no or unreadable start time: a crashed start
-            if started < older_than and await self._delete_if_present(entry):
-                purged.append(upload_id)
+            if started >= older_than:
+                continue
+            try:
+                lock = await self.driver.try_lock(layout.upload_lock(repo, upload_id))
+            except PathNotFound:
+                continue                # finished or cancelled meanwhile
+            if lock is None:
+                continue                # a request is writing it right now: not abandoned
+            async with lock:
+                if await self._delete_if_present(entry):
+                    purged.append(upload_id)
         return purged
 
     # ---- manifests and tags --------------------------------------------

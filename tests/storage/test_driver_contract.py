@@ -275,3 +275,75 @@ async def test_stat_many(driver):
     assert await driver.stat_many([]) == []
     with pytest.raises(InvalidPath):
         await driver.stat_many(["/ok", "relative"])
+
+
+async def test_get_many(driver):
+    await driver.put_content("/g/a", b"alpha")
+    await driver.put_content("/g/b", b"")
+    assert await driver.get_many(["/g/a", "/g/absent", "/g/b", "/nowhere/x"]) == [
+        b"alpha", None, b"", None]
+    assert await driver.get_many([]) == []
+    with pytest.raises(InvalidPath):
+        await driver.get_many(["/ok", "relative"])
+
+
+# ---- locks (one request at a time on an upload session) ----------------------
+
+async def test_lock_is_exclusive_until_released(driver):
+    await driver.put_content("/s/data", b"")
+    first = await driver.try_lock("/s/lock")
+    assert first is not None
+    assert await driver.try_lock("/s/lock") is None       # held: refused at once
+    await first.release()
+    second = await driver.try_lock("/s/lock")
+    assert second is not None
+    async with second:                                    # released on exit
+        assert await driver.try_lock("/s/lock") is None
+    third = await driver.try_lock("/s/lock")
+    assert third is not None
+    await third.release()
+
+
+async def test_lock_never_creates_directories(driver):
+    with pytest.raises(PathNotFound):
+        await driver.try_lock("/absent/dir/lock")
+    with pytest.raises(PathNotFound):
+        await driver.stat("/absent")
+
+
+async def test_lock_of_a_deleted_directory_is_gone(driver):
+    """A session finished (its directory deleted) under the lock: whoever
+    comes next finds nothing to lock, never a fresh lock on a dead session."""
+    await driver.put_content("/sess/data", b"x")
+    held = await driver.try_lock("/sess/lock")
+    assert held is not None
+    await driver.delete("/sess")
+    await held.release()
+    with pytest.raises(PathNotFound):
+        await driver.try_lock("/sess/lock")
+
+
+async def test_lock_waiters_take_turns(driver):
+    """Many contenders, one holder at a time: a counter changed only under
+    the lock never sees two holders."""
+    await driver.put_content("/turns/data", b"")
+    holders, most, taken = 0, 0, 0
+
+    async def contender():
+        nonlocal holders, most, taken
+        for _ in range(200):
+            lock = await driver.try_lock("/turns/lock")
+            if lock is None:
+                await asyncio.sleep(0.001)
+                continue
+            holders += 1
+            most = max(most, holders)
+            await asyncio.sleep(0.001)
+            holders -= 1
+            taken += 1
+            await lock.release()
+            if taken >= 20:
+                return
+
+    await asyncio.wait_for(asyncio.gather(*(contender() for _ in range(5))), 30)
+    assert most == 1 and taken >= 20

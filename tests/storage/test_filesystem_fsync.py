@@ -7,6 +7,7 @@ observable behaviour short of a power cut shows.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import stat
@@ -114,3 +115,36 @@ async def test_reclaim_leftovers_removes_old_hidden_writes_only(tmp_path):
     assert fresh_file.exists()
     assert await driver.get_content("/repo/tags/v1/current/link") == b"sha256:aa"
     assert await driver.list("/repo/tags") == ["/repo/tags/v1"]
+
+
+def test_upload_lock_holds_across_processes(tmp_path):
+    """The lock of one worker process excludes another's (flock), and is
+    dropped by the kernel when its holder dies."""
+    import subprocess
+    import sys
+    import textwrap
+
+    driver = FilesystemDriver(str(tmp_path / "root"))
+    asyncio.run(driver.put_content("/u/data", b""))
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import asyncio, sys, time
+        from storage.filesystem import FilesystemDriver
+        async def main():
+            lock = await FilesystemDriver({str(tmp_path / 'root')!r}).try_lock("/u/lock")
+            print("held" if lock else "busy", flush=True)
+            time.sleep(60)
+        asyncio.run(main())
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert asyncio.run(driver.try_lock("/u/lock")) is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+    async def after_death():
+        lock = await driver.try_lock("/u/lock")
+        assert lock is not None
+        await lock.release()
+
+    asyncio.run(after_death())
