@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -26,16 +27,22 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from puller.errors import ClientError
 from puller.reference import DOCKER_HUB, DOCKER_HUB_API
 
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
+# a token answer's expires_in is clamped to this range: the spec's default
+# and minimum, and a day (a longer-lived cache gains nothing, and an
+# Infinity or a 400-digit number would overflow the clock arithmetic)
+MIN_TOKEN_SECONDS = 60
+MAX_TOKEN_SECONDS = 86400
 
 
-class AuthError(Exception):
+class AuthError(ClientError):
     """Authentication failed or was refused (one line for the user)."""
 
 
-class CredentialError(Exception):
+class CredentialError(ClientError):
     """Reading or writing stored credentials failed."""
 
 
@@ -375,15 +382,33 @@ class TokenCache:
         self._tokens.pop(key, None)
 
 
-def token_from_response(body: dict, now: float | None = None) -> Token:
+def _usable_token(value) -> bool:
+    # it goes into an Authorization header: visible ASCII only, no spaces, CR or LF
+    return isinstance(value, str) and 0 < len(value) <= 64 * 1024 and value.isascii() and value.isprintable() \
+        and " " not in value
+
+
+def token_lifetime(value) -> float:
+    """Seconds a token may be used, from the answer's expires_in: anything
+    that is not a finite number (a string, NaN, Infinity, true) or is below
+    the minimum counts as the spec's 60 s; more than a day counts as a day."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return MIN_TOKEN_SECONDS
+    if isinstance(value, float) and not math.isfinite(value):
+        return MAX_TOKEN_SECONDS if value > 0 else MIN_TOKEN_SECONDS
+    return float(min(max(value, MIN_TOKEN_SECONDS), MAX_TOKEN_SECONDS))
+
+
+def token_from_response(body, now: float | None = None, where: str = "token server") -> Token:
+    """A Token from a token server's decoded JSON answer, every field checked."""
+    if not isinstance(body, dict):
+        raise AuthError(f"{where} answered something that is not a JSON object")
     value = body.get("token") or body.get("access_token")
     if not value:
-        raise AuthError("token server answered without a token")
-    try:
-        expires_in = int(body.get("expires_in") or 60)
-    except (TypeError, ValueError):
-        expires_in = 60
-    expires_in = max(expires_in, 60)  # the spec's minimum, as docker assumes
+        raise AuthError(f"{where} answered without a token")
+    if not _usable_token(value):
+        raise AuthError(f"{where} answered a token that is not a printable string")
+    refresh = body.get("refresh_token")
     now = time.monotonic() if now is None else now
-    return Token(value=value, expires_at=now + expires_in - TokenCache.MARGIN,
-                 refresh_token=body.get("refresh_token"))
+    return Token(value=value, expires_at=now + token_lifetime(body.get("expires_in")) - TokenCache.MARGIN,
+                 refresh_token=refresh if _usable_token(refresh) else None)

@@ -243,9 +243,8 @@ def cmd_inspect(args) -> int:
             top = await client.get_manifest(ref)
             payload = {"reference": str(ref), "digest": top.digest, "media_type": top.media_type,
                        "manifest": top.json}
-            if not top.is_index and top.json.get("config"):
-                async with client.blob(ref, top.json["config"]["digest"]) as response:
-                    payload["config"] = json.loads(await response.read(4 * 1024 * 1024))
+            if not top.is_index and top.parsed.config is not None:
+                payload["config"] = await client.get_config(ref, top.parsed.config)
             if args.raw:
                 sys.stdout.write(top.data.decode())
                 return 0

@@ -21,6 +21,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from puller.http import ClientError, FetchedManifest, NotFoundError, OCI_INDEX, RegistryClient
+from puller.oci import ContentError, Descriptor
 from puller.progress import Progress
 from puller.pull import pull
 from puller.push import (ImageSource, LayoutSource, RegistrySource, open_layout_source, parse_source,
@@ -101,35 +102,39 @@ async def _copy_referrers(client: RegistryClient, src: Reference, dest: Referenc
     for digest in digests:
         found = await client.referrers(src, digest)
         for descriptor in found:
-            if descriptor["digest"] in result.referrers:
+            if descriptor.digest in result.referrers:
                 continue
-            manifest = await client.get_manifest(src, descriptor["digest"])
+            manifest = await client.get_manifest(src, descriptor.digest)
             pushed = await push_image(source, client, dest.with_tag(None), tags=[], progress=progress,
                                       root=manifest)
             result.referrers.append(manifest.digest)
             result.bytes_transferred += pushed.bytes_uploaded
-            subject = manifest.json.get("subject")
+            subject = manifest.parsed.subject
             if subject and not pushed.subject_headers.get(manifest.digest):
-                await _add_to_referrers_tag(client, dest, subject["digest"], descriptor, manifest)
+                await _add_to_referrers_tag(client, dest, subject.digest, descriptor, manifest)
             await _copy_referrers(client, src, dest, [manifest.digest], result, progress, depth + 1)
 
 
 async def _add_to_referrers_tag(client: RegistryClient, dest: Reference, subject_digest: str,
-                                descriptor: dict, manifest: FetchedManifest) -> None:
+                                descriptor: Descriptor, manifest: FetchedManifest) -> None:
     """The referrers tag schema: an index tagged sha256-<hex> listing referrers."""
     tag = subject_digest.replace(":", "-")
     try:
-        current = (await client.get_manifest(dest, tag)).json
+        current = await client.get_manifest(dest, tag)
     except NotFoundError:
-        current = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
-    entries = [m for m in current.get("manifests") or [] if m.get("digest") != manifest.digest]
+        current = None
+    if current is not None and not current.is_index:
+        raise ContentError(f"{dest.name}: the referrers tag {tag} is not an index")
+    listed = current.parsed.manifests if current is not None else ()
+    entries = [m.raw for m in listed if m.digest != manifest.digest]
     entry = {"mediaType": manifest.media_type, "digest": manifest.digest, "size": len(manifest.data)}
-    artifact_type = (manifest.json.get("artifactType")
-                     or (manifest.json.get("config") or {}).get("mediaType") or descriptor.get("artifactType"))
+    parsed = manifest.parsed
+    config = None if parsed.is_index else parsed.config
+    artifact_type = parsed.artifact_type or (config.media_type if config else None) or descriptor.artifact_type
     if artifact_type:
         entry["artifactType"] = artifact_type
-    if manifest.json.get("annotations"):
-        entry["annotations"] = manifest.json["annotations"]
+    if parsed.annotations:
+        entry["annotations"] = parsed.annotations
     entries.append(entry)
     body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
     await client.put_manifest(dest, tag, body, OCI_INDEX)
@@ -152,15 +157,16 @@ async def _copy_to_layout(client, src_kind, src_loc, src_name, dst_dir, dst_name
     copied: list[str] = []
     total = 0
 
-    def copy_tree(manifest_digest: str) -> None:
+    def copy_tree(manifest_digest: str, media_type: str | None = None) -> None:
         nonlocal total
-        manifest = layout.store.read_json(manifest_digest)
+        manifest = layout.store.read_manifest(manifest_digest, media_type)
         children = [manifest_digest]
-        for child in manifest.get("manifests") or []:
-            copy_tree(child["digest"])
-        for blob in [manifest.get("config")] + list(manifest.get("layers") or []):
-            if blob:
-                children.append(blob["digest"])
+        if manifest.is_index:
+            for child in manifest.manifests:
+                copy_tree(child.digest, child.media_type or None)
+        else:
+            children.extend(blob.digest for blob in manifest.blobs
+                            if not blob.non_distributable or layout.store.has_blob(blob.digest))
         for digest in children:
             if dest_store.has_blob(digest):
                 continue
@@ -175,7 +181,7 @@ async def _copy_to_layout(client, src_kind, src_loc, src_name, dst_dir, dst_name
 
     def run() -> None:
         dest_store.ensure()
-        copy_tree(root.digest)
+        copy_tree(root.digest, root.media_type)
         dest_store.record(name, root.descriptor())
     await asyncio.to_thread(run)
     return CopyResult(source=source, destination=destination, digest=root.digest, media_type=root.media_type,

@@ -24,15 +24,17 @@ AuthError. Authorization is never sent to another host after a redirect
 that is not HTTPS is refused unless the registry itself is plain HTTP on
 loopback.
 
-Errors (one line each, for the CLI):
+Redirects go to http(s) URLs only: any other scheme (file:, ftp:, ...) is
+a permanent RegistryResponseError, never retried.
 
-    ClientError
-     +-- AuthError (puller.auth)       401/403, bad credentials, refused realm
-     +-- NotFoundError                 404 manifest/blob/repository
-     +-- ManifestError                 not JSON, too big, digest mismatch, unsupported
-     +-- DigestMismatchError           blob bytes do not match their digest/size
-     +-- RegistryResponseError         other unexpected status
-     +-- TransportError                connection failures after retries
+Manifest requests (GET, HEAD, PUT) to one registry run at most
+MANIFEST_REQUESTS_PER_REGISTRY at a time, whatever the caller gathers (an
+index of thousands of platforms); blob transfers have their own bound
+(options.concurrency) in pull and push.
+
+Errors (one line each, for the CLI): the tree in puller.errors, re-exported
+here; manifests and descriptors are checked by puller.oci (ContentError, a
+ManifestError).
 """
 
 from __future__ import annotations
@@ -47,21 +49,24 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 from puller.auth import (ANONYMOUS, AuthError, Challenge, Credentials, CredentialError, DockerConfig, Scope,
                          TokenCache, challenges_from_headers, merge_scopes, parse_scope_list, token_from_response)
+from puller.errors import (ClientError, DigestMismatchError, ManifestError, NotFoundError,  # noqa: F401 (re-exported)
+                           RegistryResponseError, TransportError)
+from puller.oci import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_MEDIA_TYPES,  # noqa: F401
+                        MANIFEST_MEDIA_TYPES, MAX_DOCUMENT_SIZE, OCI_INDEX, OCI_MANIFEST, ContentError, Descriptor,
+                        ImageIndex, ImageManifest, check_document_size, parse_config, parse_json_object,
+                        parse_manifest)
 from puller.reference import Reference, is_loopback
 from puller.transport import CertificateFailure, Response, Transport, TransportFailure, TransportOptions
 
 MiB = 1024 * 1024
-MAX_MANIFEST_SIZE = 4 * MiB
+MAX_MANIFEST_SIZE = MAX_DOCUMENT_SIZE    # manifests, indexes, configs, referrers lists: read whole
 USER_AGENT = "dockyard/0.1"
-
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_SCHEMA1 = ("application/vnd.docker.distribution.manifest.v1+json",
-                  "application/vnd.docker.distribution.manifest.v1+prettyjws")
-INDEX_MEDIA_TYPES = (OCI_INDEX, DOCKER_LIST)
-MANIFEST_MEDIA_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+# Manifest requests in flight per registry. An index may list thousands of
+# platforms; gathering them all at once opened one connection each and ran
+# out of file descriptors. 8 is what skopeo and containerd allow per host,
+# and at least the default blob concurrency, so a pull's peak stays at 8.
+MANIFEST_REQUESTS_PER_REGISTRY = 8
+REDIRECT_SCHEMES = ("http", "https")
 ACCEPT_MANIFESTS = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -70,36 +75,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 10
 
 
-# -- errors -----------------------------------------------------------------------
-
-class ClientError(Exception):
-    """Base of every client failure; str() is one line for the user."""
-
-
-class NotFoundError(ClientError):
-    pass
-
-
-class ManifestError(ClientError):
-    pass
-
-
-class DigestMismatchError(ClientError):
-    pass
-
-
-class RegistryResponseError(ClientError):
-    def __init__(self, message: str, status: int | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-class TransportError(ClientError):
-    pass
-
-
-# AuthError lives in puller.auth but belongs to the same family for callers
+# AuthError and CredentialError (puller.auth) derive from ClientError too; the
+# tuple stays for the CLIs that catch it
 CLIENT_ERRORS = (ClientError, AuthError, CredentialError)
 
 
@@ -112,7 +89,7 @@ class ClientOptions:
     ca_file: str | None = None          # --ca-file: extra CA bundle
     concurrency: int = 6                # parallel blob transfers
     retries: int = 5                    # per request / per blob (resumed)
-    max_manifest_size: int = MAX_MANIFEST_SIZE
+    max_manifest_size: int = MAX_MANIFEST_SIZE   # every JSON document read whole: manifests, configs
     connect_timeout: float = 30.0
     read_timeout: float = 300.0         # between two reads of a body
     docker_config: str | None = None    # directory holding config.json (default $DOCKER_CONFIG, ~/.docker)
@@ -134,11 +111,17 @@ class FetchedManifest:
     data: bytes
     media_type: str
     digest: str
-    json: dict
+    json: dict                              # the document, every field the client uses checked
+    parsed: ImageManifest | ImageIndex      # the same, typed (puller.oci)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, digest: str, media_type: str | None, where: str) -> "FetchedManifest":
+        parsed = parse_manifest(data, media_type, where)
+        return cls(data=data, media_type=parsed.media_type, digest=digest, json=parsed.json, parsed=parsed)
 
     @property
     def is_index(self) -> bool:
-        return self.media_type in INDEX_MEDIA_TYPES
+        return self.parsed.is_index
 
     def descriptor(self) -> dict:
         return {"mediaType": self.media_type, "digest": self.digest, "size": len(self.data)}
@@ -166,7 +149,7 @@ def _registry_error(status: int, body: bytes) -> tuple[str | None, str]:
         errors = json.loads(body).get("errors") or []
         first = errors[0]
         return first.get("code"), first.get("message") or first.get("code") or ""
-    except (ValueError, AttributeError, IndexError, TypeError):
+    except (ValueError, AttributeError, IndexError, TypeError, KeyError, RecursionError):
         text = body.decode(errors="replace").strip().splitlines()
         return None, (text[0][:200] if text else "")
 
@@ -178,6 +161,7 @@ class RegistryClient:
         self._endpoints: dict[str, _Endpoint] = {}
         self._endpoint_locks: dict[str, asyncio.Lock] = {}
         self._token_locks: dict[tuple, asyncio.Lock] = {}
+        self._manifest_slots: dict[str, asyncio.Semaphore] = {}
         self._tokens = TokenCache()
         self._docker_config = DockerConfig(self.options.docker_config)
 
@@ -268,9 +252,7 @@ class RegistryClient:
     async def _token(self, host: str, endpoint: _Endpoint, challenge: Challenge, scopes: list[Scope],
                      force: bool) -> str:
         realm = challenge.realm
-        realm_scheme = urlsplit(realm).scheme
-        if realm_scheme != "https" and not (endpoint.base.startswith("http://") and is_loopback(host)):
-            raise AuthError(f"refusing token realm {realm}: not HTTPS")
+        _check_realm(realm, host, endpoint.base)
         service = challenge.params.get("service")
         creds = endpoint.credentials
         key = TokenCache.key(realm, service, scopes, creds.username or creds.identity_token)
@@ -302,7 +284,7 @@ class RegistryClient:
             else:
                 form.update(grant_type="password", username=creds.username, password=creds.password)
             status, body = await self._token_request(
-                "POST", realm, body=urlencode(form).encode(),
+                "POST", realm, body=urlencode(form).encode(), secret_body=True,
                 headers={"Content-Type": "application/x-www-form-urlencoded"})
             if status not in (404, 405):
                 return self._token_result(host, status, body)
@@ -312,21 +294,26 @@ class RegistryClient:
         if service:
             params.append(("service", service))
         params.extend(("scope", s) for s in scope_strings)
-        headers = {}
+        basic = None
         if creds.username:
             params.append(("account", creds.username))
-            headers["Authorization"] = creds.basic_header()
+            basic = creds.basic_header()
         url = realm + ("&" if "?" in realm else "?") + urlencode(params) if params else realm
-        status, body = await self._token_request("GET", url, headers=headers)
+        status, body = await self._token_request("GET", url, auth=basic)
         return self._token_result(host, status, body)
 
     async def _token_request(self, method: str, url: str, *, headers: dict | None = None,
-                             body: bytes | None = None) -> tuple[int, bytes]:
+                             body: bytes | None = None, auth: str | None = None,
+                             secret_body: bool = False) -> tuple[int, bytes]:
+        realm_origin = _origin(url)
         for attempt in range(self.options.retries + 1):
             try:
-                # the token server is its own origin: its credentials go nowhere else
+                # the token server is its own origin: the credentials (a Basic
+                # header, or a form with the password) go nowhere else, even
+                # when it redirects
                 response = await self._send(method, url, headers or {}, body, follow_redirects=True,
-                                            auth=None, auth_origin=None)
+                                            auth=auth, auth_origin=realm_origin,
+                                            body_origin=realm_origin if secret_body else None)
                 try:
                     data = await response.read(64 * 1024)
                 finally:
@@ -348,9 +335,10 @@ class RegistryClient:
             _, message = _registry_error(status, body)
             raise AuthError(f"token server for {host} answered {status}: {message}".rstrip(": "))
         try:
-            return token_from_response(json.loads(body))
-        except ValueError:
-            raise AuthError(f"token server for {host} answered something that is not JSON") from None
+            answer = parse_json_object(body, f"token server for {host}")
+        except ContentError:
+            raise AuthError(f"token server for {host} answered something that is not a JSON object") from None
+        return token_from_response(answer, where=f"token server for {host}")
 
     # -- requests -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -412,8 +400,9 @@ class RegistryClient:
             return
 
     async def _send(self, method: str, url: str, headers: dict, body, follow_redirects: bool,
-                    auth: str | None, auth_origin: tuple | None) -> Response:
-        """One request, following redirects; `auth` goes only to `auth_origin`."""
+                    auth: str | None, auth_origin: tuple | None, body_origin: tuple | None = None) -> Response:
+        """One request, following redirects; `auth` goes only to `auth_origin`,
+        and with `body_origin` the body too (a redirect elsewhere is refused)."""
         for _ in range(MAX_REDIRECTS):
             request_headers = {**_IDENTITY, **headers}
             if auth and _origin(url) == auth_origin:
@@ -423,12 +412,17 @@ class RegistryClient:
                 return response
             location = response.headers.get("Location")
             response.release()
+            source = urlsplit(url).netloc
             if not location:
-                raise RegistryResponseError(f"redirect without Location from {urlsplit(url).netloc}")
-            url = urljoin(url, location)
+                raise RegistryResponseError(f"redirect without Location from {source}")
+            # permanent, not worth a retry: the next answer would say the same
+            url = _redirect_target(url, location, f"redirect from {source} to")
             if response.status == 303 or (response.status in (301, 302) and method == "POST"):
                 method, body = "GET", None
                 headers = {k: v for k, v in headers.items() if k.lower() not in ("content-type", "content-length")}
+            if body is not None and body_origin is not None and _origin(url) != body_origin:
+                raise AuthError(f"{source} redirected a request carrying credentials to "
+                                f"{urlsplit(url).netloc}: refused")
         raise RegistryResponseError("too many redirects")
 
     async def error_for(self, response: Response, what: str) -> ClientError:
@@ -443,26 +437,28 @@ class RegistryClient:
                                      response.status, code)
 
     # -- manifests --------------------------------------------------------------------------
+    def manifest_slots(self, host: str) -> asyncio.Semaphore:
+        """The bound on manifest requests in flight to `host` (see MANIFEST_REQUESTS_PER_REGISTRY)."""
+        slots = self._manifest_slots.get(host)
+        if slots is None:
+            slots = self._manifest_slots[host] = asyncio.Semaphore(MANIFEST_REQUESTS_PER_REGISTRY)
+        return slots
+
     async def get_manifest(self, ref: Reference, identifier: str | None = None,
                            accept: str = ACCEPT_MANIFESTS) -> FetchedManifest:
         identifier = identifier or ref.identifier
         what = f"manifest {ref.name}{'@' if ':' in identifier else ':'}{identifier}"
         scopes = [Scope.repository(ref.repository, "pull")]
-        async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
-                                scopes=scopes, headers={"Accept": accept}) as response:
-            if response.status != 200:
-                raise await self.error_for(response, what)
-            limit = self.options.max_manifest_size
-            if response.content_length is not None and response.content_length > limit:
-                raise ManifestError(f"{what}: {response.content_length} bytes exceeds the {limit} byte limit")
-            data = await response.read(limit)
-            if len(data) > limit:
-                raise ManifestError(f"{what}: exceeds the {limit} byte limit")
-            header_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
+        async with self.manifest_slots(ref.api_host):
+            async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                    scopes=scopes, headers={"Accept": accept}) as response:
+                if response.status != 200:
+                    raise await self.error_for(response, what)
+                data = await read_document(response, self.options.max_manifest_size, what)
+                header_type = (response.headers.get("Content-Type") or "").split(";")[0].strip()
         return self._check_manifest(what, identifier, data, header_type)
 
     def _check_manifest(self, what: str, identifier: str, data: bytes, header_type: str) -> FetchedManifest:
-        parsed = _json_object(data, what, ManifestError)
         if ":" in identifier:
             algorithm = identifier.split(":", 1)[0]
             try:
@@ -474,72 +470,71 @@ class RegistryClient:
             digest = actual
         else:
             digest = digest_of(data)
-        media_type = parsed.get("mediaType") or header_type
-        if parsed.get("schemaVersion") == 1 or media_type in DOCKER_SCHEMA1:
-            raise ManifestError(f"{what}: Docker schema 1 manifests are not supported")
-        if media_type not in INDEX_MEDIA_TYPES + MANIFEST_MEDIA_TYPES:
-            # artifacts and untyped manifests: infer from the shape
-            media_type = OCI_INDEX if "manifests" in parsed else (media_type or OCI_MANIFEST)
-        if media_type in INDEX_MEDIA_TYPES and not isinstance(parsed.get("manifests"), list):
-            raise ManifestError(f"{what}: index without a manifests list")
-        if media_type in MANIFEST_MEDIA_TYPES and not isinstance(parsed.get("config"), dict):
-            raise ManifestError(f"{what}: manifest without a config descriptor")
-        return FetchedManifest(data=data, media_type=media_type, digest=digest, json=parsed)
+        return FetchedManifest.from_bytes(data, digest, header_type or None, what)
 
     async def head_manifest(self, ref: Reference, identifier: str) -> dict | None:
         scopes = [Scope.repository(ref.repository, "pull")]
-        async with self.request("HEAD", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
-                                scopes=scopes, headers={"Accept": ACCEPT_MANIFESTS}) as response:
-            if response.status == 404:
-                return None
-            if response.status != 200:
-                raise await self.error_for(response, f"manifest {ref.name}:{identifier}")
-            return {"mediaType": (response.headers.get("Content-Type") or "").split(";")[0],
-                    "digest": response.headers.get("Docker-Content-Digest"),
-                    "size": int(response.headers.get("Content-Length") or 0)}
+        async with self.manifest_slots(ref.api_host):
+            async with self.request("HEAD", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                    scopes=scopes, headers={"Accept": ACCEPT_MANIFESTS}) as response:
+                if response.status == 404:
+                    return None
+                if response.status != 200:
+                    raise await self.error_for(response, f"manifest {ref.name}:{identifier}")
+                return {"mediaType": (response.headers.get("Content-Type") or "").split(";")[0],
+                        "digest": response.headers.get("Docker-Content-Digest"),
+                        "size": response.content_length or 0}
 
     async def put_manifest(self, ref: Reference, identifier: str, data: bytes, media_type: str) -> dict:
         scopes = [Scope.repository(ref.repository, "pull", "push")]
-        async with self.request("PUT", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
-                                scopes=scopes, headers={"Content-Type": media_type}, data=data) as response:
-            if response.status not in (200, 201, 202):
-                raise await self.error_for(response, f"push manifest {ref.name}:{identifier}")
-            return {"digest": response.headers.get("Docker-Content-Digest"),
-                    "subject": response.headers.get("OCI-Subject")}
+        async with self.manifest_slots(ref.api_host):
+            async with self.request("PUT", ref.api_host, f"/v2/{ref.repository}/manifests/{identifier}",
+                                    scopes=scopes, headers={"Content-Type": media_type}, data=data) as response:
+                if response.status not in (200, 201, 202):
+                    raise await self.error_for(response, f"push manifest {ref.name}:{identifier}")
+                return {"digest": response.headers.get("Docker-Content-Digest"),
+                        "subject": response.headers.get("OCI-Subject")}
 
     async def list_tags(self, ref: Reference) -> list[str]:
         scopes = [Scope.repository(ref.repository, "pull")]
         tags: list[str] = []
         path = f"/v2/{ref.repository}/tags/list"
+        what = f"tags of {ref.name}"
         for _ in range(1000):
             async with self.request("GET", ref.api_host, path, scopes=scopes) as response:
                 if response.status != 200:
-                    raise await self.error_for(response, f"tags of {ref.name}")
-                body = _json_object(await response.read(), f"tags of {ref.name}")
-                tags.extend(body.get("tags") or [])
+                    raise await self.error_for(response, what)
+                body = _json_object(await read_document(response, self.options.max_manifest_size, what), what)
+                page = body.get("tags") or []
+                if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
+                    raise RegistryResponseError(f"{what}: tags is not a list of strings")
+                tags.extend(page)
                 link = response.headers.get("Link")
             if not link or 'rel="next"' not in link:
                 break
-            path = link.split(";")[0].strip().strip("<>")
+            path = _redirect_target(response.url, link.split(";")[0].strip().strip("<>"), f"next page of {what}")
         return tags
 
-    async def referrers(self, ref: Reference, digest: str) -> list[dict]:
+    async def referrers(self, ref: Reference, digest: str) -> list[Descriptor]:
         """Descriptors of manifests whose subject is `digest`: the referrers API,
         or the referrers tag schema (sha256-<hex>) when the API answers 404."""
         scopes = [Scope.repository(ref.repository, "pull")]
+        what = f"referrers of {ref.name}@{digest}"
         async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/referrers/{digest}",
                                 scopes=scopes, headers={"Accept": OCI_INDEX}) as response:
             if response.status == 200:
-                body = _json_object(await response.read(MAX_MANIFEST_SIZE), f"referrers of {ref.name}@{digest}")
-                return list(body.get("manifests") or [])
+                data = await read_document(response, self.options.max_manifest_size, what)
+                return list(parse_manifest(data, OCI_INDEX, what).manifests)
             if response.status not in (404, 405, 400):
-                raise await self.error_for(response, f"referrers of {ref.name}@{digest}")
+                raise await self.error_for(response, what)
         tag = digest.replace(":", "-")
         try:
             fallback = await self.get_manifest(ref, tag, accept=OCI_INDEX)
         except NotFoundError:
             return []
-        return list(fallback.json.get("manifests") or [])
+        if not fallback.is_index:
+            raise ContentError(f"{what}: the referrers tag {tag} is not an index")
+        return list(fallback.parsed.manifests)
 
     # -- blobs ------------------------------------------------------------------------------
     async def blob_size(self, ref: Reference, digest: str, *, push: bool = False) -> int | None:
@@ -552,7 +547,7 @@ class RegistryClient:
                 return None
             if response.status != 200:
                 raise await self.error_for(response, f"blob {digest} in {ref.name}")
-            return int(response.headers.get("Content-Length") or 0)
+            return response.content_length or 0
 
     @contextlib.asynccontextmanager
     async def blob(self, ref: Reference, digest: str, offset: int = 0) -> AsyncIterator[Response]:
@@ -564,6 +559,18 @@ class RegistryClient:
             if response.status not in (200, 206):
                 raise await self.error_for(response, f"blob {digest} in {ref.name}")
             yield response
+
+    async def get_config(self, ref: Reference, descriptor: Descriptor) -> dict:
+        """An image config read whole: capped like a manifest (by its
+        descriptor before the request, and while reading), digest verified."""
+        what = f"config {descriptor.digest} of {ref.name}"
+        check_document_size(descriptor, self.options.max_manifest_size, what)
+        async with self.blob(ref, descriptor.digest) as response:
+            data = await read_document(response, descriptor.size, what)
+        algorithm = descriptor.digest.split(":", 1)[0]
+        if len(data) != descriptor.size or digest_of(data, algorithm) != descriptor.digest:
+            raise DigestMismatchError(f"{what}: content does not match its descriptor")
+        return parse_config(data, what)
 
     async def start_upload(self, ref: Reference, mount: str | None = None,
                            mount_from: str | None = None) -> str | None:
@@ -583,7 +590,7 @@ class RegistryClient:
             location = response.headers.get("Location")
             if not location:
                 raise RegistryResponseError(f"upload to {ref.name}: no Location in the answer")
-            return urljoin(response.url, location)
+            return _redirect_target(response.url, location, f"upload location from {ref.api_host}")
 
     async def upload_blob(self, ref: Reference, location: str, digest: str, size: int,
                           read_chunks: Callable[[int, int], AsyncIterator[bytes]],
@@ -646,14 +653,77 @@ class RegistryClient:
 _IDENTITY = {"Accept-Encoding": "identity"}   # bytes as stored: digests are over them
 
 
-def _json_object(data: bytes, what: str, error: type[ClientError] = RegistryResponseError) -> dict:
+def _json_object(data: bytes, what: str) -> dict:
+    """A registry answer that must be a JSON object (strict: no NaN, no Infinity)."""
     try:
-        body = json.loads(data)
+        return parse_json_object(data, what)
+    except ContentError as exc:
+        raise RegistryResponseError(str(exc)) from None
+
+
+async def read_document(response: Response, limit: int, what: str) -> bytes:
+    """The body of a JSON document read whole (manifest, config, referrers):
+    refused when it announces, or turns out to be, larger than `limit`."""
+    if response.content_length is not None and response.content_length > limit:
+        raise ManifestError(f"{what}: {response.content_length} bytes exceeds the {limit} byte limit")
+    data = await response.read(limit)
+    if len(data) > limit:
+        raise ManifestError(f"{what}: exceeds the {limit} byte limit")
+    return data
+
+
+def _redirect_target(url: str, location: str, what: str) -> str:
+    """The absolute URL a registry points to (redirect, upload Location, next
+    page), resolved against `url`: only http(s) URLs with a host are followed."""
+    shown = location if len(location) <= 80 else location[:77] + "..."
+    try:
+        target = urljoin(url, location.strip())
+        parts = urlsplit(target)
+        parts.port                      # a malformed port raises here, not later
     except ValueError:
-        raise error(f"{what}: not valid JSON") from None
-    if not isinstance(body, dict):
-        raise error(f"{what}: not a JSON object")
-    return body
+        raise RegistryResponseError(f"{what} {shown!r} refused: not a valid URL") from None
+    if parts.scheme.lower() not in REDIRECT_SCHEMES or not parts.hostname:
+        raise RegistryResponseError(f"{what} {shown!r} refused: only http and https URLs are followed")
+    return target
+
+
+def _check_realm(realm: str, host: str, registry_base: str) -> None:
+    """Where a token request, which carries the user's credentials, may go:
+    any HTTPS URL; plain HTTP only to the registry's own host name or
+    address, and only when that registry itself is plain HTTP on loopback (a
+    local registry with its token server beside it). Another host - even
+    another loopback address, or `localhost` for 127.0.0.1 - would be sent
+    the password in cleartext."""
+    try:
+        parts = urlsplit(realm)
+        realm_host = (parts.hostname or "").lower()
+        parts.port
+    except ValueError:
+        raise AuthError(f"refusing token realm {realm!r}: not a valid URL") from None
+    if parts.scheme == "https" and realm_host:
+        return
+    if parts.scheme != "http" or not realm_host:
+        raise AuthError(f"refusing token realm {realm}: not an HTTPS URL")
+    registry = urlsplit(registry_base)
+    registry_host = (registry.hostname or "").lower()
+    if registry.scheme != "http" or not is_loopback(host):
+        raise AuthError(f"refusing token realm {realm}: not HTTPS")
+    if realm_host != registry_host:
+        raise AuthError(f"refusing token realm {realm}: not HTTPS, and not the registry's own host "
+                        f"{registry_host} (credentials go over plain HTTP to nowhere else)")
+
+
+async def gather_all_or_cancel(aws) -> list:
+    """gather(), but the first failure cancels the rest: thousands of index
+    children must not go on fetching after one of them failed."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -45,7 +45,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from puller.http import (ClientOptions, DigestMismatchError, FetchedManifest, RegistryClient, TransportError,
-                         TRANSIENT_ERRORS, ClientError)
+                         TRANSIENT_ERRORS, ClientError, gather_all_or_cancel)
+from puller.oci import ContentError, Descriptor, check_document_size
 from puller.progress import Progress
 from puller.reference import (ReferenceError, Reference, choose_platform, describe_platform, host_platform,
                               parse_platform, parse_reference)
@@ -151,25 +152,29 @@ class BlobFetcher:
         self._inflight: dict[str, asyncio.Task] = {}
         self.bytes_downloaded = 0
 
-    def fetch(self, ref: Reference, descriptor: dict, label: str | None = None) -> "asyncio.Task[pathlib.Path]":
-        digest = descriptor["digest"]
+    def fetch(self, ref: Reference, descriptor: Descriptor, label: str | None = None) -> "asyncio.Task[pathlib.Path]":
+        """Download the blob of a checked descriptor (puller.oci): its size
+        bounds what is written, byte for byte."""
+        digest = descriptor.digest
         task = self._inflight.get(digest)
         if task is None:
             task = asyncio.ensure_future(self._fetch(ref, descriptor, label or digest[7:19]))
             self._inflight[digest] = task
         return task
 
-    async def _fetch(self, ref: Reference, descriptor: dict, label: str) -> pathlib.Path:
-        digest, size = descriptor["digest"], int(descriptor.get("size", -1))
+    async def _fetch(self, ref: Reference, descriptor: Descriptor, label: str) -> pathlib.Path:
+        digest, size = descriptor.digest, descriptor.size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ContentError(f"blob {digest}: no usable size")   # never unbounded
         if not digest.startswith("sha256:"):
             raise DigestMismatchError(f"blob {digest}: only sha256 blobs are supported")
         final = self.store.blob_path(digest)
         if await asyncio.to_thread(final.is_file):
-            self.progress.start(digest, label, size if size >= 0 else None)
+            self.progress.start(digest, label, size)
             self.progress.done(digest, skipped=True)
             return final
         async with self.semaphore:
-            self.progress.start(digest, label, size if size >= 0 else None)
+            self.progress.start(digest, label, size)
             staged = await asyncio.to_thread(_Staged, self.store, digest)
             try:
                 await self._download(ref, digest, size, staged)
@@ -187,7 +192,7 @@ class BlobFetcher:
         chunk = self.client.options.chunk_size
         handle = staged.handle
         offset = await asyncio.to_thread(lambda: os.fstat(handle.fileno()).st_size)
-        if size >= 0 and offset > size:
+        if offset > size:
             await asyncio.to_thread(handle.truncate, 0)
             offset = 0
         hasher = await asyncio.to_thread(_hash_file_prefix, handle, offset, chunk)
@@ -198,7 +203,7 @@ class BlobFetcher:
         syncing: asyncio.Future | None = None
         synced_to = offset
         while True:
-            if size >= 0 and offset == size:
+            if offset == size:
                 break
             if offset:
                 self.progress.reset(digest, offset)
@@ -213,6 +218,9 @@ class BlobFetcher:
                         await asyncio.to_thread(handle.truncate, 0)
                         hasher, offset = hashlib.sha256(), 0
                         self.progress.reset(digest, 0)
+                    if response.content_length is not None and response.content_length > size - offset:
+                        raise DigestMismatchError(f"blob {digest}: registry announced {response.content_length} "
+                                                  f"bytes from offset {offset}, more than its size {size} allows")
                     await asyncio.to_thread(handle.seek, offset)
                     # chunks as they came off the socket (no joins on the loop);
                     # written and hashed in a thread once ~1 MiB has gathered
@@ -223,7 +231,7 @@ class BlobFetcher:
                             continue
                         parts.append(data)
                         gathered += len(data)
-                        if size >= 0 and offset + gathered > size:
+                        if offset + gathered > size:     # checked before a byte of it is written
                             raise DigestMismatchError(f"blob {digest}: registry sent more than {size} bytes")
                         if gathered >= chunk:
                             if pending is not None:
@@ -244,8 +252,6 @@ class BlobFetcher:
                         offset += gathered
                         self.bytes_downloaded += gathered
                         self.progress.advance(digest, gathered)
-                    if size < 0:
-                        break
                     if offset < size:
                         raise TransportFailure(f"connection closed after {offset} of {size} bytes")
             except TRANSIENT_ERRORS + (TransportError,) as exc:
@@ -270,7 +276,7 @@ class BlobFetcher:
                             await running
         await asyncio.to_thread(lambda: (handle.flush(), os.fdatasync(handle.fileno())))
         actual = "sha256:" + hasher.hexdigest()
-        if actual != digest or (size >= 0 and offset != size):
+        if actual != digest or offset != size:
             await asyncio.to_thread(handle.truncate, 0)
             if resumed_from_disk:
                 # a stale or corrupt partial from an earlier run: one fresh attempt
@@ -284,17 +290,45 @@ class BlobFetcher:
 
 
 async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,
-                              identifier: str, writes: list[asyncio.Future] | None = None) -> FetchedManifest:
+                              identifier: str, writes: list[asyncio.Future] | None = None,
+                              descriptor: Descriptor | None = None) -> FetchedManifest:
     """GET a manifest and store it. With `writes`, the (fsynced) store write
     is left running and appended there for the caller to await: the layers
-    need not wait for it."""
+    need not wait for it. With `descriptor` (an index entry), the manifest
+    must have the size it declares."""
     manifest = await client.get_manifest(ref, identifier)
+    if descriptor is not None and len(manifest.data) != descriptor.size:
+        raise ContentError(f"manifest {ref.name}@{descriptor.digest}: {len(manifest.data)} bytes, "
+                           f"but its index entry says {descriptor.size}")
     write = asyncio.ensure_future(asyncio.to_thread(store.write_blob, manifest.data, manifest.digest))
     if writes is None:
         await write
     else:
         writes.append(write)
     return manifest
+
+
+def _pick(entries: tuple[Descriptor, ...], wanted) -> Descriptor | None:
+    chosen = choose_platform([e.raw for e in entries], wanted)
+    return next((e for e in entries if e.raw is chosen), None)
+
+
+def _planned_blobs(manifests: list[FetchedManifest], limit: int) -> list[tuple[Descriptor, str]]:
+    """(descriptor, label) of every blob to fetch, checked before the first
+    download starts: a config is read whole later, so its declared size is
+    capped like a manifest's."""
+    planned = []
+    for manifest in manifests:
+        if manifest.is_index:
+            continue
+        config = manifest.parsed.config
+        if config is not None:
+            check_document_size(config, limit, f"config {config.digest} of manifest {manifest.digest}")
+            planned.append((config, "config"))
+        for layer in manifest.parsed.layers:
+            if not layer.non_distributable:  # those are fetched from their own URLs by whoever needs them
+                planned.append((layer, layer.digest[7:19]))
+    return planned
 
 
 async def pull(reference: str, *, store: LocalStore, platform: str | None = None, all_platforms: bool = False,
@@ -312,51 +346,53 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     manifest_writes: list[asyncio.Future] = [prepared]
     try:
         fetcher = BlobFetcher(client, store, progress)
+        limit = client.options.max_manifest_size
         top = await fetch_manifest_into(client, store, ref, ref.identifier, manifest_writes)
         platforms_pulled: list[str] = []
         chosen = top
         chosen_desc = top.descriptor()
-        children: list[tuple[dict, FetchedManifest]] = []
+        children: list[FetchedManifest] = [top]
         if top.is_index:
-            entries = top.json.get("manifests") or []
-            pick = choose_platform(entries, wanted)
+            entries = top.parsed.manifests
+            pick = _pick(entries, wanted)
             if pick is None:
-                available = ", ".join(sorted({describe_platform(e.get("platform")) for e in entries})) or "none"
+                available = ", ".join(sorted({describe_platform(e.platform) for e in entries})) or "none"
                 raise ClientError(f"{ref}: no image for platform {wanted} (available: {available})")
-            targets = entries if all_platforms else [pick]
-            fetched = await asyncio.gather(*(fetch_manifest_into(client, store, ref, e["digest"], manifest_writes)
-                                             for e in targets))
-            children = list(zip(targets, fetched))
-            for desc, manifest in children:
-                if desc["digest"] == pick["digest"]:
-                    chosen, chosen_desc = manifest, dict(desc)
-            platforms_pulled = [describe_platform(d.get("platform")) for d, _ in children]
-        else:
-            children = [(chosen_desc, top)]
+            targets = list({e.digest: e for e in entries}.values()) if all_platforms else [pick]
+            for entry in targets:     # every one, before the first is fetched
+                check_document_size(entry, limit, f"manifest {entry.digest} listed in {top.digest}")
+            # as many at once as the client allows per registry (RegistryClient.manifest_slots)
+            children = await gather_all_or_cancel(
+                fetch_manifest_into(client, store, ref, e.digest, manifest_writes, e) for e in targets)
+            for desc, manifest in zip(targets, children):
+                if desc.digest == pick.digest:
+                    chosen = manifest
+                    chosen_desc = {"mediaType": manifest.media_type, "digest": desc.digest, "size": desc.size}
+                    if desc.platform:
+                        chosen_desc["platform"] = desc.platform
+                    if desc.annotations:
+                        chosen_desc["annotations"] = desc.annotations
+            platforms_pulled = [describe_platform(d.platform) for d in targets]
 
+        # every blob of every manifest being pulled, layers of the chosen one first;
+        # all checked before the ingest area is touched
+        ordered = sorted(children, key=lambda m: m.digest != chosen.digest)
+        planned = _planned_blobs(ordered, limit)
         # the ingest clean-up must be over before a download opens a partial it could take
         await prepared
-        # every blob of every manifest being pulled; layers of the chosen one first
         blob_tasks: dict[str, asyncio.Task] = {}
-        ordered = sorted(children, key=lambda item: item[1].digest != chosen.digest)
-        for _, manifest in ordered:
-            if manifest.is_index:
-                continue
-            body = manifest.json
-            blobs = [body.get("config")] + list(body.get("layers") or [])
-            for i, desc in enumerate(b for b in blobs if b):
-                if desc.get("urls") and "foreign" in desc.get("mediaType", ""):
-                    continue  # non-distributable layer, fetched from its own URLs by whoever needs it
-                label = "config" if i == 0 else desc["digest"][7:19]
-                blob_tasks[desc["digest"]] = fetcher.fetch(ref, desc, label)
+        for desc, label in planned:
+            if desc.digest not in blob_tasks:
+                blob_tasks[desc.digest] = fetcher.fetch(ref, desc, label)
+        layers = () if chosen.is_index else chosen.parsed.layers
         try:
-            if on_layer is not None and not chosen.is_index:
-                for index, layer in enumerate(chosen.json.get("layers") or []):
-                    task = blob_tasks.get(layer["digest"])
+            if on_layer is not None:
+                for index, layer in enumerate(layers):
+                    task = blob_tasks.get(layer.digest)
                     if task is None:
                         continue
                     path = await task
-                    await on_layer(index, layer, path)
+                    await on_layer(index, layer.raw, path)
             await asyncio.gather(*blob_tasks.values(), *manifest_writes)
         except BaseException:
             for task in blob_tasks.values():
@@ -369,10 +405,10 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
             await asyncio.to_thread(store.record, name, top.descriptor())
         else:
             await asyncio.to_thread(store.record, name, chosen_desc)
-        config = chosen.json.get("config") or {}
+        config = None if chosen.is_index else chosen.parsed.config
         return PullResult(reference=str(ref), digest=top.digest, manifest_digest=chosen.digest,
-                          media_type=chosen.media_type, layers=list(chosen.json.get("layers") or []),
-                          config_digest=config.get("digest", ""), bytes_downloaded=fetcher.bytes_downloaded,
+                          media_type=chosen.media_type, layers=[layer.raw for layer in layers],
+                          config_digest=config.digest if config else "", bytes_downloaded=fetcher.bytes_downloaded,
                           platforms=platforms_pulled, seconds=time.perf_counter() - started)
     finally:
         await asyncio.gather(*manifest_writes, return_exceptions=True)

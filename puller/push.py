@@ -27,11 +27,12 @@ import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from puller.http import (INDEX_MEDIA_TYPES, TRANSIENT_ERRORS, ClientError, FetchedManifest, ManifestError,
-                         RegistryClient, TransportError, digest_of)
+from puller.http import (TRANSIENT_ERRORS, ClientError, FetchedManifest, RegistryClient, TransportError, digest_of,
+                         gather_all_or_cancel)
+from puller.oci import MAX_DOCUMENT_SIZE, ContentError, Descriptor, check_document_size, parse_descriptor
 from puller.progress import Progress
 from puller.reference import Reference, parse_reference, ReferenceError
-from puller.store import INDEX_TYPES, LocalStore, StoreError, media_type_of
+from puller.store import LocalStore, StoreError
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -64,24 +65,16 @@ class ImageSource:
     async def root(self) -> FetchedManifest:
         raise NotImplementedError
 
-    async def manifest(self, descriptor: dict) -> FetchedManifest | None:
+    async def manifest(self, descriptor: Descriptor) -> FetchedManifest | None:
         """The manifest of `descriptor`, or None when the source lacks it."""
         raise NotImplementedError
 
-    def chunks(self, descriptor: dict, start: int, length: int) -> AsyncIterator[bytes]:
+    def chunks(self, descriptor: Descriptor, start: int, length: int) -> AsyncIterator[bytes]:
         raise NotImplementedError
 
     def mount_candidates(self, digest: str, dest: Reference) -> list[str]:
         """Repositories of dest's registry that are known to hold `digest`."""
         return []
-
-
-def _parse_manifest(data: bytes, digest: str, media_type: str | None) -> FetchedManifest:
-    try:
-        body = json.loads(data)
-    except ValueError:
-        raise ManifestError(f"manifest {digest} is not valid JSON") from None
-    return FetchedManifest(data=data, media_type=media_type_of(body, media_type), digest=digest, json=body)
 
 
 class LayoutSource(ImageSource):
@@ -91,7 +84,7 @@ class LayoutSource(ImageSource):
         self.store = store
         self.name = name
 
-    def _root_descriptor(self) -> dict:
+    def _root_descriptor(self) -> Descriptor:
         desc = self.store.source_descriptor(self.name) if self.name else None
         if desc is None and not self.name:
             entries = self.store.references()
@@ -101,23 +94,27 @@ class LayoutSource(ImageSource):
                 raise StoreError(f"{self.store.root} holds several images: name one (oci:DIR:TAG)")
         if desc is None:
             raise StoreError(f"{self.name or 'image'} is not in {self.store.root}")
-        return desc
+        return parse_descriptor(desc, f"{self.store.root}/index.json: {self.name or 'image'}")
 
     async def root(self) -> FetchedManifest:
         desc = await asyncio.to_thread(self._root_descriptor)
-        return await self.manifest(desc)
+        root = await self.manifest(desc)
+        if root is None:
+            raise StoreError(f"{self.store.root}: manifest {desc.digest} of {self.name or 'image'} is missing")
+        return root
 
-    async def manifest(self, descriptor: dict) -> FetchedManifest | None:
-        digest = descriptor["digest"]
+    async def manifest(self, descriptor: Descriptor) -> FetchedManifest | None:
+        digest = descriptor.digest
         if not await asyncio.to_thread(self.store.has_blob, digest):
             return None
-        data = await asyncio.to_thread(self.store.read_blob, digest)
+        where = f"{self.store.root}: manifest {digest}"
+        data = await asyncio.to_thread(self.store.read_blob, digest, self.store.document_limit)
         if digest_of(data, digest.split(":")[0]) != digest:
             raise StoreError(f"store blob {digest} is corrupt")
-        return _parse_manifest(data, digest, descriptor.get("mediaType"))
+        return FetchedManifest.from_bytes(data, digest, descriptor.media_type or None, where)
 
-    async def chunks(self, descriptor: dict, start: int, length: int) -> AsyncIterator[bytes]:
-        path = self.store.blob_path(descriptor["digest"])
+    async def chunks(self, descriptor: Descriptor, start: int, length: int) -> AsyncIterator[bytes]:
+        path = self.store.blob_path(descriptor.digest)
         handle = await asyncio.to_thread(open, path, "rb")
         try:
             await asyncio.to_thread(handle.seek, start)
@@ -125,7 +122,7 @@ class LayoutSource(ImageSource):
             while remaining > 0:
                 data = await asyncio.to_thread(handle.read, min(MiB, remaining))
                 if not data:
-                    raise StoreError(f"store blob {descriptor['digest']} is shorter than its descriptor")
+                    raise StoreError(f"store blob {descriptor.digest} is shorter than its descriptor")
                 remaining -= len(data)
                 yield data
         finally:
@@ -141,11 +138,12 @@ class LayoutSource(ImageSource):
             if ref.registry != dest.registry or ref.repository == dest.repository:
                 continue
             try:
-                manifest = self.store.read_json(desc["digest"])
-            except StoreError:
+                manifest = self.store.read_manifest(parse_descriptor(desc, "index.json entry"))
+            except (StoreError, ContentError):
                 continue
-            blobs = [manifest.get("config") or {}] + list(manifest.get("layers") or [])
-            if any(b.get("digest") == digest for b in blobs) and ref.repository not in out:
+            if manifest.is_index:
+                continue
+            if any(b.digest == digest for b in manifest.blobs) and ref.repository not in out:
                 out.append(ref.repository)
         return out
 
@@ -161,11 +159,15 @@ class RegistrySource(ImageSource):
     async def root(self) -> FetchedManifest:
         return await self.client.get_manifest(self.ref, self.ref.identifier)
 
-    async def manifest(self, descriptor: dict) -> FetchedManifest | None:
-        return await self.client.get_manifest(self.ref, descriptor["digest"])
+    async def manifest(self, descriptor: Descriptor) -> FetchedManifest | None:
+        manifest = await self.client.get_manifest(self.ref, descriptor.digest)
+        if len(manifest.data) != descriptor.size:
+            raise ContentError(f"manifest {self.ref.name}@{descriptor.digest}: {len(manifest.data)} bytes, "
+                               f"but its index entry says {descriptor.size}")
+        return manifest
 
-    async def chunks(self, descriptor: dict, start: int, length: int) -> AsyncIterator[bytes]:
-        digest = descriptor["digest"]
+    async def chunks(self, descriptor: Descriptor, start: int, length: int) -> AsyncIterator[bytes]:
+        digest = descriptor.digest
         headers_offset = start
         received = 0
         async with self.client.blob(self.ref, digest, headers_offset) as response:
@@ -192,6 +194,37 @@ class RegistrySource(ImageSource):
 
 # -- docker save archives ------------------------------------------------------------
 
+def _archive_member(tar: tarfile.TarFile, name: str, archive) -> "tarfile.ExFileObject":
+    try:
+        member = tar.extractfile(name)
+    except KeyError:
+        member = None
+    if member is None:
+        raise StoreError(f"{archive}: {name} is missing from the archive")
+    return member
+
+
+def _archive_entry(entries, image: str | None, archive) -> tuple[str, list[str]]:
+    """(config member, layer members) of the chosen image of manifest.json."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise StoreError(f"{archive}: manifest.json is not a list of images")
+    if not entries:
+        raise StoreError(f"{archive}: archive holds no image")
+    entry = entries[0]
+    if image:
+        for candidate in entries:
+            tags = candidate.get("RepoTags")
+            if isinstance(tags, list) and image in tags:
+                entry = candidate
+                break
+        else:
+            raise StoreError(f"{archive}: no image tagged {image}")
+    config, layers = entry.get("Config"), entry.get("Layers")
+    if not isinstance(config, str) or not isinstance(layers, list) or not all(isinstance(l, str) for l in layers):
+        raise StoreError(f"{archive}: manifest.json names no Config file and Layers list")
+    return config, layers
+
+
 def docker_archive_layout(archive: str | os.PathLike, workdir: str | os.PathLike,
                           image: str | None = None) -> LocalStore:
     """Convert a `docker save` tarball into an OCI layout under `workdir`
@@ -201,23 +234,16 @@ def docker_archive_layout(archive: str | os.PathLike, workdir: str | os.PathLike
     store.ensure()
     with tarfile.open(archive) as tar:
         try:
-            entries = json.load(tar.extractfile("manifest.json"))
-        except (KeyError, ValueError):
-            raise StoreError(f"{archive}: not a docker save archive (no manifest.json)") from None
-        if not entries:
-            raise StoreError(f"{archive}: archive holds no image")
-        entry = entries[0]
-        if image:
-            for candidate in entries:
-                if image in (candidate.get("RepoTags") or []):
-                    entry = candidate
-                    break
-            else:
-                raise StoreError(f"{archive}: no image tagged {image}")
-        config_bytes = tar.extractfile(entry["Config"]).read()
+            entries = json.loads(_archive_member(tar, "manifest.json", archive).read(MAX_DOCUMENT_SIZE + 1))
+        except (StoreError, ValueError, RecursionError):
+            raise StoreError(f"{archive}: not a docker save archive (no readable manifest.json)") from None
+        config_name, layer_names = _archive_entry(entries, image, archive)
+        config_bytes = _archive_member(tar, config_name, archive).read(MAX_DOCUMENT_SIZE + 1)
+        if len(config_bytes) > MAX_DOCUMENT_SIZE:
+            raise StoreError(f"{archive}: {config_name} exceeds the {MAX_DOCUMENT_SIZE} byte limit of a config")
         layers = []
-        for member_name in entry["Layers"]:
-            source = tar.extractfile(member_name)
+        for member_name in layer_names:
+            source = _archive_member(tar, member_name, archive)
             staged = store.root / "ingest" / "archive-layer.partial"
             hasher = hashlib.sha256()
             size = 0
@@ -265,14 +291,14 @@ class _Pusher:
         self._blobs: dict[str, asyncio.Task] = {}
         self.subject_headers: dict[str, str | None] = {}   # manifest digest -> OCI-Subject answered
 
-    def blob(self, descriptor: dict) -> asyncio.Task:
-        digest = descriptor["digest"]
+    def blob(self, descriptor: Descriptor) -> asyncio.Task:
+        digest = descriptor.digest
         if digest not in self._blobs:
             self._blobs[digest] = asyncio.ensure_future(self._push_blob(descriptor))
         return self._blobs[digest]
 
-    async def _push_blob(self, descriptor: dict) -> None:
-        digest, size = descriptor["digest"], int(descriptor["size"])
+    async def _push_blob(self, descriptor: Descriptor) -> None:
+        digest, size = descriptor.digest, descriptor.size
         async with self.semaphore:
             label = digest[7:19]
             self.progress.start(digest, label, size)
@@ -317,24 +343,20 @@ class _Pusher:
 
     async def manifest_tree(self, manifest: FetchedManifest, tags: list[str] | None = None) -> None:
         """Push the blobs and children of `manifest`, then the manifest itself."""
-        if manifest.media_type in INDEX_MEDIA_TYPES or manifest.media_type in INDEX_TYPES:
-            children = manifest.json.get("manifests") or []
-            fetched = await asyncio.gather(*(self.source.manifest(c) for c in children))
-            missing = [c["digest"] for c, m in zip(children, fetched) if m is None]
+        if manifest.is_index:
+            children = list({c.digest: c for c in manifest.parsed.manifests}.values())
+            for child in children:
+                check_document_size(child, self.client.options.max_manifest_size,
+                                    f"manifest {child.digest} listed in {manifest.digest}")
+            # the registry client bounds manifest requests per registry however many children there are
+            fetched = await gather_all_or_cancel(self.source.manifest(c) for c in children)
+            missing = [c.digest for c, m in zip(children, fetched) if m is None]
             if missing:
                 raise ClientError(f"{self.source.name}: index {manifest.digest} lacks {len(missing)} of its "
                                   f"manifests locally (pull with --all-platforms first)")
-            await asyncio.gather(*(self.manifest_tree(child) for child in fetched))
+            await gather_all_or_cancel(self.manifest_tree(child) for child in fetched)
         else:
-            blobs = [manifest.json.get("config")] + list(manifest.json.get("layers") or [])
-            tasks = [self.blob(b) for b in blobs if b and not (b.get("urls") and "foreign" in b.get("mediaType", ""))]
-            try:
-                await asyncio.gather(*tasks)
-            except BaseException:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                raise
+            await gather_all_or_cancel(self.blob(b) for b in manifest.parsed.blobs if not b.non_distributable)
         for identifier in (tags or [manifest.digest]):
             answer = await self.client.put_manifest(self.dest, identifier, manifest.data, manifest.media_type)
             self.subject_headers[manifest.digest] = answer.get("subject")

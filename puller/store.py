@@ -16,7 +16,9 @@ API (stable; used by puller.unpack / puller.run):
     store.root                                   # pathlib.Path
     store.blob_path(digest) -> Path
     store.has_blob(digest) -> bool
-    store.read_blob(digest) -> bytes
+    store.read_blob(digest, limit=None) -> bytes
+    store.read_manifest(digest, media_type=None) -> ImageManifest | ImageIndex   (puller.oci, checked)
+    store.read_config(digest) -> dict                                           (puller.oci, checked)
     store.resolve(reference) -> str | None       # digest recorded for a reference (the registry's digest)
     store.image_for_platform(reference, platform=None) -> (manifest_digest, manifest, config)
     store.references() -> list[(ref name, descriptor)]
@@ -30,6 +32,11 @@ anything the user typed: it is normalised with puller.reference when it
 parses, and otherwise looked up verbatim (plain OCI layout tags like "v1").
 All methods here are synchronous and do blocking I/O: call them from a thread
 (asyncio.to_thread) when on the event loop with anything large.
+
+A layout handed to the client (`oci:DIR`) is as untrusted as a registry:
+index.json, manifests and configs are checked by puller.oci as they are
+read, and a manifest or config larger than `document_limit` is refused
+before it is read.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import pathlib
 import tempfile
 import time
 
+from puller.oci import (MAX_DOCUMENT_SIZE, ContentError, Descriptor, ImageIndex, ImageManifest, parse_config,
+                        parse_descriptor, parse_manifest, parse_manifest_object)
 from puller.reference import (ReferenceError, choose_platform, host_platform, parse_platform,
                               parse_reference, platform_matches)
 
@@ -109,6 +118,8 @@ def media_type_of(manifest: dict, fallback: str | None = None) -> str:
 
 
 class LocalStore:
+    document_limit = MAX_DOCUMENT_SIZE   # manifests and configs are read whole: no larger than this
+
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = pathlib.Path(root) if root is not None else default_store_root()
 
@@ -136,11 +147,30 @@ class LocalStore:
         except StoreError:
             return False
 
-    def read_blob(self, digest: str) -> bytes:
+    def read_blob(self, digest: str, limit: int | None = None) -> bytes:
+        """The blob's bytes; with `limit`, refused unread when it is larger."""
+        path = self.blob_path(digest)
         try:
-            return self.blob_path(digest).read_bytes()
-        except FileNotFoundError:
+            with open(path, "rb") as handle:
+                if limit is not None:
+                    size = os.fstat(handle.fileno()).st_size
+                    if size > limit:
+                        raise ContentError(f"{self.root}: blob {digest} is {size} bytes, more than the "
+                                           f"{limit} byte limit of a manifest or config")
+                return handle.read()
+        except (FileNotFoundError, IsADirectoryError):
             raise StoreError(f"blob {digest} is not in the store {self.root}") from None
+
+    def read_manifest(self, digest: str | Descriptor, media_type: str | None = None) -> ImageManifest | ImageIndex:
+        """A stored manifest or index, checked (puller.oci)."""
+        if isinstance(digest, Descriptor):
+            digest, media_type = digest.digest, media_type or digest.media_type or None
+        data = self.read_blob(digest, self.document_limit)
+        return parse_manifest(data, media_type, f"{self.root}: manifest {digest}")
+
+    def read_config(self, digest: str) -> dict:
+        """A stored image config, checked (puller.oci)."""
+        return parse_config(self.read_blob(digest, self.document_limit), f"{self.root}: config {digest}")
 
     def read_json(self, digest: str) -> dict:
         try:
@@ -206,12 +236,21 @@ class LocalStore:
 
     # -- index.json ---------------------------------------------------------------
     def index(self) -> dict:
+        """index.json, every entry a checked descriptor."""
+        path = self.root / "index.json"
         try:
-            return json.loads((self.root / "index.json").read_text())
+            with open(path, "rb") as handle:
+                data = handle.read(self.document_limit + 1)
         except FileNotFoundError:
             return {"schemaVersion": 2, "manifests": []}
-        except ValueError:
-            raise StoreError(f"{self.root / 'index.json'} is not valid JSON") from None
+        if len(data) > self.document_limit:
+            raise StoreError(f"{path} exceeds the {self.document_limit} byte limit")
+        try:
+            body = json.loads(data)
+        except (ValueError, RecursionError):
+            raise StoreError(f"{path} is not valid JSON") from None
+        parse_manifest_object(body, "application/vnd.oci.image.index.v1+json", str(path))
+        return body
 
     def references(self) -> list[tuple[str, dict]]:
         return [(d.get("annotations", {}).get(REF_NAME, ""), d) for d in self.index().get("manifests", [])]
@@ -240,8 +279,8 @@ class LocalStore:
                 if desc.get("digest") == digest:
                     return desc
             if self.has_blob(digest):
-                manifest = self.read_json(digest)
-                return {"mediaType": media_type_of(manifest), "digest": digest,
+                manifest = self.read_manifest(digest)
+                return {"mediaType": manifest.media_type, "digest": digest,
                         "size": self.blob_path(digest).stat().st_size}
         return None
 
@@ -253,8 +292,9 @@ class LocalStore:
             return None
         annotations = desc.get("annotations") or {}
         if SOURCE_DIGEST in annotations:
+            size = annotations.get(SOURCE_SIZE) or "0"
             out = {"mediaType": annotations.get(SOURCE_MEDIA_TYPE), "digest": annotations[SOURCE_DIGEST],
-                   "size": int(annotations.get(SOURCE_SIZE) or 0)}
+                   "size": int(size) if size.isdigit() and len(size) < 20 else 0}
             if desc.get("platform"):
                 out["platform"] = desc["platform"]
             return out
@@ -271,7 +311,7 @@ class LocalStore:
         media_type = descriptor.get("mediaType")
         if media_type not in DOCKER_TO_OCI:
             return descriptor
-        body = self.read_json(descriptor["digest"])
+        body = self.read_manifest(descriptor["digest"], media_type).json
         if "manifests" in body:
             children = []
             for child in body.get("manifests") or []:
@@ -331,24 +371,29 @@ class LocalStore:
         desc = self.source_descriptor(reference)
         if desc is None:
             raise StoreError(f"{reference} is not in the store {self.root} (pull it first)")
-        digest = desc["digest"]
-        manifest = self.read_json(digest)
-        if media_type_of(manifest, desc.get("mediaType")) in INDEX_TYPES:
+        top = parse_descriptor(desc, f"{self.root}/index.json: {reference}")
+        digest = top.digest
+        manifest = self.read_manifest(top)
+        from_index = manifest.is_index
+        if from_index:
             wanted = parse_platform(platform) if platform else host_platform()
-            child = choose_platform(manifest.get("manifests", []), wanted)
+            child = choose_platform([entry.raw for entry in manifest.manifests], wanted)
             if child is None:
                 raise StoreError(f"{reference} has no image for platform {wanted}")
             digest = child["digest"]
-            manifest = self.read_json(digest)
-        elif platform:
-            config = self.read_json(manifest["config"]["digest"])
+            manifest = self.read_manifest(digest, child.get("mediaType"))
+            if manifest.is_index:
+                raise StoreError(f"{reference}: the image for {wanted} is itself an index")
+        if manifest.config is None:
+            raise StoreError(f"{reference}: manifest {digest} has no image config")
+        config = self.read_config(manifest.config.digest)
+        if platform and not from_index:
             wanted = parse_platform(platform)
             if not platform_matches({"os": config.get("os"), "architecture": config.get("architecture"),
                                       "variant": config.get("variant")}, wanted):
                 raise StoreError(f"{reference} is {config.get('os')}/{config.get('architecture')}, "
                                  f"not {wanted}")
-        config = self.read_json(manifest["config"]["digest"])
-        return digest, manifest, config
+        return digest, manifest.json, config
 
     # -- helpers ------------------------------------------------------------------
     @contextlib.contextmanager
