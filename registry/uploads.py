@@ -65,7 +65,9 @@ async def start_upload(request: web.Request) -> web.Response:
                 from_repo = ""  # never matches: fall back to an ordinary upload
         info = None
         if from_repo != "":
-            info = await store.mount_blob(name, mount, from_repo)
+            # Without `from`, only repositories the caller may read are
+            # searched: with auth off that is every one.
+            info = await store.mount_blob(name, mount, from_repo, readable=None)
         if info is not None:
             return _created_response(request, name, info)
         # Not mountable: an ordinary upload session (202), as the spec allows.

@@ -28,7 +28,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from storage import layout, names
 from storage.driver import PathNotFound, StorageDriver
@@ -61,6 +61,15 @@ _DIGEST_RECORD_MIN = 1 << 20   # smaller uploads are cheaper to re-hash than to 
 _MAX_HASHERS = 1024             # in-process running hashes kept (an optimisation)
 _MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
 _SESSION_LOCK_WAIT = 1.0        # seconds a request waits for a busy upload session
+# Real manifests nest 5 levels (index > manifests > descriptor > platform >
+# os.features); this leaves room for any extension and none for a parser bomb.
+MAX_MANIFEST_DEPTH = 64
+# The largest size a descriptor may claim: what any storage can hold (off_t).
+MAX_BLOB_SIZE = (1 << 63) - 1
+# A mount without `from` looks through at most this many repositories.
+_MOUNT_SEARCH_LIMIT = 10_000
+_REFERRERS_BATCH = 256          # referrer entries read per storage round trip
+_RELINK_TRIES = 3               # re-links of a revision a concurrent delete removed
 
 
 @dataclass(frozen=True)
@@ -290,27 +299,52 @@ class ContentStore:
         if not await self._delete_if_present(layout.layer_link_dir(repo, digest)):
             raise BlobUnknown(f"blob unknown to repository {repo}: {digest}", {"digest": digest})
 
-    async def mount_blob(self, repo: str, digest: str,
-                         from_repo: str | None) -> BlobInfo | None:
-        """Link an existing blob into repo. With from_repo, only if it is
-        linked there; without, if it exists anywhere. None when not possible
-        (the registry then starts an ordinary upload)."""
+    async def mount_blob(self, repo: str, digest: str, from_repo: str | None,
+                         readable: Callable[[str], bool] | None = None) -> BlobInfo | None:
+        """Link a blob into repo from a repository that has it. With
+        from_repo, only if it is linked there; without, only if it is linked
+        in some repository `readable` accepts (None: every one). A blob held
+        only where the caller may not read, or by no repository at all (its
+        links deleted), is None like an unknown one: the registry then starts
+        an ordinary upload, and the answer says nothing about other
+        repositories."""
         names.validate_name(repo)
         self._parse_digest(digest)
         if from_repo is not None:
             names.validate_name(from_repo)
+            if readable is not None and not readable(from_repo):
+                return None
             try:
                 info = await self.stat_blob(from_repo, digest)
             except BlobUnknown:
                 return None
         else:
-            try:
-                st = await self.driver.stat(layout.blob_data(digest))
-            except PathNotFound:
+            info = await self._find_linked_blob(digest, readable)
+            if info is None:
                 return None
-            info = BlobInfo(digest, st.size)
         await self._link_blob(repo, digest)
         return info
+
+    async def _find_linked_blob(self, digest: str,
+                                readable: Callable[[str], bool] | None) -> BlobInfo | None:
+        """The blob's size when some readable repository links it."""
+        data = (await self.driver.stat_many([layout.blob_data(digest)]))[0]
+        if data is None:
+            return None
+        last, searched = None, 0
+        while searched < _MOUNT_SEARCH_LIMIT:
+            page = await self.list_repositories(1000, last)
+            candidates = [r for r in page.items if readable is None or readable(r)]
+            searched += len(page.items)
+            found = await self.driver.stat_many(
+                [path for r in candidates for path in (layout.layer_link(r, digest),
+                                                       layout.manifest_revision_link(r, digest))])
+            if any(found):
+                return BlobInfo(digest, data.size)
+            if not page.has_more or not page.items:
+                return None
+            last = page.items[-1]
+        return None
 
     async def _link_blob(self, repo: str, digest: str) -> None:
         await self.driver.put_content(layout.layer_link(repo, digest), digest.encode())
@@ -600,10 +634,14 @@ class ContentStore:
     def _parse_manifest(self, body: bytes, content_type: str) -> _ParsedManifest:
         try:
             doc = json.loads(body)
+        except RecursionError:
+            raise ManifestInvalid(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels") from None
         except (ValueError, UnicodeDecodeError) as exc:
             raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise ManifestInvalid("manifest must be a JSON object")
+        if _depth_exceeds(doc, MAX_MANIFEST_DEPTH):
+            raise ManifestInvalid(f"manifest nests deeper than {MAX_MANIFEST_DEPTH} levels")
         media_type = _manifest_media_type(content_type, doc)
         kind = media_type.lower()
         if doc.get("schemaVersion") != 2 or isinstance(doc.get("schemaVersion"), bool):
@@ -704,12 +742,34 @@ class ContentStore:
         if names.is_digest(reference) and reference != digest:
             raise DigestInvalid("manifest digest does not match the reference",
                                 {"expected": reference, "actual": digest})
-        parsed = self._parse_manifest(body, media_type)
+        if len(body) > _HASH_ON_LOOP_LIMIT:     # a 4 MiB parse would stall every other request
+            parsed = await asyncio.to_thread(self._parse_manifest, body, media_type)
+        else:
+            parsed = self._parse_manifest(body, media_type)
         await self._check_references(repo, parsed)
 
         if not await self._exists(layout.blob_data(digest)):
             await self.driver.put_content(layout.blob_data(digest), body)
-        descriptor = {"mediaType": parsed.media_type, "digest": digest, "size": len(body)}
+        await self._link_revision(repo, digest, len(body), parsed)
+        for tag in tags:
+            await self.driver.put_content(layout.tag_current_link(repo, tag), digest.encode())
+        # A delete by digest may have removed the revision after we linked it
+        # and scanned the tags before ours landed: then link it again, so no
+        # tag is left naming nothing. (The delete re-scans the tags after
+        # removing the revision, so either it sees our tag or we see its
+        # removal: one of the two always repairs.)
+        for _ in range(_RELINK_TRIES):
+            if not tags or await self._exists(layout.manifest_revision_link(repo, digest)):
+                break
+            await self._link_revision(repo, digest, len(body), parsed)
+        await self._register_repo(repo)
+        self._manifest_bytes.put(digest, body)
+        self._remember_media_type((repo, digest), parsed.media_type)
+        return PutManifestResult(digest, parsed.subject)
+
+    async def _link_revision(self, repo: str, digest: str, size: int,
+                             parsed: _ParsedManifest) -> None:
+        descriptor = {"mediaType": parsed.media_type, "digest": digest, "size": size}
         await self.driver.put_content(layout.manifest_revision_link(repo, digest),
                                       json.dumps(descriptor).encode())
         if parsed.subject is not None:
@@ -720,12 +780,6 @@ class ContentStore:
                 referrer["annotations"] = parsed.annotations
             await self.driver.put_content(layout.referrer_entry(repo, parsed.subject, digest),
                                           json.dumps(referrer).encode())
-        for tag in tags:
-            await self.driver.put_content(layout.tag_current_link(repo, tag), digest.encode())
-        await self._register_repo(repo)
-        self._manifest_bytes.put(digest, body)
-        self._remember_media_type((repo, digest), parsed.media_type)
-        return PutManifestResult(digest, parsed.subject)
 
     async def _resolve(self, repo: str, reference: str) -> str:
         """The manifest digest a tag or digest reference names in repo."""
@@ -791,23 +845,28 @@ class ContentStore:
         digest = manifest.digest
         self._media_types.pop((repo, digest), None)
         # Tags first: a crash half way never leaves a tag naming nothing.
-        try:
-            tag_dirs = await self.driver.list(layout.tags_dir(repo))
-        except PathNotFound:
-            tag_dirs = []
-        for tag_path in tag_dirs:
-            tag = tag_path.rsplit("/", 1)[-1]
-            try:
-                current = await self.driver.get_content(layout.tag_current_link(repo, tag))
-            except PathNotFound:
-                continue
-            if current.decode().strip() == digest:
-                await self._delete_if_present(layout.tag_dir(repo, tag))
+        await self._untag(repo, digest)
         subject = _subject_of(manifest.body)
         if subject is not None:
             await self._delete_if_present(layout.referrer_entry(repo, subject, digest))
         if not await self._delete_if_present(layout.manifest_revision_dir(repo, digest)):
             raise await self._manifest_unknown(repo, reference)
+        # A push tagging this digest may have landed its tag after the first
+        # scan: put_manifest re-checks the revision after tagging, and this
+        # second scan catches a tag that landed before that check.
+        await self._untag(repo, digest)
+
+    async def _untag(self, repo: str, digest: str) -> None:
+        """Delete every tag of repo that names digest."""
+        try:
+            tag_dirs = await self.driver.list(layout.tags_dir(repo))
+        except PathNotFound:
+            return
+        links = await self.driver.get_many(
+            [layout.tag_current_link(repo, path.rsplit("/", 1)[-1]) for path in tag_dirs])
+        for path, current in zip(tag_dirs, links):
+            if current is not None and current.decode(errors="replace").strip() == digest:
+                await self._delete_if_present(layout.tag_dir(repo, path.rsplit("/", 1)[-1]))
 
     async def list_tags(self, repo: str, n: int | None = None,
                         last: str | None = None) -> Page:
@@ -831,28 +890,29 @@ class ContentStore:
             entries = []
         return _paginate(sorted(layout.repo_from_catalog_entry(e) for e in entries), n, last)
 
-    async def referrers(self, repo: str, digest: str,
-                        artifact_type: str | None = None) -> list[dict]:
+    async def referrers(self, repo: str, digest: str, artifact_type: str | None = None,
+                        n: int | None = None, last: str | None = None) -> list[dict]:
         """Descriptors (mediaType, digest, size, artifactType, annotations)
-        of manifests whose subject is digest."""
+        of manifests whose subject is digest, in digest order: those after
+        the referrer digest `last`, at most n. Entries are read in batches
+        (one storage round trip each) and decoded off the event loop."""
         names.validate_name(repo)
         self._parse_digest(digest)
         try:
             entries = await self.driver.list(layout.referrers_dir(repo, digest))
         except PathNotFound:
             return []
-
-        async def load(path: str) -> dict | None:
-            try:
-                return json.loads(await self.driver.get_content(path))
-            except (PathNotFound, ValueError):
-                return None  # deleted meanwhile, or a torn write from a foreign tool
-
-        found = [d for d in await asyncio.gather(*(load(e) for e in entries)) if d]
-        if artifact_type is not None:
-            found = [d for d in found if d.get("artifactType") == artifact_type]
+        if last:
+            after = layout.referrer_entry(repo, digest, last)   # DigestInvalid for a bad cursor
+            entries = [e for e in entries if e > after]
+        found: list[dict] = []
+        for at in range(0, len(entries), _REFERRERS_BATCH):
+            raw = await self.driver.get_many(entries[at:at + _REFERRERS_BATCH])
+            batch = await asyncio.to_thread(_decode_referrers, raw, artifact_type)
+            found += batch
+            if n is not None and len(found) >= n:
+                return found[:n]
         return found
-
 
 def _manifest_media_type(content_type: str, doc: dict) -> str:
     """The media type a manifest is stored (and served) with: the pushed
@@ -882,6 +942,19 @@ def _manifest_media_type(content_type: str, doc: dict) -> str:
     return chosen if pushed.lower() not in _GENERIC_CONTENT_TYPES else chosen.lower()
 
 
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True when objects and arrays nest more than limit levels (iterative:
+    the check itself must not recurse)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def _descriptor(value: Any, where: str) -> dict:
     """A descriptor checked for shape: mediaType, digest and size."""
     if not isinstance(value, dict):
@@ -890,13 +963,28 @@ def _descriptor(value: Any, where: str) -> dict:
     if not isinstance(media_type, str) or not media_type:
         raise ManifestInvalid(f"{where}.mediaType must be a non-empty string")
     size = value.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ManifestInvalid(f"{where}.size must be a non-negative integer")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_BLOB_SIZE:
+        raise ManifestInvalid(f"{where}.size must be an integer from 0 to {MAX_BLOB_SIZE}")
     try:
         names.parse_digest(value.get("digest"))
     except DigestInvalid as exc:
         raise ManifestInvalid(f"{where}.digest: {exc.message}") from exc
     return value
+
+
+def _decode_referrers(raw: list[bytes | None], artifact_type: str | None) -> list[dict]:
+    out = []
+    for data in raw:
+        if data is None:
+            continue            # deleted meanwhile
+        try:
+            descriptor = json.loads(data)
+        except ValueError:
+            continue            # a torn write from a foreign tool
+        if isinstance(descriptor, dict) and (
+                artifact_type is None or descriptor.get("artifactType") == artifact_type):
+            out.append(descriptor)
+    return out
 
 
 def _subject_of(body: bytes) -> str | None:
