@@ -335,9 +335,10 @@ class RegistryClient:
             _, message = _registry_error(status, body)
             raise AuthError(f"token server for {host} answered {status}: {message}".rstrip(": "))
         try:
-            answer = parse_json_object(body, f"token server for {host}")
-        except ContentError:
-            raise AuthError(f"token server for {host} answered something that is not a JSON object") from None
+            # lenient about NaN and Infinity here: token_from_response clamps expires_in
+            answer = json.loads(body)
+        except (ValueError, RecursionError):
+            raise AuthError(f"token server for {host} answered something that is not JSON") from None
         return token_from_response(answer, where=f"token server for {host}")
 
     # -- requests -------------------------------------------------------------------------

@@ -129,6 +129,12 @@ def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
         hasher.update(data)  # hashlib releases the GIL for buffers over 2 KiB
 
 
+def _unlink_if_empty(staged: "_Staged") -> None:
+    with contextlib.suppress(OSError):
+        if os.fstat(staged.handle.fileno()).st_size == 0:
+            staged.path.unlink()
+
+
 def _range_starts_at(response, offset: int) -> bool:
     content_range = response.headers.get("Content-Range", "")
     if not content_range:
@@ -182,6 +188,11 @@ class BlobFetcher:
             except DigestMismatchError:
                 # bad bytes are not worth resuming from
                 await asyncio.to_thread(staged.path.unlink, True)
+                raise
+            except BaseException:
+                # a refused redirect, a denied blob, an interrupt: keep what
+                # can be resumed, but no empty partial
+                await asyncio.to_thread(_unlink_if_empty, staged)
                 raise
             finally:
                 await asyncio.to_thread(staged.close)
@@ -292,14 +303,23 @@ class BlobFetcher:
 async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,
                               identifier: str, writes: list[asyncio.Future] | None = None,
                               descriptor: Descriptor | None = None) -> FetchedManifest:
-    """GET a manifest and store it. With `writes`, the (fsynced) store write
-    is left running and appended there for the caller to await: the layers
-    need not wait for it. With `descriptor` (an index entry), the manifest
-    must have the size it declares."""
+    """GET a manifest, check it whole, and store it. With `writes`, the
+    (fsynced) store write is left running and appended there for the caller
+    to await: the layers need not wait for it. With `descriptor` (an index
+    entry), the manifest must have the size it declares. A manifest whose
+    config, or an index whose child manifests, could not be read within
+    the client's cap is refused before anything of it is stored."""
     manifest = await client.get_manifest(ref, identifier)
     if descriptor is not None and len(manifest.data) != descriptor.size:
         raise ContentError(f"manifest {ref.name}@{descriptor.digest}: {len(manifest.data)} bytes, "
                            f"but its index entry says {descriptor.size}")
+    limit = client.options.max_manifest_size
+    what = f"manifest {ref.name}@{manifest.digest}"
+    if manifest.is_index:
+        for i, entry in enumerate(manifest.parsed.manifests):
+            check_document_size(entry, limit, f"{what}: manifests[{i}]")
+    elif manifest.parsed.config is not None:
+        check_document_size(manifest.parsed.config, limit, f"{what}: config")
     write = asyncio.ensure_future(asyncio.to_thread(store.write_blob, manifest.data, manifest.digest))
     if writes is None:
         await write
@@ -313,17 +333,16 @@ def _pick(entries: tuple[Descriptor, ...], wanted) -> Descriptor | None:
     return next((e for e in entries if e.raw is chosen), None)
 
 
-def _planned_blobs(manifests: list[FetchedManifest], limit: int) -> list[tuple[Descriptor, str]]:
-    """(descriptor, label) of every blob to fetch, checked before the first
-    download starts: a config is read whole later, so its declared size is
-    capped like a manifest's."""
+def _planned_blobs(manifests: list[FetchedManifest]) -> list[tuple[Descriptor, str]]:
+    """(descriptor, label) of every blob to fetch (every size already
+    checked: by puller.oci, and the config's against the cap on manifests,
+    since it is read whole later)."""
     planned = []
     for manifest in manifests:
         if manifest.is_index:
             continue
         config = manifest.parsed.config
         if config is not None:
-            check_document_size(config, limit, f"config {config.digest} of manifest {manifest.digest}")
             planned.append((config, "config"))
         for layer in manifest.parsed.layers:
             if not layer.non_distributable:  # those are fetched from their own URLs by whoever needs them
@@ -346,7 +365,6 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     manifest_writes: list[asyncio.Future] = [prepared]
     try:
         fetcher = BlobFetcher(client, store, progress)
-        limit = client.options.max_manifest_size
         top = await fetch_manifest_into(client, store, ref, ref.identifier, manifest_writes)
         platforms_pulled: list[str] = []
         chosen = top
@@ -359,8 +377,6 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                 available = ", ".join(sorted({describe_platform(e.platform) for e in entries})) or "none"
                 raise ClientError(f"{ref}: no image for platform {wanted} (available: {available})")
             targets = list({e.digest: e for e in entries}.values()) if all_platforms else [pick]
-            for entry in targets:     # every one, before the first is fetched
-                check_document_size(entry, limit, f"manifest {entry.digest} listed in {top.digest}")
             # as many at once as the client allows per registry (RegistryClient.manifest_slots)
             children = await gather_all_or_cancel(
                 fetch_manifest_into(client, store, ref, e.digest, manifest_writes, e) for e in targets)
@@ -377,7 +393,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
         # every blob of every manifest being pulled, layers of the chosen one first;
         # all checked before the ingest area is touched
         ordered = sorted(children, key=lambda m: m.digest != chosen.digest)
-        planned = _planned_blobs(ordered, limit)
+        planned = _planned_blobs(ordered)
         # the ingest clean-up must be over before a download opens a partial it could take
         await prepared
         blob_tasks: dict[str, asyncio.Task] = {}

@@ -5,7 +5,8 @@ Docker-Content-Digest, 401 challenges) and can misbehave on purpose:
 serve bytes that do not match a digest, drop the connection in the middle of
 a blob, redirect blob downloads to another origin, be slow, demand Basic auth.
 Every request is recorded (method, path, headers) so tests can check what
-the client really sent.
+the client really sent, and so is the largest number of client connections
+open at once (`peak_connections`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class FakeRegistry:
     blobs: dict = field(default_factory=dict)         # digest -> bytes
     corrupt: set = field(default_factory=set)         # digests served with wrong bytes
     oversize: set = field(default_factory=set)        # digests served with extra bytes at the end
+    chunked: set = field(default_factory=set)         # digests served without Content-Length (chunked)
     drop_after: dict = field(default_factory=dict)    # digest -> byte count; drop once there
     slow: dict = field(default_factory=dict)          # digest -> seconds to wait per 64 KiB
     redirect_blobs_to: str | None = None              # base URL of another origin
@@ -48,6 +50,8 @@ class FakeRegistry:
     challenge: str | None = None                      # a WWW-Authenticate to answer every request with
     honour_range: bool = True
     requests: list = field(default_factory=list)
+    peak_connections: int = 0
+    _open: set = field(default_factory=set, repr=False)   # server-side transports of client connections
 
     # -- content -----------------------------------------------------------------
     def add_blob(self, data: bytes) -> dict:
@@ -90,6 +94,11 @@ class FakeRegistry:
     @web.middleware
     async def _record(self, request, handler):
         self.requests.append(Recorded(request.method, request.path_qs, dict(request.headers)))
+        if request.transport is not None:
+            # a new connection always carries a request at once: counting here sees every peak
+            self._open = {t for t in self._open if not t.is_closing()}
+            self._open.add(request.transport)
+            self.peak_connections = max(self.peak_connections, len(self._open))
         return await handler(request)
 
     @web.middleware
@@ -142,6 +151,8 @@ async def serve_blob(registry: FakeRegistry, request: web.Request, blob_digest: 
         status = 206
     headers = {"Content-Type": "application/octet-stream", "Docker-Content-Digest": blob_digest,
                "Content-Length": str(len(data) - start), "Accept-Ranges": "bytes"}
+    if blob_digest in registry.chunked and request.method == "GET":
+        del headers["Content-Length"]
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
     if request.method == "HEAD":
