@@ -300,15 +300,13 @@ class BlobFetcher:
                                       f"{offset} bytes); not stored")
 
 
-async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Reference,
-                              identifier: str, writes: list[asyncio.Future] | None = None,
-                              descriptor: Descriptor | None = None) -> FetchedManifest:
-    """GET a manifest, check it whole, and store it. With `writes`, the
-    (fsynced) store write is left running and appended there for the caller
-    to await: the layers need not wait for it. With `descriptor` (an index
-    entry), the manifest must have the size it declares. A manifest whose
-    config, or an index whose child manifests, could not be read within
-    the client's cap is refused before anything of it is stored."""
+async def fetch_checked_manifest(client: RegistryClient, ref: Reference, identifier: str,
+                                 descriptor: Descriptor | None = None) -> FetchedManifest:
+    """GET a manifest and check it whole (pull stores it once every manifest
+    of the image passed). With `descriptor` (an index entry), the manifest
+    must have the size it declares; a manifest whose config, or an index
+    whose child manifests, could not be read within the client's cap is
+    refused."""
     manifest = await client.get_manifest(ref, identifier)
     if descriptor is not None and len(manifest.data) != descriptor.size:
         raise ContentError(f"manifest {ref.name}@{descriptor.digest}: {len(manifest.data)} bytes, "
@@ -320,11 +318,6 @@ async def fetch_manifest_into(client: RegistryClient, store: LocalStore, ref: Re
             check_document_size(entry, limit, f"{what}: manifests[{i}]")
     elif manifest.parsed.config is not None:
         check_document_size(manifest.parsed.config, limit, f"{what}: config")
-    write = asyncio.ensure_future(asyncio.to_thread(store.write_blob, manifest.data, manifest.digest))
-    if writes is None:
-        await write
-    else:
-        writes.append(write)
     return manifest
 
 
@@ -365,7 +358,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
     manifest_writes: list[asyncio.Future] = [prepared]
     try:
         fetcher = BlobFetcher(client, store, progress)
-        top = await fetch_manifest_into(client, store, ref, ref.identifier, manifest_writes)
+        top = await fetch_checked_manifest(client, ref, ref.identifier)
         platforms_pulled: list[str] = []
         chosen = top
         chosen_desc = top.descriptor()
@@ -379,7 +372,7 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
             targets = list({e.digest: e for e in entries}.values()) if all_platforms else [pick]
             # as many at once as the client allows per registry (RegistryClient.manifest_slots)
             children = await gather_all_or_cancel(
-                fetch_manifest_into(client, store, ref, e.digest, manifest_writes, e) for e in targets)
+                fetch_checked_manifest(client, ref, e.digest, e) for e in targets)
             for desc, manifest in zip(targets, children):
                 if desc.digest == pick.digest:
                     chosen = manifest
@@ -390,8 +383,11 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
                         chosen_desc["annotations"] = desc.annotations
             platforms_pulled = [describe_platform(d.platform) for d in targets]
 
-        # every blob of every manifest being pulled, layers of the chosen one first;
-        # all checked before the ingest area is touched
+        # every manifest passed: stored (fsynced, beside the downloads), and
+        # every blob fetched, layers of the chosen one first
+        for manifest in {m.digest: m for m in [top, *children]}.values():
+            manifest_writes.append(asyncio.ensure_future(
+                asyncio.to_thread(store.write_blob, manifest.data, manifest.digest)))
         ordered = sorted(children, key=lambda m: m.digest != chosen.digest)
         planned = _planned_blobs(ordered)
         # the ingest clean-up must be over before a download opens a partial it could take

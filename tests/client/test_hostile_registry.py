@@ -464,3 +464,60 @@ async def test_realm_redirecting_the_password_elsewhere_is_refused(fake, token_s
         assert other.calls == [], other.calls
     finally:
         await runner.cleanup()
+
+
+# -- the same checks where push, copy and unpack read manifests -----------------------------
+
+async def test_cli_copy_from_a_hostile_registry_is_one_line(fake, tmp_path):
+    child = image(fake, "app/copy", "child", layer_patch=set_size(-1))
+    fake.add_index("app/copy", "v1", [child])
+    # to a registry (nothing listens on the destination: the source is refused first) and to a layout
+    code, _, err = await run_cli("copy", f"{fake.host}/app/copy:v1", "127.0.0.1:9/dest/app:v1")
+    assert_one_line(code, err, "layers[0]", "size must be an integer")
+    code, _, err = await run_cli("copy", f"{fake.host}/app/copy:v1", f"oci:{tmp_path / 'layout'}:v1")
+    assert_one_line(code, err, "layers[0]", "size must be an integer")
+    assert fake.count("GET", "/blobs/") == 0
+    assert leftovers(LocalStore(tmp_path / "layout")) == []
+
+
+def _tamper(layout: Path, change) -> None:
+    """Rewrite the single manifest of a layout with `change(manifest dict)`, re-pointing index.json."""
+    store = LocalStore(layout)
+    index = json.loads((layout / "index.json").read_text())
+    entry = index["manifests"][0]
+    body = json.loads(store.read_blob(entry["digest"]))
+    change(body)
+    data = json.dumps(body).encode()
+    entry.update(digest=store.write_blob(data), size=len(data))
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("case", ["layer-without-digest", "layers-not-objects", "index-entry-not-object",
+                                  "diff-id-not-a-digest"])
+async def test_cli_unpack_and_push_of_a_malformed_layout_are_one_line(tmp_path, case):
+    layout = tmp_path / "layout"
+    _oci_layout(layout, 10)
+    if case == "layer-without-digest":
+        _tamper(layout, lambda m: m["layers"][0].pop("digest"))
+        expected = "layers[0]: no digest"
+    elif case == "layers-not-objects":
+        _tamper(layout, lambda m: m.update(layers=[m["layers"][0]["digest"]]))
+        expected = "layers[0]: a descriptor must be a JSON object"
+    elif case == "index-entry-not-object":
+        (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": ["latest"]}))
+        expected = "manifests[0]: a descriptor must be a JSON object"
+    else:
+        store = LocalStore(layout)
+
+        def bad_config(m):
+            config = json.dumps({"architecture": "amd64", "os": "linux",
+                                 "rootfs": {"type": "layers", "diff_ids": ["../../../../tmp/x"]}}).encode()
+            m["config"].update(digest=store.write_blob(config), size=len(config))
+        _tamper(layout, bad_config)
+        expected = "diff_ids[0]: invalid digest"
+    code, _, err = await run_cli("unpack", "--no-cache", f"oci:{layout}", str(tmp_path / "bundle"))
+    assert_one_line(code, err, expected)
+    assert not (tmp_path / "bundle" / "rootfs").exists()
+    if case != "diff-id-not-a-digest":      # push never reads the config
+        code, _, err = await run_cli("push", f"oci:{layout}:latest", "127.0.0.1:9/dest/app:v1")
+        assert_one_line(code, err, expected)
