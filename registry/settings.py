@@ -10,6 +10,8 @@ underscores, under the prefix DOCKYARD_:
     http.workers                DOCKYARD_HTTP_WORKERS
     http.relative_urls          DOCKYARD_HTTP_RELATIVE_URLS
     http.access_log             DOCKYARD_HTTP_ACCESS_LOG
+    http.send_timeout           DOCKYARD_HTTP_SEND_TIMEOUT
+    http.body_timeout           DOCKYARD_HTTP_BODY_TIMEOUT
     storage.driver              DOCKYARD_STORAGE_DRIVER
     storage.root                DOCKYARD_STORAGE_ROOT
     storage.redirect            DOCKYARD_STORAGE_REDIRECT
@@ -18,6 +20,7 @@ underscores, under the prefix DOCKYARD_:
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
     limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
+    limits.referrers_max_entries  DOCKYARD_LIMITS_REFERRERS_MAX_ENTRIES
     uploads.max_age             DOCKYARD_UPLOADS_MAX_AGE
     uploads.purge_interval      DOCKYARD_UPLOADS_PURGE_INTERVAL
     validation.allow_sparse_manifests  DOCKYARD_VALIDATION_ALLOW_SPARSE_MANIFESTS
@@ -59,6 +62,12 @@ class HttpSettings:
     workers: int = 1               # processes sharing the port (SO_REUSEPORT)
     relative_urls: bool = True     # Location headers as paths (docker, skopeo, podman accept them)
     access_log: bool = False
+    # Seconds a blob body may make no progress (the client reads nothing)
+    # before its connection is dropped.
+    send_timeout: int = 60
+    # Seconds a request body may stop arriving (between two reads) before
+    # the request ends and its connection is closed; an upload keeps what came.
+    body_timeout: int = 60
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ class StorageSettings:
 class LimitsSettings:
     max_manifest_bytes: int = 4 * 1024 * 1024
     catalog_max_entries: int = 1000
+    referrers_max_entries: int = 1000   # most descriptors in one referrers page
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,10 @@ class Settings:
             raise SettingsError(f"http.port must be 0..65535, got {self.http.port}")
         if not 1 <= self.http.workers <= 256:
             raise SettingsError(f"http.workers must be 1..256, got {self.http.workers}")
+        if self.http.send_timeout < 1:
+            raise SettingsError(f"http.send_timeout must be at least 1 second, got {self.http.send_timeout}")
+        if self.http.body_timeout < 1:
+            raise SettingsError(f"http.body_timeout must be at least 1 second, got {self.http.body_timeout}")
         if self.storage.driver not in DRIVERS:
             raise SettingsError(f"storage.driver must be one of {', '.join(DRIVERS)}, "
                                 f"got {self.storage.driver!r}")
@@ -146,6 +160,8 @@ class Settings:
             raise SettingsError("limits.max_manifest_bytes must be at least 1024")
         if self.limits.catalog_max_entries < 1:
             raise SettingsError("limits.catalog_max_entries must be at least 1")
+        if self.limits.referrers_max_entries < 1:
+            raise SettingsError("limits.referrers_max_entries must be at least 1")
         if self.uploads.max_age < 1:
             raise SettingsError("uploads.max_age must be at least 1 second")
         if self.uploads.purge_interval < 0:

@@ -4,6 +4,7 @@ example config in deploy/ is complete and loads."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 import typing
@@ -27,6 +28,9 @@ def test_defaults(monkeypatch, tmp_path):
     assert settings.storage.driver == "filesystem"
     assert settings.storage.root == str(tmp_path / "xdg" / "dockyard" / "registry")
     assert settings.limits.max_manifest_bytes == 4 * 1024 * 1024
+    assert settings.limits.referrers_max_entries == 1000
+    assert settings.http.send_timeout == 60
+    assert settings.http.body_timeout == 60
     assert settings.storage.filesystem.fsync == "data"
     assert load_settings(environ={"DOCKYARD_STORAGE_FILESYSTEM_FSYNC": "full"}).storage.filesystem.fsync == "full"
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -69,6 +73,13 @@ def test_layers_file_env_flags(tmp_path):
     ("", {"DOCKYARD_HTTP_RELATIVE_URLS": "maybe"}, "http.relative_urls: expected true/false"),
     ("", {"DOCKYARD_HTTP_WORKERS": "0"}, "http.workers must be"),
     ("", {"DOCKYARD_LOG_LEVEL": "loud"}, "log.level must be one of"),
+    ("", {"DOCKYARD_HTTP_SEND_TIMEOUT": "0"}, "http.send_timeout must be at least 1 second"),
+    ("", {"DOCKYARD_HTTP_SEND_TIMEOUT": "soon"}, "http.send_timeout: expected an integer"),
+    ("http:\n  body_timeout: -5\n", {}, "http.body_timeout must be at least 1 second"),
+    ("", {"DOCKYARD_HTTP_BODY_TIMEOUT": "1.5"}, "http.body_timeout: expected an integer"),
+    ("limits:\n  referrers_max_entries: 0\n", {}, "limits.referrers_max_entries must be at least 1"),
+    ("", {"DOCKYARD_LIMITS_REFERRERS_MAX_ENTRIES": "many"},
+     "limits.referrers_max_entries: expected an integer"),
 ])
 def test_errors_are_one_line(tmp_path, content, environ, fragment):
     config = tmp_path / "config.yml"
@@ -78,6 +89,29 @@ def test_errors_are_one_line(tmp_path, content, environ, fragment):
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_timeouts_and_referrers_page_from_file_and_environment(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"http": {"send_timeout": 30, "body_timeout": 20},
+                                      "limits": {"referrers_max_entries": 50}}))
+    settings = load_settings(str(config), environ={})
+    assert (settings.http.send_timeout, settings.http.body_timeout) == (30, 20)
+    assert settings.limits.referrers_max_entries == 50
+    env = {"DOCKYARD_HTTP_SEND_TIMEOUT": "5", "DOCKYARD_HTTP_BODY_TIMEOUT": "2",
+           "DOCKYARD_LIMITS_REFERRERS_MAX_ENTRIES": "7"}
+    settings = load_settings(str(config), environ=env)
+    assert (settings.http.send_timeout, settings.http.body_timeout) == (5, 2)
+    assert settings.limits.referrers_max_entries == 7
+
+
+def test_serve_bad_timeout_prints_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "puller", "serve", "--storage", str(tmp_path / "s")],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=30,
+                          env={**os.environ, "DOCKYARD_HTTP_BODY_TIMEOUT": "0"})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "dockyard serve: http.body_timeout must be at least 1 second, got 0"
 
 
 def test_missing_config_file(tmp_path):
