@@ -1,6 +1,7 @@
 """Dockyard vs CNCF Distribution, side by side on loopback, same clients.
 
     python tests/benchmarks/bench_registry.py [--workers 1,2] [--quick] [--json]
+                                              [--only pull_big,blob_get_one,...]
 
 Each registry gets fresh storage and the same sequence: skopeo push and pull
 of a 4 x 64 MiB image and of a 100-small-layer image, four concurrent pulls,
@@ -124,9 +125,13 @@ class Bench:
     the wrk steps registry by registry, the order rotating from step to step,
     so a busy moment on the machine does not land on one registry only."""
 
+    STEPS = ("push_big", "push_small", "pull_big", "pull_small", "pull_four",
+             "manifest_get", "tags_list", "blob_get_one", "blob_get_four")   # the table's row order
+
     def __init__(self, servers: dict[str, helpers.RegistryServer], images: Images, plan: Plan,
-                 skopeo: Skopeo, work: Path):
+                 skopeo: Skopeo, work: Path, only: frozenset[str] = frozenset()):
         self.servers, self.images, self.plan, self.skopeo, self.work = servers, images, plan, skopeo, work
+        self.only = only
         self.rows: dict[str, Row] = {}
         self.deadline = time.perf_counter() + plan.budget_seconds
         self.skipped: list[str] = []
@@ -134,8 +139,8 @@ class Bench:
     def run(self) -> list[Row]:
         interleaved = [self.push_big, self.push_small, self.pull_big, self.pull_small, self.pull_four,
                        self.blob_get_one, self.blob_get_four]
-        per_server = [self.manifest_get, self.tags_list]
-        steps = interleaved[:5] + per_server + interleaved[5:]   # the table's row order
+        steps = [getattr(self, name) for name in self.STEPS if not self.only or name in self.only]
+        self.seed()
         labels = list(self.servers)
         for n, step in enumerate(steps):
             if time.perf_counter() > self.deadline:
@@ -149,6 +154,17 @@ class Bench:
             for label in order:
                 step(label, self.servers[label])
         return list(self.rows.values())
+
+    def seed(self) -> None:
+        """Untimed: the images later steps read, when the push steps that
+        would have stored them are not run."""
+        if not self.only:
+            return
+        for server in self.servers.values():
+            if "push_big" not in self.only:
+                push_fresh(self.skopeo, self.images.big[0], server.host, "bench/big0")
+            if "push_small" not in self.only:
+                push_fresh(self.skopeo, self.images.small[0], server.host, "bench/small0")
 
     def record(self, label: str, name: str, unit: str, higher: bool, value: float) -> None:
         self.rows.setdefault(name, Row(name, unit, higher)).values[label] = value
@@ -285,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller images, shorter runs")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--workdir", help="where to put images and storage (default: a temp dir)")
+    parser.add_argument("--only", default="", metavar="STEPS",
+                        help=f"run only these steps, comma-separated ({', '.join(Bench.STEPS)}); "
+                             "images they read are pushed untimed first")
     args = parser.parse_args(argv)
+    only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
+    if only - set(Bench.STEPS):
+        parser.error(f"unknown step {sorted(only - set(Bench.STEPS))[0]!r}; steps: {', '.join(Bench.STEPS)}")
     try:
         workers = [int(w) for w in args.workers.split(",") if w.strip()]
     except ValueError:
@@ -317,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append(server)
             by_label[label] = server
             print(f"{label}: {server.url}", file=sys.stderr)
-        bench = Bench(by_label, images, plan, skopeo, work)
+        bench = Bench(by_label, images, plan, skopeo, work, only)
         rows = {row.name: row for row in bench.run()}
 
         total = time.perf_counter() - started
