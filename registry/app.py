@@ -6,16 +6,18 @@ import asyncio
 import contextlib
 import logging
 import random
+import sys
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from registry.errors import error_middleware
-from registry.filesend import make_pool
+from registry.filesend import Waiting, make_pool
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, StorageSettings, UploadsSettings
-from registry.state import FILE_SEND_POOL, SETTINGS, STORE
+from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
 from storage.driver import StorageDriver
 from storage.store import ContentStore, StoreLimits
 
@@ -62,8 +64,59 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(_upload_purger(settings))
+    app.on_shutdown.append(_stop_waiting_sends)
     add_routes(app)
     return app
+
+
+class ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger ('aiohttp.server'), for `web.AppRunner(logger=...)`.
+
+    aiohttp logs every malformed request (bad request line, oversized
+    header, broken chunked body) and some client hang-ups as ERROR with a
+    traceback: a flood of bad requests became a flood of tracebacks. Those
+    are the client's doing: one line at debug level. Anything else (a bug
+    in a handler that escaped the error middleware) keeps its traceback."""
+
+    def __init__(self, logger: logging.Logger | None = None):
+        super().__init__(logger or logging.getLogger("aiohttp.server"), {})
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if _clients_fault(exc):
+            self.logger.debug("%s: %s", _format(msg, args), describe_client_error(exc))
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kwargs)
+
+    def debug(self, msg: Any, *args: Any, **kwargs: Any) -> None:
+        exc = kwargs.pop("exc_info", None)
+        if isinstance(exc, BaseException):
+            self.logger.debug("%s: %s", _format(msg, args), describe_client_error(exc))
+        else:
+            self.logger.debug(msg, *args, **kwargs)
+
+
+def _clients_fault(exc: BaseException | None) -> bool:
+    return isinstance(exc, (HttpProcessingError, ConnectionError))
+
+
+def _format(msg: Any, args: tuple) -> str:
+    try:
+        return str(msg) % args if args else str(msg)
+    except (TypeError, ValueError):
+        return str(msg)
+
+
+def describe_client_error(exc: BaseException) -> str:
+    """One short line for a client's malformed request or hang-up."""
+    if isinstance(exc, HttpProcessingError):
+        text = f"{exc.code} {exc.message}"
+    else:
+        text = str(exc)
+    text = " ".join(text.split())
+    if len(text) > 200:
+        text = text[:200] + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def _store_context(settings: Settings, driver: StorageDriver | None):
@@ -73,6 +126,7 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
         limits = store_limits(settings)
         app[STORE] = ContentStore(active, limits)
         app[FILE_SEND_POOL] = make_pool()
+        app[FILE_SENDS_WAITING] = Waiting()
         try:
             yield
         finally:
@@ -81,6 +135,12 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
                 await active.close()
 
     return store_ctx
+
+
+async def _stop_waiting_sends(app: web.Application) -> None:
+    # Blob sends stuck on a reader that reads nothing end now; sends that
+    # are moving get the drain time to finish.
+    app[FILE_SENDS_WAITING].stop()
 
 
 def _upload_purger(settings: Settings):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 from aiohttp import web
 
 from registry.errors import API_VERSION, API_VERSION_HEADER, UnsupportedOperation
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM, parse_range
-from registry.filesend import open_file, send_file, socket_of
-from registry.state import FILE_SEND_POOL, SETTINGS, STORE
+from registry.filesend import SendWatchdog, open_file, send_file, socket_of
+from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
 from storage.driver import StorageError
 from storage.errors import BlobUnknown, StoreError
 from storage.store import ContentStore
@@ -59,6 +58,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(status=status, headers=headers)
     response.content_length = length
 
+    send_timeout = request.app[SETTINGS].http.send_timeout
     path = store.blob_local_path(info.digest)
     if path is not None and socket_of(request) is not None:
         pool = request.app[FILE_SEND_POOL]
@@ -67,22 +67,30 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             fd = await loop.run_in_executor(pool, open_file, path)
         except FileNotFoundError:
             raise BlobUnknown("blob unknown to registry", {"digest": digest}) from None
-        try:
-            return await send_file(request, response, fd, start, length, pool)
-        finally:
-            os.close(fd)
+        # send_file closes fd
+        return await send_file(request, response, fd, start, length, pool,
+                               request.app[FILE_SENDS_WAITING], send_timeout)
 
     await response.prepare(request)
+    watchdog = SendWatchdog(request, send_timeout)
     try:
         if length:
             async for chunk in store.read_blob(info.digest, start, length):
+                watchdog.handed += len(chunk)
                 await response.write(chunk)
         await response.write_eof()
+    except ConnectionError as exc:
+        # The client went away, or the watchdog cut a client that read nothing.
+        log.debug("blob %s to %s broke off mid-body: %s", info.digest, request.remote, exc)
+        if request.transport is not None:
+            request.transport.abort()
     except (StoreError, StorageError, OSError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.warning("blob %s broke off mid-body: %s", info.digest, exc)
         if request.transport is not None:
             request.transport.close()
+    finally:
+        watchdog.cancel()
     return response
 
 

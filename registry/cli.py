@@ -126,7 +126,7 @@ async def _serve(settings: Settings, reuse_port: bool,
                  announce: Callable[[str, int], None]) -> None:
     from aiohttp import web
 
-    from registry.app import create_app
+    from registry.app import ServerLog, create_app
 
     # Storage calls hop to the loop's default executor; with fsync a hop may
     # wait on the disk for a millisecond, so keep more of them in flight than
@@ -136,7 +136,7 @@ async def _serve(settings: Settings, reuse_port: bool,
     app = create_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
     runner = web.AppRunner(app, access_log=access_log, handle_signals=False,
-                           shutdown_timeout=_DRAIN_TIMEOUT)
+                           shutdown_timeout=_DRAIN_TIMEOUT, logger=ServerLog())
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http.host, settings.http.port,

@@ -15,6 +15,7 @@ and stamps `Docker-Distribution-API-Version` on every response.
         ├── Unauthorized, Denied, TooManyRequests
         ├── PaginationNumberInvalid
         ├── BodyIncomplete        (the client broke off its request body)
+        ├── BodyTimeout           (408: the request body stopped arriving)
         └── RouteNotFound, MethodNotAllowed (aiohttp's own 404/405)
 """
 
@@ -113,6 +114,20 @@ class BodyIncomplete(RegistryError):
     code = "BLOB_UPLOAD_INVALID"
 
 
+class BodyTimeout(RegistryError):
+    """No byte of the request body for http.body_timeout seconds (408, then close)."""
+    code = "BLOB_UPLOAD_INVALID"
+    status = 408
+
+
+# Set on a request (to the timeout, in seconds) whose body stopped arriving:
+# whatever the handler made of the short body, the answer is a 408 and the
+# connection is closed (the rest of the body may never come).
+BODY_TIMED_OUT = "dockyard.body_timed_out"
+# Headers of an upload answer worth keeping in the 408: where the upload stands.
+_RESUME_HEADERS = ("Location", "Range", "Docker-Upload-UUID")
+
+
 class RouteNotFound(RegistryError):
     code = "NOT_FOUND"
 
@@ -166,7 +181,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except (ConnectionError, HttpProcessingError) as exc:
         # The client went away or sent a broken body mid-request: nothing to
         # answer it, nothing for the log but a line at debug level.
-        log.debug("request body broken on %s %s: %s", request.method, request.path, exc)
+        log.debug("connection broken on %s %s from %s: %s", request.method, request.path,
+                  request.remote, exc)
         response = error_response(BodyIncomplete(f"request body incomplete: {exc}"))
     except StorageError as exc:
         # A backend failure the store did not map: log it, answer 500 without internals.
@@ -176,6 +192,31 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         # A bug: the traceback goes to the log, the client gets the usual JSON shape.
         log.exception("unhandled error on %s %s", request.method, request.path)
         response = error_response(StoreError("internal server error"))
+    timed_out = request.get(BODY_TIMED_OUT)
+    if timed_out is not None and not response.prepared:
+        response = await _answer_and_close(request, response, timed_out)
     if not response.prepared:
         response.headers[API_VERSION_HEADER] = API_VERSION
+    return response
+
+
+async def _answer_and_close(request: web.Request, answer: web.StreamResponse,
+                            timeout: float) -> web.StreamResponse:
+    """408 for a request whose body stopped arriving, then close the
+    connection: aiohttp would otherwise wait (up to 10 s) for the rest of a
+    body that is not coming before it lets the connection go."""
+    log.info("request body of %s %s from %s stopped arriving: no data for %gs",
+             request.method, request.path, request.remote, timeout)
+    response = error_response(BodyTimeout(f"no request body data for {timeout:g}s"))
+    for name in _RESUME_HEADERS:
+        if name in answer.headers:
+            response.headers[name] = answer.headers[name]
+    response.headers[API_VERSION_HEADER] = API_VERSION
+    response.force_close()
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:
+        pass
+    request.protocol.force_close()
     return response
