@@ -10,8 +10,11 @@
   `identitytoken`, `credsStore` and `credHelpers` through
   `docker-credential-<helper> get|store|erase`. A user who ran `docker login`
   is already logged in here, and `dockyard login` writes what docker reads.
+- `check_realm(realm, host, registry_base)`: where a token request, which
+  carries the credentials, may go (HTTPS; plain HTTP only to a plain
+  loopback registry's own host).
 - `TokenCache`: bearer tokens per (realm, service, scopes, account) until
-  they expire.
+  they expire; `token_from_response` checks a token server's answer.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from puller.errors import ClientError
-from puller.reference import DOCKER_HUB, DOCKER_HUB_API
+from puller.reference import DOCKER_HUB, DOCKER_HUB_API, is_loopback
 
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 # a token answer's expires_in is clamped to this range: the spec's default
@@ -341,6 +345,34 @@ def _helper_get(helper: str, key: str) -> Credentials | None:
     if username == "<token>":
         return Credentials(identity_token=secret)
     return Credentials(username or None, secret or None)
+
+
+# -- token realms -------------------------------------------------------------------
+
+def check_realm(realm: str, host: str, registry_base: str) -> None:
+    """Where a token request, which carries the user's credentials, may go:
+    any HTTPS URL; plain HTTP only to the registry's own host name or
+    address, and only when that registry itself is plain HTTP on loopback (a
+    local registry with its token server beside it). Another host - even
+    another loopback address, or `localhost` for 127.0.0.1 - would be sent
+    the password in cleartext."""
+    try:
+        parts = urlsplit(realm)
+        realm_host = (parts.hostname or "").lower()
+        parts.port
+    except ValueError:
+        raise AuthError(f"refusing token realm {realm!r}: not a valid URL") from None
+    if parts.scheme == "https" and realm_host:
+        return
+    if parts.scheme != "http" or not realm_host:
+        raise AuthError(f"refusing token realm {realm}: not an HTTPS URL")
+    registry = urlsplit(registry_base)
+    registry_host = (registry.hostname or "").lower()
+    if registry.scheme != "http" or not is_loopback(host):
+        raise AuthError(f"refusing token realm {realm}: not HTTPS")
+    if realm_host != registry_host:
+        raise AuthError(f"refusing token realm {realm}: not HTTPS, and not the registry's own host "
+                        f"{registry_host} (credentials go over plain HTTP to nowhere else)")
 
 
 # -- tokens -----------------------------------------------------------------------

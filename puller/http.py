@@ -20,12 +20,11 @@ scopes of the request (OAuth2 POST when there are credentials, falling back
 to GET on 404/405), cached per scope set until expiry. A 401 with a new
 challenge (e.g. insufficient_scope) gets one retry; a second 401 is an
 AuthError. Authorization is never sent to another host after a redirect
-(blob downloads are often redirected to object storage), and a token realm
-that is not HTTPS is refused unless the registry itself is plain HTTP on
-loopback.
-
-Redirects go to http(s) URLs only: any other scheme (file:, ftp:, ...) is
-a permanent RegistryResponseError, never retried.
+(blob downloads are often redirected to object storage), nor a token
+request's credentials; a plain-HTTP realm is refused unless it is on the
+host of a plain-HTTP loopback registry (puller.auth.check_realm). Redirects
+go to http(s) URLs only: another scheme (file:, ftp:) is a permanent
+RegistryResponseError, never retried.
 
 Manifest requests (GET, HEAD, PUT) to one registry run at most
 MANIFEST_REQUESTS_PER_REGISTRY at a time, whatever the caller gathers (an
@@ -48,7 +47,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from puller.auth import (ANONYMOUS, AuthError, Challenge, Credentials, CredentialError, DockerConfig, Scope,
-                         TokenCache, challenges_from_headers, merge_scopes, parse_scope_list, token_from_response)
+                         TokenCache, challenges_from_headers, check_realm, merge_scopes, parse_scope_list,
+                         token_from_response)
 from puller.errors import (ClientError, DigestMismatchError, ManifestError, NotFoundError,  # noqa: F401 (re-exported)
                            RegistryResponseError, TransportError)
 from puller.oci import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_MEDIA_TYPES,  # noqa: F401
@@ -252,7 +252,7 @@ class RegistryClient:
     async def _token(self, host: str, endpoint: _Endpoint, challenge: Challenge, scopes: list[Scope],
                      force: bool) -> str:
         realm = challenge.realm
-        _check_realm(realm, host, endpoint.base)
+        check_realm(realm, host, endpoint.base)
         service = challenge.params.get("service")
         creds = endpoint.credentials
         key = TokenCache.key(realm, service, scopes, creds.username or creds.identity_token)
@@ -686,45 +686,6 @@ def _redirect_target(url: str, location: str, what: str) -> str:
     if parts.scheme.lower() not in REDIRECT_SCHEMES or not parts.hostname:
         raise RegistryResponseError(f"{what} {shown!r} refused: only http and https URLs are followed")
     return target
-
-
-def _check_realm(realm: str, host: str, registry_base: str) -> None:
-    """Where a token request, which carries the user's credentials, may go:
-    any HTTPS URL; plain HTTP only to the registry's own host name or
-    address, and only when that registry itself is plain HTTP on loopback (a
-    local registry with its token server beside it). Another host - even
-    another loopback address, or `localhost` for 127.0.0.1 - would be sent
-    the password in cleartext."""
-    try:
-        parts = urlsplit(realm)
-        realm_host = (parts.hostname or "").lower()
-        parts.port
-    except ValueError:
-        raise AuthError(f"refusing token realm {realm!r}: not a valid URL") from None
-    if parts.scheme == "https" and realm_host:
-        return
-    if parts.scheme != "http" or not realm_host:
-        raise AuthError(f"refusing token realm {realm}: not an HTTPS URL")
-    registry = urlsplit(registry_base)
-    registry_host = (registry.hostname or "").lower()
-    if registry.scheme != "http" or not is_loopback(host):
-        raise AuthError(f"refusing token realm {realm}: not HTTPS")
-    if realm_host != registry_host:
-        raise AuthError(f"refusing token realm {realm}: not HTTPS, and not the registry's own host "
-                        f"{registry_host} (credentials go over plain HTTP to nowhere else)")
-
-
-async def gather_all_or_cancel(aws) -> list:
-    """gather(), but the first failure cancels the rest: thousands of index
-    children must not go on fetching after one of them failed."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def _describe(exc: BaseException | None) -> str:

@@ -6,9 +6,14 @@
 
 Tag -> manifest (OCI and Docker media types); an index is narrowed to one
 platform (the host's, or `platform` "os/arch[/variant]"), or kept whole
-with `all_platforms`. Layers download concurrently (options.concurrency),
-each streamed to STORE/ingest/, hashed on the way (1 MiB steps, off the
-event loop), verified for size AND digest, then renamed into blobs/ - a
+with `all_platforms` (its children fetched a bounded number at a time, see
+puller.http). Every manifest is checked whole by puller.oci before anything
+is stored or downloaded: each descriptor has a digest and an integer size,
+which bounds its download byte for byte, and a config no larger than the
+manifest cap (it is read whole later). Layers download concurrently
+(options.concurrency), each streamed to STORE/ingest/, hashed on the way
+(1 MiB steps, off the event loop), verified for size AND digest (a byte past
+the size is never written), then renamed into blobs/ - a
 partial blob never has a final name. A dropped connection resumes with a
 Range request from what is already staged (also across runs); blobs already
 in the store are not downloaded again.
@@ -45,7 +50,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from puller.http import (ClientOptions, DigestMismatchError, FetchedManifest, RegistryClient, TransportError,
-                         TRANSIENT_ERRORS, ClientError, gather_all_or_cancel)
+                         TRANSIENT_ERRORS, ClientError)
 from puller.oci import ContentError, Descriptor, check_document_size
 from puller.progress import Progress
 from puller.reference import (ReferenceError, Reference, choose_platform, describe_platform, host_platform,
@@ -109,6 +114,24 @@ class _Staged:
         with contextlib.suppress(OSError):
             self.handle.close()
 
+    def release(self, drop: bool = False, drop_if_empty: bool = False) -> None:
+        """Close, removing the file first when asked (or when empty and asked)."""
+        with contextlib.suppress(OSError, ValueError):
+            if drop or (drop_if_empty and os.fstat(self.handle.fileno()).st_size == 0):
+                self.path.unlink()
+        self.close()
+
+
+async def _to_the_end(job: Callable[[], object]) -> None:
+    """Run blocking clean-up in a thread to its end, even if cancelled meanwhile
+    (a cancelled to_thread that had not started would never run)."""
+    running = asyncio.ensure_future(asyncio.to_thread(job))
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        await running
+        raise
+
 
 def _hash_file_prefix(handle, length: int, chunk: int) -> "hashlib._Hash":
     hasher = hashlib.sha256()
@@ -127,12 +150,6 @@ def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
     handle.writelines(parts)
     for data in parts:
         hasher.update(data)  # hashlib releases the GIL for buffers over 2 KiB
-
-
-def _unlink_if_empty(staged: "_Staged") -> None:
-    with contextlib.suppress(OSError):
-        if os.fstat(staged.handle.fileno()).st_size == 0:
-            staged.path.unlink()
 
 
 def _range_starts_at(response, offset: int) -> bool:
@@ -181,23 +198,35 @@ class BlobFetcher:
             return final
         async with self.semaphore:
             self.progress.start(digest, label, size)
-            staged = await asyncio.to_thread(_Staged, self.store, digest)
+            staged = await self._open_staged(digest)
+            drop = drop_if_empty = False
             try:
                 await self._download(ref, digest, size, staged)
                 await asyncio.to_thread(self.store.commit_blob, staged.path, digest)
             except DigestMismatchError:
-                # bad bytes are not worth resuming from
-                await asyncio.to_thread(staged.path.unlink, True)
+                drop = True             # bad bytes are not worth resuming from
                 raise
             except BaseException:
                 # a refused redirect, a denied blob, an interrupt: keep what
                 # can be resumed, but no empty partial
-                await asyncio.to_thread(_unlink_if_empty, staged)
+                drop_if_empty = True
                 raise
             finally:
-                await asyncio.to_thread(staged.close)
+                await _to_the_end(lambda: staged.release(drop, drop_if_empty))
         self.progress.done(digest)
         return final
+
+    async def _open_staged(self, digest: str) -> _Staged:
+        """The locked ingest file, opened in a thread; a cancel meanwhile
+        (a sibling download failed) still closes it, and drops it if empty."""
+        opening = asyncio.ensure_future(asyncio.to_thread(_Staged, self.store, digest))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                staged = await opening
+                await _to_the_end(lambda: staged.release(drop_if_empty=True))
+            raise
 
     async def _download(self, ref: Reference, digest: str, size: int, staged: _Staged) -> None:
         chunk = self.client.options.chunk_size
@@ -321,6 +350,19 @@ async def fetch_checked_manifest(client: RegistryClient, ref: Reference, identif
     return manifest
 
 
+async def gather_all_or_cancel(aws) -> list:
+    """gather(), but the first failure cancels the rest: thousands of index
+    children must not go on fetching after one of them failed."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 def _pick(entries: tuple[Descriptor, ...], wanted) -> Descriptor | None:
     chosen = choose_platform([e.raw for e in entries], wanted)
     return next((e for e in entries if e.raw is chosen), None)
@@ -428,4 +470,4 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
             await client.close()
 
 
-__all__ = ["pull", "PullResult", "BlobFetcher", "OnLayer", "ReferenceError"]
+__all__ = ["pull", "PullResult", "BlobFetcher", "OnLayer", "ReferenceError", "gather_all_or_cancel"]

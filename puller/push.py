@@ -27,10 +27,10 @@ import tarfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from puller.http import (TRANSIENT_ERRORS, ClientError, FetchedManifest, RegistryClient, TransportError, digest_of,
-                         gather_all_or_cancel)
+from puller.http import TRANSIENT_ERRORS, ClientError, FetchedManifest, RegistryClient, TransportError, digest_of
 from puller.oci import MAX_DOCUMENT_SIZE, ContentError, Descriptor, check_document_size, parse_descriptor
 from puller.progress import Progress
+from puller.pull import gather_all_or_cancel
 from puller.reference import Reference, parse_reference, ReferenceError
 from puller.store import LocalStore, StoreError
 

@@ -294,8 +294,8 @@ async def test_cli_redirect_to_file_is_one_line(fake, tmp_path):
 
 async def test_all_platforms_of_a_huge_index_uses_few_connections(fake, tmp_path):
     children = 2500
-    config = {"mediaType": OCI_CONFIG, **fake.add_blob(json.dumps(
-        {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [digest(b"tiny")]}}).encode())}
+    config_body = {"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [digest(b"tiny")]}}
+    config = {"mediaType": OCI_CONFIG, **fake.add_blob(json.dumps(config_body).encode())}
     layer = {"mediaType": OCI_LAYER, **fake.add_blob(b"tiny")}
     entries = []
     for i in range(children):
