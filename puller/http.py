@@ -524,8 +524,11 @@ class RegistryClient:
         async with self.request("GET", ref.api_host, f"/v2/{ref.repository}/referrers/{digest}",
                                 scopes=scopes, headers={"Accept": OCI_INDEX}) as response:
             if response.status == 200:
-                data = await read_document(response, self.options.max_manifest_size, what)
-                return list(parse_manifest(data, OCI_INDEX, what).manifests)
+                listed = parse_manifest(await read_document(response, self.options.max_manifest_size, what),
+                                        OCI_INDEX, what)
+                if not listed.is_index:
+                    raise ContentError(f"{what}: the answer is not an index")
+                return list(listed.manifests)
             if response.status not in (404, 405, 400):
                 raise await self.error_for(response, what)
         tag = digest.replace(":", "-")

@@ -415,14 +415,12 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
             # as many at once as the client allows per registry (RegistryClient.manifest_slots)
             children = await gather_all_or_cancel(
                 fetch_checked_manifest(client, ref, e.digest, e) for e in targets)
-            for desc, manifest in zip(targets, children):
-                if desc.digest == pick.digest:
-                    chosen = manifest
-                    chosen_desc = {"mediaType": manifest.media_type, "digest": desc.digest, "size": desc.size}
-                    if desc.platform:
-                        chosen_desc["platform"] = desc.platform
-                    if desc.annotations:
-                        chosen_desc["annotations"] = desc.annotations
+            chosen = next(m for d, m in zip(targets, children) if d.digest == pick.digest)
+            chosen_desc = {"mediaType": chosen.media_type, "digest": pick.digest, "size": pick.size}
+            if pick.platform:
+                chosen_desc["platform"] = pick.platform
+            if pick.annotations:
+                chosen_desc["annotations"] = pick.annotations
             platforms_pulled = [describe_platform(d.platform) for d in targets]
 
         # every manifest passed: stored (fsynced, beside the downloads), and

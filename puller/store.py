@@ -255,7 +255,7 @@ class LocalStore:
         return body
 
     def references(self) -> list[tuple[str, dict]]:
-        return [(d.get("annotations", {}).get(REF_NAME, ""), d) for d in self.index().get("manifests", [])]
+        return [((d.get("annotations") or {}).get(REF_NAME, ""), d) for d in self.index().get("manifests", [])]
 
     def _lookup_names(self, reference: str) -> list[str]:
         names = [reference]
@@ -351,7 +351,7 @@ class LocalStore:
         with self._index_lock():
             index = self.index()
             manifests = [d for d in index.get("manifests", [])
-                         if d.get("annotations", {}).get(REF_NAME) != reference]
+                         if (d.get("annotations") or {}).get(REF_NAME) != reference]
             manifests.append(entry)
             index["manifests"] = manifests
             index.setdefault("schemaVersion", 2)
@@ -362,7 +362,7 @@ class LocalStore:
             index = self.index()
             before = len(index.get("manifests", []))
             index["manifests"] = [d for d in index.get("manifests", [])
-                                  if d.get("annotations", {}).get(REF_NAME) != reference]
+                                  if (d.get("annotations") or {}).get(REF_NAME) != reference]
             self._write_index(index)
             return len(index["manifests"]) != before
 
