@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 DEBIAN_PACKAGES=(
   docker.io podman skopeo umoci runc crun docker-registry wrk busybox-static
   debootstrap zstd pigz uidmap fuse-overlayfs slirp4netns iptables
-  containernetworking-plugins ca-certificates git file curl
+  containernetworking-plugins ca-certificates git file curl python3-venv
 )
 
 missing_packages() {
@@ -35,18 +35,23 @@ if command -v apt-get >/dev/null && command -v dpkg-query >/dev/null; then
   fi
 fi
 
-PYTHON=${PYTHON:-python3}
-if ! "$PYTHON" -m pip --version >/dev/null 2>&1; then
-  if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip python3-venv </dev/null
+# The package and its test dependencies go into a virtual environment of
+# the checkout's own (reused when present), never into the system's or a
+# user's Python: the `dockyard` a user installed stays what it was.
+BASE_PYTHON=${PYTHON:-python3}
+VENV=${DOCKYARD_TEST_VENV:-.venv}
+if [[ ! -x "$VENV/bin/python" ]]; then
+  if ! "$BASE_PYTHON" -m venv "$VENV" 2>/dev/null; then
+    # Debian's python3 keeps venv (ensurepip) in a package of its own
+    rm -rf "$VENV"
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv </dev/null
+    fi
+    "$BASE_PYTHON" -m venv "$VENV"
   fi
 fi
-pip_args=(-q --disable-pip-version-check --root-user-action=ignore)
-# Debian's own python refuses pip into the system site without this (PEP 668)
-if "$PYTHON" -c 'import os, sys, sysconfig; sys.exit(0 if os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")) else 1)'; then
-  pip_args+=(--break-system-packages)
-fi
-"$PYTHON" -m pip install "${pip_args[@]}" -e '.[test]'
+PYTHON="$VENV/bin/python"
+"$PYTHON" -m pip install -q --disable-pip-version-check -e '.[test]'
 
 set +e
 "$PYTHON" -m pytest -q -p no:cacheprovider "${@:-tests}"
