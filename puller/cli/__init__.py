@@ -14,7 +14,7 @@ import sys
 COMMAND_MODULES = {
     "registry.cli": ("serve",),
     "puller.cli_client": ("pull", "push", "copy", "login", "logout", "inspect"),
-    "puller.cli_run": ("unpack", "run"),
+    "puller.cli.run": ("unpack", "run"),
 }
 
 
