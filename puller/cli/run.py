@@ -17,8 +17,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from puller.bundle import RunSettings, SnapshotCache, Volume, write_bundle
-from puller.unpack import ApplyOptions, UnpackError, UnpackLimits
+from puller.runtime.spec import RunSettings, SnapshotCache, Volume, write_bundle
+from puller.runtime.apply import ApplyOptions, UnpackError, UnpackLimits
 
 GiB = 1 << 30
 
@@ -39,7 +39,7 @@ def _setup(args):
     from puller.cli_client import _options
     from puller.progress import make_progress
     from puller.reference import parse_reference
-    from puller.run import default_cache_dir, parse_layout_ref
+    from puller.runtime.run import default_cache_dir, parse_layout_ref
     from puller.store import LocalStore
 
     store = LocalStore(args.store)
@@ -60,7 +60,7 @@ def _setup(args):
 
 
 def _prepare(args, store, cache, options, client_options, progress):
-    from puller.run import prepare_image
+    from puller.runtime.run import prepare_image
 
     async def main():
         with progress:
@@ -101,7 +101,7 @@ def cmd_unpack(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from puller.run import find_runtime, run_container
+    from puller.runtime.run import find_runtime, run_container
     try:
         runtime = find_runtime(args.runtime)
         settings = RunSettings(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from puller.unpack import ApplyOptions, apply_layer
+from puller.runtime.apply import ApplyOptions, apply_layer
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from puller.bundle import SnapshotCache, materialize
-from puller.run import _LayerPipeline
-from puller.unpack import (ApplyOptions, LayerVerificationError, UnsafeEntry, apply_layer, apply_staged,
+from puller.runtime.spec import SnapshotCache, materialize
+from puller.runtime.run import _LayerPipeline
+from puller.runtime.apply import (ApplyOptions, LayerVerificationError, UnsafeEntry, apply_layer, apply_staged,
                            chain_ids, stage_layer)
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, tar_bytes
 from tests.unpack.test_config_and_cache import _listing

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from puller.bundle import write_bundle
-from puller.unpack import (ApplyOptions, CorruptLayer, LayerTooLarge, LayerVerificationError,
+from puller.runtime.spec import write_bundle
+from puller.runtime.apply import (ApplyOptions, CorruptLayer, LayerTooLarge, LayerVerificationError,
                            UnpackLimits, UnsafeEntry, apply_layer)
 from tests.helpers import REPO_ROOT, write_oci_layout
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, kind, tar_bytes
@@ -151,7 +151,7 @@ def test_device_node_without_root_is_skipped(tmp_path):
         (work / "root").mkdir()
         os.chown(work / "root", 65534, 65534)
         script = (
-            "import os,sys,json,fcntl,ctypes; from puller.unpack import apply_layer;"
+            "import os,sys,json,fcntl,ctypes; from puller.runtime.apply import apply_layer;"
             "os.setgroups([]); os.setgid(65534); os.setuid(65534);"
             "assert os.geteuid() == 65534;"
             f"s=apply_layer({str(work / 'root')!r}, {str(work / 'layer.tar')!r},"
@@ -244,7 +244,7 @@ def test_bundle_is_0700_and_atomic(tmp_path):
     good = tar_bytes([F("bin/true", b"x", mode=0o755)])
     lay = _layout(tmp_path, [good])
     from puller.store import LocalStore
-    from puller.unpack import layer_sequence
+    from puller.runtime.apply import layer_sequence
     store = LocalStore(lay.path)
     _, manifest, config = store.image_for_platform("latest")
     dest = tmp_path / "bundle"

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from puller.bundle import (ConfigError, Layer, RunSettings, SnapshotCache, materialize, new_trees_here,
-                           runtime_config, write_bundle_files)
-from puller.unpack import ApplyOptions, UnpackError, layer_sequence
+from puller.runtime.apply import ApplyOptions, UnpackError, layer_sequence
+from puller.runtime.spec import (ConfigError, Layer, RunSettings, SnapshotCache, materialize, new_trees_here,
+                                 runtime_config, write_bundle_files)
 
 RUNTIMES = ("runc", "crun")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")

@@ -80,8 +80,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from puller.unpack import (ApplyOptions, StagedLayer, UnpackError, apply_layer, apply_staged, chain_ids,
-                           clean_name, open_in_root, stage_layer)
+from puller.runtime.apply import (ApplyOptions, StagedLayer, UnpackError, apply_layer, apply_staged, chain_ids,
+                                  clean_name, open_in_root, stage_layer)
 
 Layer = tuple[Path, str, str | None]   # (blob path, media type, diff ID or None)
 
