@@ -16,10 +16,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
 from registry.routes import add_routes
-from registry.settings import Settings, SettingsError, StorageSettings, UploadsSettings
+from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
+from storage.config import StorageConfigError, open_driver
 from storage.driver import StorageDriver
-from storage.store import ContentStore, StoreLimits
+from storage.store import ContentStore
 
 log = logging.getLogger("dockyard.registry")
 
@@ -30,27 +31,6 @@ _CLIENT_MAX_SIZE_SLACK = 64 * 1024
 # hidden leftovers of interrupted storage writes older than this are removed
 # with each upload purge pass
 LEFTOVER_AGE = 3600
-
-
-def open_driver(storage: StorageSettings) -> StorageDriver:
-    """The storage driver named by the settings."""
-    if storage.driver == "filesystem":
-        from storage.filesystem import FilesystemDriver
-
-        return FilesystemDriver(storage.root, fsync=storage.filesystem.fsync)
-    if storage.driver == "s3":
-        try:
-            from storage.s3 import S3Driver  # type: ignore[import-not-found]
-        except ImportError:
-            raise SettingsError("storage.driver s3 is not available in this build") from None
-        return S3Driver(storage.s3)
-    raise SettingsError(f"unknown storage.driver {storage.driver!r}")
-
-
-def store_limits(settings: Settings) -> StoreLimits:
-    """The content store's limits from the settings."""
-    return StoreLimits(max_manifest_bytes=settings.limits.max_manifest_bytes,
-                       allow_sparse_manifests=settings.validation.allow_sparse_manifests)
 
 
 def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.Application:
@@ -122,9 +102,11 @@ def describe_client_error(exc: BaseException) -> str:
 def _store_context(settings: Settings, driver: StorageDriver | None):
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         own = driver is None
-        active = open_driver(settings.storage) if own else driver
-        limits = store_limits(settings)
-        app[STORE] = ContentStore(active, limits)
+        try:
+            active = open_driver(settings.storage) if own else driver
+        except StorageConfigError as exc:
+            raise SettingsError(str(exc)) from None
+        app[STORE] = ContentStore(active, settings.store_limits())
         app[FILE_SEND_POOL] = make_pool()
         app[FILE_SENDS_WAITING] = Waiting()
         try:
@@ -163,27 +145,13 @@ async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
     await asyncio.sleep(random.uniform(0, uploads.purge_interval))
     while True:
         try:
-            purged = await purge_uploads(store, time.time() - uploads.max_age)
+            purged = await store.purge_uploads(time.time() - uploads.max_age)
             if purged:
                 log.info("purged %d abandoned upload sessions", purged)
             # a write lives for moments: hidden leftovers an hour old are a crash's
-            reclaimed = await store.driver.reclaim_leftovers(time.time() - LEFTOVER_AGE)
+            reclaimed = await store.reclaim_leftovers(time.time() - LEFTOVER_AGE)
             if reclaimed:
                 log.info("removed %d leftovers of interrupted writes", reclaimed)
         except Exception:  # keep purging next time; never take the server down
             log.exception("upload purge failed")
         await asyncio.sleep(uploads.purge_interval)
-
-
-async def purge_uploads(store: ContentStore, older_than: float) -> int:
-    """Delete upload sessions started before older_than in every catalogued
-    repository; how many."""
-    count, last = 0, None
-    for _ in range(1_000_000):  # pages of the catalog, bounded
-        page = await store.list_repositories(1000, last)
-        for repo in page.items:
-            count += len(await store.purge_uploads(repo, older_than))
-        if not page.has_more or not page.items:
-            break
-        last = page.items[-1]
-    return count

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from aiohttp import web
 
-from registry.errors import API_VERSION, API_VERSION_HEADER, UnsupportedOperation
+from registry.errors import API_VERSION, API_VERSION_HEADER
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM, parse_range
-from registry.filesend import SendWatchdog, open_file, send_file, socket_of
+from registry.filesend import SendWatchdog, send_file, socket_of
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
 from storage.driver import StorageError
-from storage.errors import BlobUnknown, StoreError
-from storage.store import ContentStore
+from storage.oci.errors import OciError, Unsupported
+from storage.oci.names import parse_digest, validate_name
 
 log = logging.getLogger("dockyard.registry")
 
@@ -24,15 +23,15 @@ _CACHE_CONTROL = "max-age=31536000"
 def _name_and_digest(request: web.Request) -> tuple[str, str]:
     name = request.match_info["name"]
     digest = request.match_info["digest"]
-    ContentStore.validate_name(name)
-    ContentStore.parse_digest(digest)
+    validate_name(name)
+    parse_digest(digest)
     return name, digest
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     name, digest = _name_and_digest(request)
     store = request.app[STORE]
-    info = await store.stat_blob(name, digest)
+    info = await store.blobs.stat(name, digest)
     headers = {
         DIGEST_HEADER: info.digest,
         "Accept-Ranges": "bytes",
@@ -46,7 +45,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         return web.Response(status=200, headers=headers)
 
     if request.app[SETTINGS].storage.redirect:
-        url = await store.blob_url(info.digest)
+        url = await store.blobs.url(info.digest)
         if url:
             return web.Response(status=307, headers={"Location": url, DIGEST_HEADER: info.digest})
 
@@ -59,23 +58,18 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     response.content_length = length
 
     send_timeout = request.app[SETTINGS].http.send_timeout
-    path = store.blob_local_path(info.digest)
-    if path is not None and socket_of(request) is not None:
-        pool = request.app[FILE_SEND_POOL]
-        loop = asyncio.get_running_loop()
-        try:
-            fd = await loop.run_in_executor(pool, open_file, path)
-        except FileNotFoundError:
-            raise BlobUnknown("blob unknown to registry", {"digest": digest}) from None
-        # send_file closes fd
-        return await send_file(request, response, fd, start, length, pool,
-                               request.app[FILE_SENDS_WAITING], send_timeout)
+    local = await store.blobs.open_local(info.digest) if socket_of(request) is not None else None
+    if local is not None:
+        # send_file closes the descriptor
+        return await send_file(request, response, local.detach(), start, length,
+                               request.app[FILE_SEND_POOL], request.app[FILE_SENDS_WAITING],
+                               send_timeout)
 
     await response.prepare(request)
     watchdog = SendWatchdog(request, send_timeout)
     try:
         if length:
-            async for chunk in store.read_blob(info.digest, start, length):
+            async for chunk in store.blobs.read(info.digest, start, length):
                 watchdog.handed += len(chunk)
                 await response.write(chunk)
         await response.write_eof()
@@ -84,7 +78,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         log.debug("blob %s to %s broke off mid-body: %s", info.digest, request.remote, exc)
         if request.transport is not None:
             request.transport.abort()
-    except (StoreError, StorageError, OSError) as exc:
+    except (OciError, StorageError, OSError) as exc:
         # Headers are gone already: the only honest signal left is a cut connection.
         log.warning("blob %s broke off mid-body: %s", info.digest, exc)
         if request.transport is not None:
@@ -114,6 +108,6 @@ def _requested_span(request: web.Request, size: int,
 async def delete_blob(request: web.Request) -> web.Response:
     name, digest = _name_and_digest(request)
     if not request.app[SETTINGS].storage.delete_enabled:
-        raise UnsupportedOperation("deletion is disabled on this registry")
-    await request.app[STORE].delete_blob(name, digest)
+        raise Unsupported("deletion is disabled on this registry")
+    await request.app[STORE].blobs.unlink(name, digest)
     return web.Response(status=202)

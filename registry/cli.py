@@ -72,9 +72,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(getattr(args, "config", None), overrides=_overrides(args))
-        from registry.app import store_limits
-
-        store_limits(settings)          # settings the content store must support
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2

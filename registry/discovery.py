@@ -8,11 +8,11 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from registry.protocol import (JSON, OCI_FILTERS_HEADER, OCI_INDEX, absolute,
-                               next_link, parse_page_size)
+from registry.protocol import JSON, OCI_FILTERS_HEADER, absolute, next_link, parse_page_size
 from registry.state import SETTINGS, STORE
-from storage.errors import NameUnknown
-from storage.store import ContentStore
+from storage.oci.errors import NameUnknown
+from storage.oci.media import OCI_INDEX
+from storage.oci.names import parse_digest, validate_name
 
 _BASE_BODY = b"{}"
 # A page of referrers above this many descriptors is encoded off the loop
@@ -33,15 +33,15 @@ def _json(data: object, headers: dict[str, str] | None = None,
 
 async def list_tags(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    ContentStore.validate_name(name)
+    validate_name(name)
     n = parse_page_size(request)
     last = request.query.get("last") or None
     store = request.app[STORE]
     if n == 0:
         # Still 404 for an unknown repository; never a Link header.
-        await store.list_tags(name, 1, last)
+        await store.manifests.tags(name, 1, last)
         return _json({"name": name, "tags": []})
-    page = await store.list_tags(name, n, last)
+    page = await store.manifests.tags(name, n, last)
     headers = None
     if page.has_more and page.items and n is not None:
         headers = {"Link": next_link(absolute(request, f"/v2/{name}/tags/list"), n, page.items[-1])}
@@ -55,7 +55,7 @@ async def catalog(request: web.Request) -> web.Response:
     last = request.query.get("last") or None
     if n == 0:
         return _json({"repositories": []})
-    page = await request.app[STORE].list_repositories(n, last)
+    page = await request.app[STORE].catalog.repositories(n, last)
     headers = None
     if page.has_more and page.items:
         headers = {"Link": next_link(absolute(request, "/v2/_catalog"), n, page.items[-1])}
@@ -68,8 +68,8 @@ async def referrers(request: web.Request) -> web.Response:
     Link header with rel="next" when the list does not fit one answer)."""
     name = request.match_info["name"]
     digest = request.match_info["digest"]
-    ContentStore.validate_name(name)
-    ContentStore.parse_digest(digest)
+    validate_name(name)
+    parse_digest(digest)
     artifact_type = request.query.get("artifactType") or None
     limit = request.app[SETTINGS].limits.referrers_max_entries
     n = parse_page_size(request)
@@ -79,7 +79,7 @@ async def referrers(request: web.Request) -> web.Response:
     if n > 0:
         try:
             # one more than the page holds tells whether another page follows
-            descriptors = await request.app[STORE].referrers(name, digest, artifact_type,
+            descriptors = await request.app[STORE].manifests.referrers(name, digest, artifact_type,
                                                              n=n + 1, last=last)
         except NameUnknown:
             descriptors = []  # the API is supported: an empty list, never a 404

@@ -1,22 +1,28 @@
-"""The one table of OCI error codes and the one middleware that renders them.
+"""The one table that maps an OCI error to its HTTP status, and the one
+middleware that renders every error.
 
-Handlers raise domain errors (`storage.errors.StoreError` subclasses, or the
-few HTTP-level ones below); `error_middleware` turns each into
+Handlers and the content store raise the OCI vocabulary's errors
+(`storage.oci.errors`, each naming its code and knowing nothing of HTTP) or
+the few HTTP-level ones below; `error_middleware` turns each into
 
     HTTP <status>   {"errors": [{"code": ..., "message": ..., "detail": ...}]}
 
 and stamps `Docker-Distribution-API-Version` on every response.
 
-    StoreError                    (storage/errors.py: code + message + detail)
-    ├── BlobUnknown, DigestInvalid, ManifestInvalid, ... (store's domain)
-    ├── RangeInvalid              (416 + Range: where the upload stands)
-    ├── ManifestTooLarge          (413, code SIZE_INVALID; also a body over the limit)
-    └── registry-level:
-        ├── Unauthorized, Denied, TooManyRequests
-        ├── PaginationNumberInvalid
-        ├── BodyIncomplete        (the client broke off its request body)
-        ├── BodyTimeout           (408: the request body stopped arriving)
-        └── RouteNotFound, MethodNotAllowed (aiohttp's own 404/405)
+    OciError                           (storage/oci/errors.py: code + message + detail)
+    ├── BlobUnknown, DigestInvalid, ManifestInvalid, NameUnknown, ... by code
+    ├── BlobUploadInvalid
+    │   ├── RangeInvalid               416 + Range: where the upload stands
+    │   ├── ContentRangeInvalid        416: a malformed or inconsistent Content-Range
+    │   ├── BodyIncomplete             the client broke off its request body
+    │   └── BodyTimeout                408: the request body stopped arriving
+    ├── SizeInvalid
+    │   └── ManifestTooLarge           413 (also any body over the manifest limit)
+    ├── Unsupported
+    │   └── MethodNotAllowed           405 (aiohttp's own)
+    └── RouteNotFound                  404 NOT_FOUND (aiohttp's own)
+
+An error may carry response headers in `headers` (with_headers).
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from storage.driver import StorageError
-from storage.errors import ManifestTooLarge, RangeInvalid, StoreError
+from storage.oci.errors import (BlobUploadInvalid, ManifestTooLarge, OciError, RangeInvalid,
+                                Unsupported)
 
 log = logging.getLogger("dockyard.registry")
 
@@ -44,7 +51,7 @@ class ErrorSpec:
     message: str
 
 
-# code -> (HTTP status, default message). The one place a code meets HTTP.
+# code -> (HTTP status, default message).
 ERRORS: dict[str, ErrorSpec] = {
     "BLOB_UNKNOWN": ErrorSpec(404, "blob unknown to registry"),
     "BLOB_UPLOAD_INVALID": ErrorSpec(400, "blob upload invalid"),
@@ -59,7 +66,6 @@ ERRORS: dict[str, ErrorSpec] = {
     "SIZE_INVALID": ErrorSpec(400, "provided length did not match content length"),
     "TAG_INVALID": ErrorSpec(400, "manifest tag did not match URI"),
     "PAGINATION_NUMBER_INVALID": ErrorSpec(400, "invalid number of results requested"),
-    "RANGE_INVALID": ErrorSpec(416, "invalid content range"),
     "UNAUTHORIZED": ErrorSpec(401, "authentication required"),
     "DENIED": ErrorSpec(403, "requested access to the resource is denied"),
     "UNSUPPORTED": ErrorSpec(405, "the operation is unsupported"),
@@ -68,56 +74,50 @@ ERRORS: dict[str, ErrorSpec] = {
     "UNKNOWN": ErrorSpec(500, "unknown error"),
 }
 
-# A few errors share a code with a more common case but need another status
-# (the spec's 413 for an oversized manifest, 416 for an out-of-order chunk).
-# They say so with a `status` attribute; everything else uses the table.
+
+class ContentRangeInvalid(BlobUploadInvalid):
+    """Content-Range malformed or inconsistent with the body."""
 
 
-class RegistryError(StoreError):
-    """An error raised by the HTTP layer itself (not the content store)."""
-
-    status: int | None = None
-
-    def __init__(self, message: str = "", detail: Any = None,
-                 headers: dict[str, str] | None = None):
-        super().__init__(message, detail)
-        self.headers = headers or {}
+class BodyIncomplete(BlobUploadInvalid):
+    """The client broke off its request body."""
 
 
-class Unauthorized(RegistryError):
-    code = "UNAUTHORIZED"
+class BodyTimeout(BlobUploadInvalid):
+    """No byte of the request body for http.body_timeout seconds (then close)."""
 
 
-class Denied(RegistryError):
-    code = "DENIED"
+class RouteNotFound(OciError):
+    code = "NOT_FOUND"
 
 
-class TooManyRequests(RegistryError):
-    code = "TOOMANYREQUESTS"
+class MethodNotAllowed(Unsupported):
+    pass
 
 
-class UnsupportedOperation(RegistryError):
-    code = "UNSUPPORTED"
+# The cases that share a code with a commoner one but have a status of their
+# own (the spec's 413 for an oversized manifest, 416 for an out-of-order chunk).
+# Looked up along the class's ancestry before the code table.
+_STATUS_BY_KIND: dict[type, int] = {
+    ManifestTooLarge: 413,
+    RangeInvalid: 416,
+    ContentRangeInvalid: 416,
+    BodyTimeout: 408,
+    MethodNotAllowed: 405,
+}
 
 
-class PaginationNumberInvalid(RegistryError):
-    code = "PAGINATION_NUMBER_INVALID"
+def status_of(exc: OciError) -> int:
+    for kind in type(exc).__mro__:
+        if kind in _STATUS_BY_KIND:
+            return _STATUS_BY_KIND[kind]
+    return (ERRORS.get(exc.code) or ERRORS["UNKNOWN"]).status
 
 
-class UploadRangeInvalid(RegistryError):
-    """Content-Range malformed or inconsistent with the body (416)."""
-    code = "BLOB_UPLOAD_INVALID"
-    status = 416
-
-
-class BodyIncomplete(RegistryError):
-    code = "BLOB_UPLOAD_INVALID"
-
-
-class BodyTimeout(RegistryError):
-    """No byte of the request body for http.body_timeout seconds (408, then close)."""
-    code = "BLOB_UPLOAD_INVALID"
-    status = 408
+def with_headers(exc: OciError, headers: dict[str, str]) -> OciError:
+    """exc, answered with these response headers too."""
+    exc.headers = {**getattr(exc, "headers", {}), **headers}
+    return exc
 
 
 # Set on a request (to the timeout, in seconds) whose body stopped arriving:
@@ -128,15 +128,6 @@ BODY_TIMED_OUT = "dockyard.body_timed_out"
 _RESUME_HEADERS = ("Location", "Range", "Docker-Upload-UUID")
 
 
-class RouteNotFound(RegistryError):
-    code = "NOT_FOUND"
-
-
-class MethodNotAllowed(RegistryError):
-    code = "UNSUPPORTED"
-    status = 405
-
-
 def error_body(code: str, message: str, detail: Any = None) -> bytes:
     entry: dict[str, Any] = {"code": code, "message": message}
     if detail is not None:
@@ -144,13 +135,12 @@ def error_body(code: str, message: str, detail: Any = None) -> bytes:
     return json.dumps({"errors": [entry]}).encode()
 
 
-def error_response(exc: StoreError) -> web.Response:
+def error_response(exc: OciError) -> web.Response:
     spec = ERRORS.get(exc.code) or ERRORS["UNKNOWN"]
-    status = getattr(exc, "status", None) or spec.status
+    status = status_of(exc)
     headers = dict(getattr(exc, "headers", None) or {})
     if isinstance(exc, RangeInvalid):
-        # The chunk did not start where the upload stands: 416 and where it stands.
-        status = 416
+        # The chunk did not start where the upload stands: say where it stands.
         headers["Range"] = f"0-{max(exc.offset - 1, 0)}"
     if status == 429:
         headers.setdefault("Retry-After", "1")
@@ -165,15 +155,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         response = await handler(request)
-    except StoreError as exc:
+    except OciError as exc:
         response = error_response(exc)
     except web.HTTPException as exc:
         if exc.status == 404:
             response = error_response(RouteNotFound(f"no route for {request.method} {request.path}"))
         elif exc.status == 405:
             allowed = exc.headers.get("Allow", "")
-            response = error_response(MethodNotAllowed(
-                f"method {request.method} not allowed", headers={"Allow": allowed}))
+            response = error_response(with_headers(MethodNotAllowed(
+                f"method {request.method} not allowed"), {"Allow": allowed}))
         elif exc.status == 413:
             response = error_response(ManifestTooLarge("request body too large"))
         else:
@@ -187,11 +177,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except StorageError as exc:
         # A backend failure the store did not map: log it, answer 500 without internals.
         log.error("storage error on %s %s: %s", request.method, request.path, exc)
-        response = error_response(StoreError("storage backend error"))
+        response = error_response(OciError("storage backend error"))
     except Exception:
         # A bug: the traceback goes to the log, the client gets the usual JSON shape.
         log.exception("unhandled error on %s %s", request.method, request.path)
-        response = error_response(StoreError("internal server error"))
+        response = error_response(OciError("internal server error"))
     timed_out = request.get(BODY_TIMED_OUT)
     if timed_out is not None and not response.prepared:
         response = await _answer_and_close(request, response, timed_out)

@@ -77,11 +77,6 @@ def make_pool(max_workers: int = 64) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dockyard-filesend")
 
 
-def open_file(path: str) -> int:
-    """A read-only descriptor (call it on the pool: it touches the disk)."""
-    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-
-
 def _buffer() -> memoryview:
     buffer = getattr(_local, "buffer", None)
     if buffer is None:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.errors import UnsupportedOperation
 from registry.protocol import (DIGEST_HEADER, OCI_SUBJECT_HEADER, OCI_TAG_HEADER, absolute,
                                manifest_path, read_limited)
 from registry.state import SETTINGS, STORE
-from storage.errors import ManifestTooLarge
-from storage.store import ContentStore
+from storage.oci.errors import ManifestTooLarge, Unsupported
+from storage.oci.names import parse_digest, validate_name, validate_tag
 
 # Clients may send more tags with ?tag= than this; the URL length limit
 # (aiohttp: 8 KiB request line) answers first anyway.
@@ -24,17 +23,17 @@ MAX_TAGS_PER_PUSH = 100
 def _name_and_reference(request: web.Request) -> tuple[str, str]:
     name = request.match_info["name"]
     reference = request.match_info["reference"]
-    ContentStore.validate_name(name)
+    validate_name(name)
     if ":" in reference:
-        ContentStore.parse_digest(reference)
+        parse_digest(reference)
     else:
-        ContentStore.validate_tag(reference)
+        validate_tag(reference)
     return name, reference
 
 
 async def get_manifest(request: web.Request) -> web.Response:
     name, reference = _name_and_reference(request)
-    manifest = await request.app[STORE].get_manifest(name, reference)
+    manifest = await request.app[STORE].manifests.get(name, reference)
     etag = f'"{manifest.digest}"'
     headers = {
         "Content-Type": manifest.media_type,
@@ -54,13 +53,13 @@ async def put_manifest(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     tags = request.query.getall("tag", [])
     for tag in tags:
-        ContentStore.validate_tag(tag)
+        validate_tag(tag)
     tags = list(dict.fromkeys(tags))[:MAX_TAGS_PER_PUSH]
     limit = settings.limits.max_manifest_bytes
     body = await read_limited(request, limit, ManifestTooLarge(
         f"manifest larger than {limit} bytes", {"limit": limit}))
     media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-    result = await request.app[STORE].put_manifest(name, reference, body, media_type,
+    result = await request.app[STORE].manifests.put(name, reference, body, media_type,
                                                    extra_tags=tags)
     headers = {
         "Location": absolute(request, manifest_path(name, result.digest)),
@@ -76,6 +75,6 @@ async def put_manifest(request: web.Request) -> web.Response:
 async def delete_manifest(request: web.Request) -> web.Response:
     name, reference = _name_and_reference(request)
     if not request.app[SETTINGS].storage.delete_enabled:
-        raise UnsupportedOperation("deletion is disabled on this registry")
-    await request.app[STORE].delete_manifest(name, reference)
+        raise Unsupported("deletion is disabled on this registry")
+    await request.app[STORE].manifests.delete(name, reference)
     return web.Response(status=202)

@@ -11,7 +11,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 from aiohttp.streams import StreamReader
 
-from registry.errors import BODY_TIMED_OUT, BodyTimeout, PaginationNumberInvalid, UploadRangeInvalid
+from registry.errors import BODY_TIMED_OUT, BodyTimeout, ContentRangeInvalid
+from storage.oci.errors import PaginationNumberInvalid
 from registry.state import SETTINGS
 
 DIGEST_HEADER = "Docker-Content-Digest"
@@ -20,7 +21,6 @@ OCI_SUBJECT_HEADER = "OCI-Subject"
 OCI_TAG_HEADER = "OCI-Tag"
 OCI_FILTERS_HEADER = "OCI-Filters-Applied"
 
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 JSON = "application/json"
 OCTET_STREAM = "application/octet-stream"
 
@@ -82,10 +82,10 @@ def parse_content_range(value: str) -> tuple[int, int]:
     """(start, end) inclusive of an upload chunk's Content-Range."""
     match = _CONTENT_RANGE_RE.match(value.strip())
     if not match:
-        raise UploadRangeInvalid(f"malformed Content-Range {value!r}", {"Content-Range": value})
+        raise ContentRangeInvalid(f"malformed Content-Range {value!r}", {"Content-Range": value})
     start, end = int(match.group(1)), int(match.group(2))
     if end < start:
-        raise UploadRangeInvalid(f"Content-Range end before start: {value!r}", {"Content-Range": value})
+        raise ContentRangeInvalid(f"Content-Range end before start: {value!r}", {"Content-Range": value})
     return start, end
 
 

@@ -39,20 +39,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from storage.filesystem import FSYNC_MODES
+from storage.blobs import StoreLimits
+from storage.config import (FilesystemSettings, S3Settings, StorageConfigError,
+                            StorageSettings, default_storage_root)
 
 ENV_PREFIX = "DOCKYARD_"
-DRIVERS = ("filesystem", "s3")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class SettingsError(ValueError):
     """A configuration problem, described in one line."""
-
-
-def default_storage_root() -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "dockyard", "registry")
 
 
 @dataclass(frozen=True)
@@ -68,35 +64,6 @@ class HttpSettings:
     # Seconds a request body may stop arriving (between two reads) before
     # the request ends and its connection is closed; an upload keeps what came.
     body_timeout: int = 60
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    bucket: str = ""
-    region: str = ""
-    endpoint_url: str = ""         # for S3-compatible services (MinIO, Ceph)
-    prefix: str = ""               # key prefix inside the bucket
-    access_key_id: str = ""        # empty: the usual AWS credential chain
-    secret_access_key: str = ""
-    presign_expires: int = 1200
-
-
-@dataclass(frozen=True)
-class FilesystemSettings:
-    # What is fsynced (FSYNC_MODES): "data" file contents
-    # before they are committed (Distribution 2.8's policy), "full" directories
-    # too, "off" nothing. Renames keep every mode safe against a killed process.
-    fsync: str = "data"
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    driver: str = "filesystem"
-    root: str = field(default_factory=default_storage_root)
-    redirect: bool = False         # GET blob -> 307 to a direct URL when the driver has one
-    delete_enabled: bool = True
-    filesystem: FilesystemSettings = field(default_factory=FilesystemSettings)
-    s3: S3Settings = field(default_factory=S3Settings)
 
 
 @dataclass(frozen=True)
@@ -137,6 +104,12 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
+    def store_limits(self) -> StoreLimits:
+        """The content store's limits from these settings."""
+        return StoreLimits(max_manifest_bytes=self.limits.max_manifest_bytes,
+                           allow_sparse_manifests=self.validation.allow_sparse_manifests,
+                           referrers_max_entries=self.limits.referrers_max_entries)
+
     def validate(self) -> "Settings":
         if not 0 <= self.http.port <= 65535:
             raise SettingsError(f"http.port must be 0..65535, got {self.http.port}")
@@ -146,16 +119,10 @@ class Settings:
             raise SettingsError(f"http.send_timeout must be at least 1 second, got {self.http.send_timeout}")
         if self.http.body_timeout < 1:
             raise SettingsError(f"http.body_timeout must be at least 1 second, got {self.http.body_timeout}")
-        if self.storage.driver not in DRIVERS:
-            raise SettingsError(f"storage.driver must be one of {', '.join(DRIVERS)}, "
-                                f"got {self.storage.driver!r}")
-        if self.storage.driver == "filesystem" and not self.storage.root:
-            raise SettingsError("storage.root must be set for the filesystem driver")
-        if self.storage.filesystem.fsync not in FSYNC_MODES:
-            raise SettingsError(f"storage.filesystem.fsync must be one of {', '.join(FSYNC_MODES)}, "
-                                f"got {self.storage.filesystem.fsync!r}")
-        if self.storage.driver == "s3" and not self.storage.s3.bucket:
-            raise SettingsError("storage.s3.bucket must be set for the s3 driver")
+        try:
+            self.storage.check()
+        except StorageConfigError as exc:
+            raise SettingsError(str(exc)) from None
         if self.limits.max_manifest_bytes < 1024:
             raise SettingsError("limits.max_manifest_bytes must be at least 1024")
         if self.limits.catalog_max_entries < 1:

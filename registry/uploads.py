@@ -7,20 +7,20 @@ bodies are streamed to storage in pieces, never read whole.
 
 from __future__ import annotations
 
-import hashlib
-
 from aiohttp import web
 
-from registry.errors import UploadRangeInvalid
+from registry.errors import ContentRangeInvalid, with_headers
 from registry.protocol import (DIGEST_HEADER, UPLOAD_UUID_HEADER, absolute, blob_path,
                                body_chunks, has_body, parse_content_range, range_header,
                                upload_path)
 from registry.state import STORE
-from storage.errors import DigestInvalid, NameInvalid
-from storage.store import BlobInfo, ContentStore, UploadStatus
+from storage.blobs import BlobInfo
+from storage.oci.digests import digest_of
+from storage.oci.errors import DigestInvalid, NameInvalid
+from storage.oci.names import ALGORITHMS, parse_digest, validate_name
+from storage.uploads import UploadStatus
 
-_EMPTY_DIGESTS = {f"{alg}:{hashlib.new(alg, b'').hexdigest()}" for alg in ("sha256", "sha512")}
-_ALGORITHMS = ("sha256", "sha512")
+_EMPTY_DIGESTS = {digest_of(b"", alg) for alg in ALGORITHMS}
 
 
 def _upload_response(request: web.Request, status: int, upload: UploadStatus) -> web.Response:
@@ -40,7 +40,7 @@ def _created_response(request: web.Request, name: str, info: BlobInfo) -> web.Re
 
 def _name(request: web.Request) -> str:
     name = request.match_info["name"]
-    ContentStore.validate_name(name)
+    validate_name(name)
     return name
 
 
@@ -56,35 +56,35 @@ async def start_upload(request: web.Request) -> web.Response:
 
     mount = query.get("mount")
     if mount:
-        ContentStore.parse_digest(mount)
+        parse_digest(mount)
         from_repo = query.get("from") or None
         if from_repo is not None:
             try:
-                ContentStore.validate_name(from_repo)
+                validate_name(from_repo)
             except NameInvalid:
                 from_repo = ""  # never matches: fall back to an ordinary upload
         info = None
         if from_repo != "":
             # Without `from`, only repositories the caller may read are
             # searched: with auth off that is every one.
-            info = await store.mount_blob(name, mount, from_repo, readable=None)
+            info = await store.blobs.mount(name, mount, from_repo, readable=None)
         if info is not None:
             return _created_response(request, name, info)
         # Not mountable: an ordinary upload session (202), as the spec allows.
 
     algorithm = query.get("digest-algorithm")
-    if algorithm is not None and algorithm not in _ALGORITHMS:
+    if algorithm is not None and algorithm not in ALGORITHMS:
         raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}", {"digest-algorithm": algorithm})
 
     digest = query.get("digest")
     if digest and not mount:
-        ContentStore.parse_digest(digest)
+        parse_digest(digest)
         if has_body(request) or digest in _EMPTY_DIGESTS:
-            info = await store.put_blob(name, digest, body_chunks(request),
+            info = await store.uploads.put(name, digest, body_chunks(request),
                                         size=request.content_length)
             return _created_response(request, name, info)
 
-    upload = await store.start_upload(name)
+    upload = await store.uploads.start(name)
     return _upload_response(request, 202, upload)
 
 
@@ -96,19 +96,18 @@ def _chunk_start(request: web.Request) -> int | None:
     start, end = parse_content_range(value)
     length = request.content_length
     if length is not None and length != end - start + 1:
-        raise UploadRangeInvalid(
+        raise ContentRangeInvalid(
             f"Content-Range {value!r} does not match Content-Length {length}",
             {"Content-Range": value, "Content-Length": length})
     return start
 
 
-async def _with_range(request: web.Request, name: str, upload_id: str, exc: UploadRangeInvalid):
+async def _with_range(request: web.Request, name: str, upload_id: str, exc: ContentRangeInvalid):
     """Attach Range/Location to a 416 so the client can resume."""
-    status = await request.app[STORE].upload_status(name, upload_id)
-    exc.headers.update({"Range": range_header(status.offset),
-                        "Location": absolute(request, upload_path(name, upload_id)),
-                        UPLOAD_UUID_HEADER: upload_id})
-    return exc
+    status = await request.app[STORE].uploads.status(name, upload_id)
+    return with_headers(exc, {"Range": range_header(status.offset),
+                              "Location": absolute(request, upload_path(name, upload_id)),
+                              UPLOAD_UUID_HEADER: upload_id})
 
 
 async def patch_upload(request: web.Request) -> web.Response:
@@ -117,15 +116,15 @@ async def patch_upload(request: web.Request) -> web.Response:
     store = request.app[STORE]
     try:
         start = _chunk_start(request)
-    except UploadRangeInvalid as exc:
+    except ContentRangeInvalid as exc:
         raise await _with_range(request, name, upload_id, exc) from None
-    upload = await store.append_upload(name, upload_id, body_chunks(request), start=start)
+    upload = await store.uploads.append(name, upload_id, body_chunks(request), start=start)
     return _upload_response(request, 202, upload)
 
 
 async def upload_status(request: web.Request) -> web.Response:
     name, upload_id = _name(request), _upload_id(request)
-    upload = await request.app[STORE].upload_status(name, upload_id)
+    upload = await request.app[STORE].uploads.status(name, upload_id)
     return _upload_response(request, 204, upload)
 
 
@@ -136,21 +135,21 @@ async def finish_upload(request: web.Request) -> web.Response:
     digest = request.query.get("digest")
     if not digest:
         # Say whether the session exists first: an unknown one is the bigger problem.
-        await store.upload_status(name, upload_id)
+        await store.uploads.status(name, upload_id)
         raise DigestInvalid("the digest query parameter is required", {"digest": None})
-    ContentStore.parse_digest(digest)
+    parse_digest(digest)
     chunks, start = None, None
     if has_body(request):
         try:
             start = _chunk_start(request)
-        except UploadRangeInvalid as exc:
+        except ContentRangeInvalid as exc:
             raise await _with_range(request, name, upload_id, exc) from None
         chunks = body_chunks(request)
-    info = await store.finish_upload(name, upload_id, digest, chunks, start=start)
+    info = await store.uploads.finish(name, upload_id, digest, chunks, start=start)
     return _created_response(request, name, info)
 
 
 async def cancel_upload(request: web.Request) -> web.Response:
     name, upload_id = _name(request), _upload_id(request)
-    await request.app[STORE].cancel_upload(name, upload_id)
+    await request.app[STORE].uploads.cancel(name, upload_id)
     return web.Response(status=204)

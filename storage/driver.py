@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
@@ -77,6 +78,23 @@ class FileWriter(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+class LocalFile:
+    """A read-only descriptor of stored content and its size; close() it."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd, self.size = fd, size
+
+    def detach(self) -> int:
+        """The descriptor, now the caller's to close."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        fd = self.detach()
+        if fd >= 0:
+            os.close(fd)
 
 
 class StorageLock(abc.ABC):
@@ -173,8 +191,10 @@ class StorageDriver(abc.ABC):
         the backend has no such thing (the registry then streams it)."""
         return None
 
-    def local_path(self, path: str) -> str | None:
-        """A filesystem path the registry may send straight from, or None on non-local backends."""
+    async def open_local(self, path: str) -> "LocalFile | None":
+        """The content open as a local file (read-only) that the caller may
+        send or hash straight from, then close; None on backends without
+        local files (the caller streams `reader` instead). PathNotFound if absent."""
         return None
 
     async def reclaim_leftovers(self, older_than: float) -> int:
@@ -185,3 +205,22 @@ class StorageDriver(abc.ABC):
 
     async def close(self) -> None:
         """Release connections and thread pools."""
+
+
+# ---- small helpers every user of the contract needs ---------------------------
+
+async def exists(driver: StorageDriver, path: str) -> bool:
+    try:
+        await driver.stat(path)
+        return True
+    except PathNotFound:
+        return False
+
+
+async def delete_if_present(driver: StorageDriver, path: str) -> bool:
+    """Delete path; False when it was not there."""
+    try:
+        await driver.delete(path)
+        return True
+    except PathNotFound:
+        return False

@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from typing import AsyncIterator, Iterator, Sequence
 
 from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
-                            PathNotFound, StorageDriver, StorageError, StorageLock)
+                            LocalFile, PathNotFound, StorageDriver, StorageError, StorageLock)
 
 TEMP_PREFIX = ".dockyard-tmp-"
 _MAX_PATH = 4096
@@ -576,5 +576,19 @@ class FilesystemDriver(StorageDriver):
 
         return await asyncio.to_thread(_sweep)
 
-    def local_path(self, path: str) -> str | None:
-        return self._full(path)
+    async def open_local(self, path: str) -> LocalFile | None:
+        full = self._full(path)
+
+        def _open() -> LocalFile:
+            fd = os.open(full, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = os.fstat(fd)
+                if stat_mode.S_ISDIR(st.st_mode):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", full)
+            except BaseException:
+                os.close(fd)
+                raise
+            return LocalFile(fd, st.st_size)
+
+        with _translated(path):
+            return await asyncio.to_thread(_open)

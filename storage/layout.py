@@ -22,7 +22,7 @@
             └── startedat                      ISO 8601 start time (for expiry)
 
 Why it is safe to build paths from client input: every name is checked
-against its grammar (`storage.names`) here, before it becomes a path
+against its grammar (`storage.oci.names`) here, before it becomes a path
 component. A repository name is lower-case components joined by single
 slashes, so it cannot be absolute, hold "..", NUL or an empty component, and
 no component can start with "_": the reserved directories above never clash
@@ -32,7 +32,12 @@ with a repository called "a/_layers". Tags have no "/" and cannot start with
 
 from __future__ import annotations
 
-from storage.names import parse_digest, validate_name, validate_tag, validate_upload_id
+import re
+
+from storage.oci.errors import BlobUploadUnknown
+from storage.oci.names import parse_digest, validate_name, validate_tag
+
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 ROOT = "/docker/registry/v2"
 BLOBS = f"{ROOT}/blobs"
@@ -102,6 +107,12 @@ def referrer_entry(repo: str, subject_digest: str, referrer_digest: str) -> str:
 
 
 # ---- upload sessions ---------------------------------------------------
+def validate_upload_id(upload_id: str) -> None:
+    # An id that could not have come from us is simply an unknown session.
+    if not isinstance(upload_id, str) or not _UPLOAD_ID_RE.fullmatch(upload_id):
+        raise BlobUploadUnknown(f"unknown upload: {upload_id!r}", {"uuid": upload_id})
+
+
 def upload_dir(repo: str, upload_id: str) -> str:
     validate_upload_id(upload_id)
     return f"{repo_dir(repo)}/_uploads/{upload_id}"

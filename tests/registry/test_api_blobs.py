@@ -207,7 +207,7 @@ class _ObjectStoreLikeDriver:
         from storage.filesystem import FilesystemDriver
 
         class NoLocalPaths(FilesystemDriver):
-            def local_path(self, path):
+            async def open_local(self, path):
                 return None
 
         return NoLocalPaths(str(root))

@@ -132,7 +132,7 @@ async def test_large_referrers_list_does_not_stall_the_loop(make_registry, setti
                                "digest": digest_of(b"{}"), "size": 2}, "layers": [],
                     "annotations": {f"k{j}": "v" * 40 for j in range(50)} | {"n": str(i)},
                     "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": len(subject_body)}}
-        await store.put_manifest("bounds/many", f"r{i}", json.dumps(manifest).encode(), OCI_MANIFEST)
+        await store.manifests.put("bounds/many", f"r{i}", json.dumps(manifest).encode(), OCI_MANIFEST)
     longest = 0.0
     stop = asyncio.Event()
 

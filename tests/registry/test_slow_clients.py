@@ -149,10 +149,10 @@ def test_stalled_reader_is_cut_after_send_timeout(start_dockyard):
 
 
 class _NoLocalPath(FilesystemDriver):
-    """A filesystem driver that hides its paths: blob bodies go through
-    aiohttp's writer, as on object stores."""
+    """A filesystem driver that hands out no local files: blob bodies go
+    through aiohttp's writer, as on object stores."""
 
-    def local_path(self, path: str) -> str | None:
+    async def open_local(self, path: str):
         return None
 
 

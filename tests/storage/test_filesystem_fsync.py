@@ -70,9 +70,9 @@ async def test_blob_push_syncs_blob_data_and_link_only(tmp_path, fsyncs):
         async def body():
             yield data
 
-        upload = await store.start_upload("r")
-        await store.append_upload("r", upload.upload_id, body())
-        await store.finish_upload("r", upload.upload_id, digest)
+        upload = await store.uploads.start("r")
+        await store.uploads.append("r", upload.upload_id, body())
+        await store.uploads.finish("r", upload.upload_id, digest)
         return digest
 
     await push(b"first")

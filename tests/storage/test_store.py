@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 
 from storage import layout
-from storage.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid, ManifestBlobUnknown,
+from storage.oci.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid, ManifestBlobUnknown,
                             ManifestInvalid, ManifestTooLarge, ManifestUnknown, NameInvalid,
                             NameUnknown, RangeInvalid, SizeInvalid, TagInvalid)
 from storage.driver import StorageError
 from storage.filesystem import TEMP_PREFIX, FilesystemDriver
-from storage.store import (DOCKER_MANIFEST, EMPTY_DIGEST, OCI_INDEX, OCI_MANIFEST, ContentStore,
-                           StoreLimits)
+from storage.oci.digests import EMPTY_DIGEST
+from storage.oci.media import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from storage.store import ContentStore, StoreLimits
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
@@ -70,7 +71,7 @@ def blob_files(root: Path) -> list[str]:
 
 async def push_blob(store: ContentStore, repo: str, data: bytes) -> str:
     digest = sha256(data)
-    info = await store.put_blob(repo, digest, body(data))
+    info = await store.uploads.put(repo, digest, body(data))
     assert info.size == len(data)
     return digest
 
@@ -93,7 +94,7 @@ async def push_image(store: ContentStore, repo: str, tag: str, seed: bytes = b""
     await push_blob(store, repo, config)
     await push_blob(store, repo, layer)
     manifest = image_manifest(config, [layer])
-    result = await store.put_manifest(repo, tag, manifest, OCI_MANIFEST)
+    result = await store.manifests.put(repo, tag, manifest, OCI_MANIFEST)
     return result.digest, manifest
 
 
@@ -103,83 +104,85 @@ async def test_blob_pushed_to_many_repos_is_stored_once(store, root):
     data = os.urandom(200_000)
     for repo in ("one", "two/sub", "three"):
         digest = await push_blob(store, repo, data)
-        assert (await store.stat_blob(repo, digest)).size == len(data)
+        assert (await store.blobs.stat(repo, digest)).size == len(data)
     assert blob_files(root) == [layout.blob_data(digest).lstrip("/")]
     with pytest.raises(BlobUnknown):
-        await store.stat_blob("four", digest)  # exists globally, not linked here
-    assert b"".join([c async for c in store.read_blob(digest, 100, 50)]) == data[100:150]
-    assert open(store.blob_local_path(digest), "rb").read() == data
+        await store.blobs.stat("four", digest)  # exists globally, not linked here
+    assert b"".join([c async for c in store.blobs.read(digest, 100, 50)]) == data[100:150]
+    local = await store.blobs.open_local(digest)
+    assert os.pread(local.fd, len(data) + 1, 0) == data
+    local.close()
 
 
 async def test_chunked_upload_continued_by_another_worker(store, other_worker):
     data = os.urandom(3 * 1024 * 1024 + 17)
     a, b, c = data[:1_000_000], data[1_000_000:2_500_000], data[2_500_000:]
-    up = await store.start_upload("lib/app")
-    assert (await store.append_upload("lib/app", up.upload_id, body(a), start=0)).offset == len(a)
+    up = await store.uploads.start("lib/app")
+    assert (await store.uploads.append("lib/app", up.upload_id, body(a), start=0)).offset == len(a)
     # worker 2 continues: the session lives in storage, not in worker 1
-    assert (await other_worker.upload_status("lib/app", up.upload_id)).offset == len(a)
-    await other_worker.append_upload("lib/app", up.upload_id, body(b[:10], b[10:]), start=len(a))
+    assert (await other_worker.uploads.status("lib/app", up.upload_id)).offset == len(a)
+    await other_worker.uploads.append("lib/app", up.upload_id, body(b[:10], b[10:]), start=len(a))
     # worker 1's running hash is now stale; it must notice and re-hash from storage
-    info = await store.finish_upload("lib/app", up.upload_id, sha256(data), body(c),
+    info = await store.uploads.finish("lib/app", up.upload_id, sha256(data), body(c),
                                      start=len(a) + len(b))
     assert info.size == len(data)
-    assert b"".join([x async for x in other_worker.read_blob(info.digest)]) == data
+    assert b"".join([x async for x in other_worker.blobs.read(info.digest)]) == data
     with pytest.raises(BlobUploadUnknown):
-        await other_worker.upload_status("lib/app", up.upload_id)
+        await other_worker.uploads.status("lib/app", up.upload_id)
 
 
 async def test_digest_mismatch_commits_nothing_and_session_stays(store, root):
     data = b"the real content" * 1000
-    up = await store.start_upload("repo")
-    await store.append_upload("repo", up.upload_id, body(data))
+    up = await store.uploads.start("repo")
+    await store.uploads.append("repo", up.upload_id, body(data))
     wrong = sha256(b"something else")
     with pytest.raises(DigestInvalid):
-        await store.finish_upload("repo", up.upload_id, wrong)
+        await store.uploads.finish("repo", up.upload_id, wrong)
     assert blob_files(root) == []
     with pytest.raises(BlobUnknown):
-        await store.stat_blob("repo", wrong)
-    assert (await store.list_repositories()).items == []
+        await store.blobs.stat("repo", wrong)
+    assert (await store.catalog.repositories()).items == []
     # the session is still there and can be finished with the right digest
-    assert (await store.upload_status("repo", up.upload_id)).offset == len(data)
-    info = await store.finish_upload("repo", up.upload_id, sha256(data))
-    assert (await store.stat_blob("repo", info.digest)).size == len(data)
+    assert (await store.uploads.status("repo", up.upload_id)).offset == len(data)
+    info = await store.uploads.finish("repo", up.upload_id, sha256(data))
+    assert (await store.blobs.stat("repo", info.digest)).size == len(data)
 
 
 async def test_size_mismatch_commits_nothing(store, root):
     data = b"abc" * 100
     with pytest.raises(SizeInvalid):
-        await store.put_blob("repo", sha256(data), body(data), size=len(data) + 1)
+        await store.uploads.put("repo", sha256(data), body(data), size=len(data) + 1)
     assert blob_files(root) == []
     assert files_under(root, layout.uploads_dir("repo")) == []  # monolithic session cleaned
 
 
 async def test_monolithic_digest_mismatch_leaves_no_session(store, root):
     with pytest.raises(DigestInvalid):
-        await store.put_blob("repo", sha256(b"x"), body(b"y"))
+        await store.uploads.put("repo", sha256(b"x"), body(b"y"))
     assert blob_files(root) == [] and files_under(root, layout.uploads_dir("repo")) == []
 
 
 async def test_sha512_upload(store, root):
     data = os.urandom(70_000)
     digest = "sha512:" + hashlib.sha512(data).hexdigest()
-    info = await store.put_blob("repo", digest, body(data))
+    info = await store.uploads.put("repo", digest, body(data))
     assert info.digest == digest
-    assert (await store.stat_blob("repo", digest)).size == len(data)
+    assert (await store.blobs.stat("repo", digest)).size == len(data)
     assert "sha512" in blob_files(root)[0]
 
 
 async def test_range_invalid_carries_current_offset(store):
-    up = await store.start_upload("repo")
-    await store.append_upload("repo", up.upload_id, body(b"0123456789"), start=0)
+    up = await store.uploads.start("repo")
+    await store.uploads.append("repo", up.upload_id, body(b"0123456789"), start=0)
     for bad_start in (0, 5, 11):
         with pytest.raises(RangeInvalid) as err:
-            await store.append_upload("repo", up.upload_id, body(b"zz"), start=bad_start)
+            await store.uploads.append("repo", up.upload_id, body(b"zz"), start=bad_start)
         assert err.value.offset == 10
         assert err.value.code == "BLOB_UPLOAD_INVALID"
     with pytest.raises(RangeInvalid):
-        await store.finish_upload("repo", up.upload_id, sha256(b"0123456789zz"), body(b"zz"), start=3)
-    assert (await store.upload_status("repo", up.upload_id)).offset == 10
-    info = await store.finish_upload("repo", up.upload_id, sha256(b"0123456789zz"), body(b"zz"), start=10)
+        await store.uploads.finish("repo", up.upload_id, sha256(b"0123456789zz"), body(b"zz"), start=3)
+    assert (await store.uploads.status("repo", up.upload_id)).offset == 10
+    info = await store.uploads.finish("repo", up.upload_id, sha256(b"0123456789zz"), body(b"zz"), start=10)
     assert info.size == 12
 
 
@@ -191,43 +194,43 @@ async def test_chunk_failing_half_way_resumes_from_reported_offset(store):
         yield data[1_500_000:1_600_000]
         raise ConnectionResetError("client went away")
 
-    up = await store.start_upload("repo")
+    up = await store.uploads.start("repo")
     with pytest.raises(ConnectionResetError):
-        await store.append_upload("repo", up.upload_id, broken_body(), start=0)
-    offset = (await store.upload_status("repo", up.upload_id)).offset
+        await store.uploads.append("repo", up.upload_id, broken_body(), start=0)
+    offset = (await store.uploads.status("repo", up.upload_id)).offset
     assert 0 < offset <= 1_600_000
-    info = await store.finish_upload("repo", up.upload_id, sha256(data), body(data[offset:]), start=offset)
+    info = await store.uploads.finish("repo", up.upload_id, sha256(data), body(data[offset:]), start=offset)
     assert info.size == len(data)
 
 
 async def test_unknown_cancelled_and_finished_uploads(store):
     with pytest.raises(BlobUploadUnknown):
-        await store.upload_status("repo", "00000000-0000-0000-0000-000000000000")
+        await store.uploads.status("repo", "00000000-0000-0000-0000-000000000000")
     for bogus in ("../../etc", "a/b", "", ".hidden", "x" * 300):
         with pytest.raises(BlobUploadUnknown):
-            await store.upload_status("repo", bogus)
-    up = await store.start_upload("repo")
-    await store.cancel_upload("repo", up.upload_id)
+            await store.uploads.status("repo", bogus)
+    up = await store.uploads.start("repo")
+    await store.uploads.cancel("repo", up.upload_id)
     with pytest.raises(BlobUploadUnknown):
-        await store.append_upload("repo", up.upload_id, body(b"x"))
+        await store.uploads.append("repo", up.upload_id, body(b"x"))
     with pytest.raises(BlobUploadUnknown):
-        await store.cancel_upload("repo", up.upload_id)
+        await store.uploads.cancel("repo", up.upload_id)
     with pytest.raises(BlobUploadUnknown):
-        await store.upload_status("other", (await store.start_upload("repo")).upload_id)
+        await store.uploads.status("other", (await store.uploads.start("repo")).upload_id)
 
 
 async def test_mount_and_delete_blob(store, root):
     digest = await push_blob(store, "src", b"shared layer")
-    assert await store.mount_blob("dst", digest, from_repo="nowhere") is None
-    assert (await store.mount_blob("dst", digest, from_repo="src")).size == 12
-    assert await store.mount_blob("dst2", digest, from_repo=None) is not None
-    assert await store.mount_blob("dst3", sha256(b"absent"), from_repo=None) is None
-    await store.delete_blob("dst", digest)
+    assert await store.blobs.mount("dst", digest, from_repo="nowhere") is None
+    assert (await store.blobs.mount("dst", digest, from_repo="src")).size == 12
+    assert await store.blobs.mount("dst2", digest, from_repo=None) is not None
+    assert await store.blobs.mount("dst3", sha256(b"absent"), from_repo=None) is None
+    await store.blobs.unlink("dst", digest)
     with pytest.raises(BlobUnknown):
-        await store.stat_blob("dst", digest)
+        await store.blobs.stat("dst", digest)
     with pytest.raises(BlobUnknown):
-        await store.delete_blob("dst", digest)
-    assert (await store.stat_blob("src", digest)).size == 12  # bytes kept for GC
+        await store.blobs.unlink("dst", digest)
+    assert (await store.blobs.stat("src", digest)).size == 12  # bytes kept for GC
     assert len(blob_files(root)) == 1
 
 
@@ -235,29 +238,29 @@ async def test_mount_and_delete_blob(store, root):
 
 async def test_manifest_round_trip_keeps_pushed_media_type(store, other_worker):
     digest, manifest = await push_image(store, "app", "v1")
-    got = await other_worker.get_manifest("app", "v1")
+    got = await other_worker.manifests.get("app", "v1")
     assert (got.digest, got.media_type, got.body) == (digest, OCI_MANIFEST, manifest)
-    assert (await store.get_manifest("app", digest)).body == manifest
+    assert (await store.manifests.get("app", digest)).body == manifest
     # Docker schema 2, pushed by digest, echoed with its own type
     config, layer = b'{"docker":1}', b"docker layer"
     await push_blob(store, "app", config)
     await push_blob(store, "app", layer)
     docker = image_manifest(config, [layer], media_type=DOCKER_MANIFEST)
-    result = await store.put_manifest("app", sha256(docker), docker, DOCKER_MANIFEST)
-    assert (await store.get_manifest("app", result.digest)).media_type == DOCKER_MANIFEST
+    result = await store.manifests.put("app", sha256(docker), docker, DOCKER_MANIFEST)
+    assert (await store.manifests.get("app", result.digest)).media_type == DOCKER_MANIFEST
     # a generic Content-Type: the body's mediaType decides
     generic = image_manifest(config, [], media_type=OCI_MANIFEST)
-    await store.put_manifest("app", "generic", generic, "application/json")
-    assert (await store.get_manifest("app", "generic")).media_type == OCI_MANIFEST
+    await store.manifests.put("app", "generic", generic, "application/json")
+    assert (await store.manifests.get("app", "generic")).media_type == OCI_MANIFEST
     # stat_blob also finds manifests (clients fetching them via /blobs/)
-    assert (await store.stat_blob("app", digest)).size == len(manifest)
+    assert (await store.blobs.stat("app", digest)).size == len(manifest)
 
 
 async def test_manifest_pushed_with_extra_tags(store):
     digest, manifest = await push_image(store, "app", "v1")
-    result = await store.put_manifest("app", digest, manifest, OCI_MANIFEST, extra_tags=["a", "b"])
+    result = await store.manifests.put("app", digest, manifest, OCI_MANIFEST, extra_tags=["a", "b"])
     assert result.digest == digest
-    assert (await store.list_tags("app")).items == ["a", "b", "v1"]
+    assert (await store.manifests.tags("app")).items == ["a", "b", "v1"]
 
 
 async def test_interrupted_new_tag_is_never_listed(store, root, monkeypatch):
@@ -275,12 +278,12 @@ async def test_interrupted_new_tag_is_never_listed(store, root, monkeypatch):
         raise OSError(errno.EIO, "interrupted")
     monkeypatch.setattr(filesystem.os, "rename", power_cut)
     with pytest.raises(StorageError):
-        await store.put_manifest("app", "torn", manifest, OCI_MANIFEST)
+        await store.manifests.put("app", "torn", manifest, OCI_MANIFEST)
     monkeypatch.undo()
-    assert (await store.list_tags("app")).items == ["v1", "v2"]
+    assert (await store.manifests.tags("app")).items == ["v1", "v2"]
     assert not (root / layout.tag_dir("app", "torn").lstrip("/")).exists()
     with pytest.raises(ManifestUnknown):
-        await store.get_manifest("app", "torn")
+        await store.manifests.get("app", "torn")
 
 
 async def test_index_requires_children_in_repo(store):
@@ -291,15 +294,15 @@ async def test_index_requires_children_in_repo(store):
                             "platform": {"architecture": "amd64", "os": "linux"}},
                            {"mediaType": OCI_MANIFEST, "digest": missing, "size": 10}]}
     with pytest.raises(ManifestBlobUnknown) as err:
-        await store.put_manifest("multi", "latest", json.dumps(index).encode(), OCI_INDEX)
+        await store.manifests.put("multi", "latest", json.dumps(index).encode(), OCI_INDEX)
     assert err.value.detail == {"digest": missing}
     index["manifests"].pop()
     raw = json.dumps(index).encode()
-    result = await store.put_manifest("multi", "latest", raw, OCI_INDEX)
-    assert (await store.get_manifest("multi", "latest")).body == raw
+    result = await store.manifests.put("multi", "latest", raw, OCI_INDEX)
+    assert (await store.manifests.get("multi", "latest")).body == raw
     # the child is not in another repository
     with pytest.raises(ManifestBlobUnknown):
-        await store.put_manifest("elsewhere", "latest", raw, OCI_INDEX)
+        await store.manifests.put("elsewhere", "latest", raw, OCI_INDEX)
     assert result.digest == sha256(raw)
 
 
@@ -325,9 +328,9 @@ async def test_index_requires_children_in_repo(store):
 ])
 async def test_invalid_manifests_rejected_and_nothing_stored(store, root, raw, media_type, error):
     with pytest.raises(error):
-        await store.put_manifest("bad", "latest", raw, media_type)
+        await store.manifests.put("bad", "latest", raw, media_type)
     with pytest.raises(NameUnknown):
-        await store.list_tags("bad")
+        await store.manifests.tags("bad")
     assert blob_files(root) == []
 
 
@@ -336,10 +339,10 @@ async def test_unknown_layer_rejected(store):
     await push_blob(store, "repo", config)
     raw = image_manifest(config, [b"missing layer"])
     with pytest.raises(ManifestBlobUnknown) as err:
-        await store.put_manifest("repo", "t", raw, OCI_MANIFEST)
+        await store.manifests.put("repo", "t", raw, OCI_MANIFEST)
     assert err.value.detail == {"digest": sha256(b"missing layer")}
     with pytest.raises(ManifestUnknown):
-        await store.get_manifest("repo", "t")
+        await store.manifests.get("repo", "t")
 
 
 async def test_manifest_size_limit_and_digest_reference(root):
@@ -349,16 +352,16 @@ async def test_manifest_size_limit_and_digest_reference(root):
     raw = image_manifest(config, [])
     assert len(raw) > 100
     with pytest.raises(ManifestTooLarge) as err:
-        await small.put_manifest("repo", "t", raw, OCI_MANIFEST)
+        await small.manifests.put("repo", "t", raw, OCI_MANIFEST)
     assert isinstance(err.value, SizeInvalid)
     big = ContentStore(FilesystemDriver(str(root)))
     with pytest.raises(DigestInvalid):
-        await big.put_manifest("repo", sha256(b"other"), raw, OCI_MANIFEST)
+        await big.manifests.put("repo", sha256(b"other"), raw, OCI_MANIFEST)
     with pytest.raises(TagInvalid):
-        await big.put_manifest("repo", "-bad-tag", raw, OCI_MANIFEST)
+        await big.manifests.put("repo", "-bad-tag", raw, OCI_MANIFEST)
     with pytest.raises(TagInvalid):
-        await big.put_manifest("repo", "ok", raw, OCI_MANIFEST, extra_tags=["bad/tag"])
-    assert (await big.list_tags("repo")).items == []
+        await big.manifests.put("repo", "ok", raw, OCI_MANIFEST, extra_tags=["bad/tag"])
+    assert (await big.manifests.tags("repo")).items == []
 
 
 async def test_artifact_with_empty_config_needs_no_config_upload(store):
@@ -368,9 +371,9 @@ async def test_artifact_with_empty_config_needs_no_config_upload(store):
     rejected = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": empty_config,
                            "layers": [descriptor("application/spdx+json", blob)]}).encode()
     with pytest.raises(ManifestBlobUnknown):  # the layer is missing: nothing gets linked
-        await store.put_manifest("art", "rejected", rejected, OCI_MANIFEST)
+        await store.manifests.put("art", "rejected", rejected, OCI_MANIFEST)
     with pytest.raises(BlobUnknown):
-        await store.stat_blob("art", EMPTY_DIGEST)
+        await store.blobs.stat("art", EMPTY_DIGEST)
     await push_blob(store, "art", blob)
     artifact = json.dumps({
         "schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": "application/spdx+json",
@@ -378,9 +381,9 @@ async def test_artifact_with_empty_config_needs_no_config_upload(store):
         "layers": [descriptor("application/spdx+json", blob)],
         "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 1},
     }).encode()
-    result = await store.put_manifest("art", sha256(artifact), artifact, OCI_MANIFEST)
+    result = await store.manifests.put("art", sha256(artifact), artifact, OCI_MANIFEST)
     assert result.subject == subject
-    assert (await store.stat_blob("art", EMPTY_DIGEST)).size == 2
+    assert (await store.blobs.stat("art", EMPTY_DIGEST)).size == 2
 
 
 # ---- referrers -------------------------------------------------------------------
@@ -402,23 +405,23 @@ async def test_referrers_index_filter_and_delete(store, other_worker):
     sig, sbom, plain = referrer("application/sig", "1"), referrer("application/sbom", "2"), \
         referrer(None, "3", config_type="application/from-config")
     # concurrent pushes of referrers of one subject, from two workers
-    results = await asyncio.gather(store.put_manifest("app", sha256(sig), sig, OCI_MANIFEST),
-                                   other_worker.put_manifest("app", sha256(sbom), sbom, OCI_MANIFEST),
-                                   store.put_manifest("app", sha256(plain), plain, OCI_MANIFEST))
+    results = await asyncio.gather(store.manifests.put("app", sha256(sig), sig, OCI_MANIFEST),
+                                   other_worker.manifests.put("app", sha256(sbom), sbom, OCI_MANIFEST),
+                                   store.manifests.put("app", sha256(plain), plain, OCI_MANIFEST))
     assert {r.subject for r in results} == {subject}
-    found = await other_worker.referrers("app", subject)
+    found = await other_worker.manifests.referrers("app", subject)
     assert sorted(d["digest"] for d in found) == sorted(sha256(x) for x in (sig, sbom, plain))
     by_digest = {d["digest"]: d for d in found}
     assert by_digest[sha256(sig)] == {"mediaType": OCI_MANIFEST, "digest": sha256(sig),
                                       "size": len(sig), "artifactType": "application/sig",
                                       "annotations": {"note": "1"}}
     assert by_digest[sha256(plain)]["artifactType"] == "application/from-config"
-    filtered = await store.referrers("app", subject, artifact_type="application/sbom")
+    filtered = await store.manifests.referrers("app", subject, artifact_type="application/sbom")
     assert [d["digest"] for d in filtered] == [sha256(sbom)]
-    assert await store.referrers("app", sha256(b"nothing refers")) == []
-    assert await store.referrers("no-such-repo", subject) == []
-    await store.delete_manifest("app", sha256(sig))
-    assert sorted(d["digest"] for d in await store.referrers("app", subject)) == \
+    assert await store.manifests.referrers("app", sha256(b"nothing refers")) == []
+    assert await store.manifests.referrers("no-such-repo", subject) == []
+    await store.manifests.delete("app", sha256(sig))
+    assert sorted(d["digest"] for d in await store.manifests.referrers("app", subject)) == \
         sorted([sha256(sbom), sha256(plain)])
 
 
@@ -427,8 +430,8 @@ async def test_index_referrer_without_artifact_type_omits_it(store):
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
                         "manifests": [{"mediaType": OCI_MANIFEST, "digest": child, "size": 1}],
                         "subject": {"mediaType": OCI_MANIFEST, "digest": child, "size": 1}}).encode()
-    await store.put_manifest("app", "idx", index, OCI_INDEX)
-    (entry,) = await store.referrers("app", child)
+    await store.manifests.put("app", "idx", index, OCI_INDEX)
+    (entry,) = await store.manifests.referrers("app", child)
     assert entry == {"mediaType": OCI_INDEX, "digest": sha256(index), "size": len(index)}
 
 
@@ -437,34 +440,34 @@ async def test_index_referrer_without_artifact_type_omits_it(store):
 async def test_tag_pagination_in_lexical_order(store):
     digest, manifest = await push_image(store, "paged", "v0")
     for tag in ["b", "a", "C", "d", "e", "_x", "1.0"]:
-        await store.put_manifest("paged", tag, manifest, OCI_MANIFEST)
+        await store.manifests.put("paged", tag, manifest, OCI_MANIFEST)
     everything = ["1.0", "C", "_x", "a", "b", "d", "e", "v0"]  # ASCIIbetical
-    assert (await store.list_tags("paged")).items == everything
-    page = await store.list_tags("paged", n=3)
+    assert (await store.manifests.tags("paged")).items == everything
+    page = await store.manifests.tags("paged", n=3)
     assert (page.items, page.has_more) == (["1.0", "C", "_x"], True)
-    page = await store.list_tags("paged", n=3, last="_x")
+    page = await store.manifests.tags("paged", n=3, last="_x")
     assert (page.items, page.has_more) == (["a", "b", "d"], True)
-    page = await store.list_tags("paged", n=3, last="d")
+    page = await store.manifests.tags("paged", n=3, last="d")
     assert (page.items, page.has_more) == (["e", "v0"], False)
-    page = await store.list_tags("paged", n=2, last="d")
+    page = await store.manifests.tags("paged", n=2, last="d")
     assert (page.items, page.has_more) == (["e", "v0"], False)
-    page = await store.list_tags("paged", n=0)
+    page = await store.manifests.tags("paged", n=0)
     assert (page.items, page.has_more) == ([], False)
     with pytest.raises(NameUnknown):
-        await store.list_tags("never/pushed")
+        await store.manifests.tags("never/pushed")
 
 
 async def test_catalog_is_an_index_with_pagination(store, root):
     for repo in ["zeta", "alpha/one", "alpha", "alpha/two", "mid-dle"]:
         await push_blob(store, repo, b"content")
-    await store.start_upload("only-an-upload")  # an upload alone is no content
+    await store.uploads.start("only-an-upload")  # an upload alone is no content
     everything = ["alpha", "alpha/one", "alpha/two", "mid-dle", "zeta"]
-    assert (await store.list_repositories()).items == everything
-    page = await store.list_repositories(n=2)
+    assert (await store.catalog.repositories()).items == everything
+    page = await store.catalog.repositories(n=2)
     assert (page.items, page.has_more) == (["alpha", "alpha/one"], True)
-    page = await store.list_repositories(n=2, last="alpha/one")
+    page = await store.catalog.repositories(n=2, last="alpha/one")
     assert (page.items, page.has_more) == (["alpha/two", "mid-dle"], True)
-    page = await store.list_repositories(n=5, last="mid-dle")
+    page = await store.catalog.repositories(n=5, last="mid-dle")
     assert (page.items, page.has_more) == (["zeta"], False)
     # the catalog is read from its own flat index, not the repositories tree
     entries = sorted(os.listdir(root / layout.CATALOG.lstrip("/")))
@@ -474,23 +477,23 @@ async def test_catalog_is_an_index_with_pagination(store, root):
 async def test_delete_by_tag_and_by_digest(store, other_worker):
     digest, manifest = await push_image(store, "del", "v1")
     other, _ = await push_image(store, "del", "keep", b"other")
-    await store.put_manifest("del", "v2", manifest, OCI_MANIFEST)
-    await store.put_manifest("del", "v3", manifest, OCI_MANIFEST)
-    await store.delete_manifest("del", "v3")  # tag only
-    assert (await store.get_manifest("del", digest)).digest == digest
-    assert (await store.list_tags("del")).items == ["keep", "v1", "v2"]
+    await store.manifests.put("del", "v2", manifest, OCI_MANIFEST)
+    await store.manifests.put("del", "v3", manifest, OCI_MANIFEST)
+    await store.manifests.delete("del", "v3")  # tag only
+    assert (await store.manifests.get("del", digest)).digest == digest
+    assert (await store.manifests.tags("del")).items == ["keep", "v1", "v2"]
     with pytest.raises(ManifestUnknown):
-        await store.delete_manifest("del", "v3")
-    await other_worker.delete_manifest("del", digest)
-    assert (await store.list_tags("del")).items == ["keep"]  # tags of that digest gone
+        await store.manifests.delete("del", "v3")
+    await other_worker.manifests.delete("del", digest)
+    assert (await store.manifests.tags("del")).items == ["keep"]  # tags of that digest gone
     for ref in (digest, "v1", "v2"):
         with pytest.raises(ManifestUnknown):
-            await store.get_manifest("del", ref)  # also from the worker that cached the bytes
+            await store.manifests.get("del", ref)  # also from the worker that cached the bytes
     with pytest.raises(ManifestUnknown):
-        await store.delete_manifest("del", digest)
-    assert (await store.get_manifest("del", "keep")).digest == other
+        await store.manifests.delete("del", digest)
+    assert (await store.manifests.get("del", "keep")).digest == other
     with pytest.raises(NameUnknown):
-        await store.get_manifest("never-pushed", "latest")
+        await store.manifests.get("never-pushed", "latest")
 
 
 @pytest.mark.parametrize("bad", ["a/../../etc", "../x", "/abs", "a//b", "A", "a/", "",
@@ -499,19 +502,19 @@ async def test_repository_names_cannot_escape(store, root, tmp_path, bad):
     before = sorted(os.listdir(tmp_path))
     data = b"payload"
     with pytest.raises(NameInvalid):
-        await store.start_upload(bad)
+        await store.uploads.start(bad)
     with pytest.raises(NameInvalid):
-        await store.put_blob(bad, sha256(data), body(data))
+        await store.uploads.put(bad, sha256(data), body(data))
     with pytest.raises(NameInvalid):
-        await store.stat_blob(bad, sha256(data))
+        await store.blobs.stat(bad, sha256(data))
     with pytest.raises(NameInvalid):
-        await store.put_manifest(bad, "latest", b"{}", OCI_MANIFEST)
+        await store.manifests.put(bad, "latest", b"{}", OCI_MANIFEST)
     with pytest.raises(NameInvalid):
-        await store.get_manifest(bad, "latest")
+        await store.manifests.get(bad, "latest")
     with pytest.raises(NameInvalid):
-        await store.list_tags(bad)
+        await store.manifests.tags(bad)
     with pytest.raises(NameInvalid):
-        await store.mount_blob("fine", sha256(data), from_repo=bad)
+        await store.blobs.mount("fine", sha256(data), from_repo=bad)
     assert files_under(root) == []
     assert sorted(os.listdir(tmp_path)) == before
 
@@ -520,14 +523,14 @@ async def test_repository_names_cannot_escape(store, root, tmp_path, bad):
                                      "md5:" + "0" * 32, "sha256:" + "0" * 63, ".tag", "a" * 129])
 async def test_references_cannot_escape(store, root, bad_ref):
     with pytest.raises((TagInvalid, DigestInvalid)):
-        await store.get_manifest("repo", bad_ref)
+        await store.manifests.get("repo", bad_ref)
     with pytest.raises((TagInvalid, DigestInvalid)):
-        await store.delete_manifest("repo", bad_ref)
+        await store.manifests.delete("repo", bad_ref)
     if ":" in bad_ref:
         with pytest.raises(DigestInvalid):
-            await store.stat_blob("repo", bad_ref)
+            await store.blobs.stat("repo", bad_ref)
         with pytest.raises(DigestInvalid):
-            await store.referrers("repo", bad_ref)
+            await store.manifests.referrers("repo", bad_ref)
     assert files_under(root) == []
 
 
@@ -536,15 +539,15 @@ async def test_references_cannot_escape(store, root, bad_ref):
 async def test_concurrent_pushes_of_same_blob_and_tag(store, other_worker, root):
     data = os.urandom(2 * 1024 * 1024)
     workers = [store, other_worker] * 4
-    infos = await asyncio.gather(*(w.put_blob("race", sha256(data), body(data[:777], data[777:]))
+    infos = await asyncio.gather(*(w.uploads.put("race", sha256(data), body(data[:777], data[777:]))
                                    for w in workers))
     assert {i.digest for i in infos} == {sha256(data)}
     config = b'{"race":true}'
     await push_blob(store, "race", config)
     manifests = [image_manifest(config, [data], annotations={"n": str(i)}) for i in range(6)]
-    results = await asyncio.gather(*(w.put_manifest("race", "latest", m, OCI_MANIFEST)
+    results = await asyncio.gather(*(w.manifests.put("race", "latest", m, OCI_MANIFEST)
                                      for w, m in zip(workers, manifests)))
-    winner = await other_worker.get_manifest("race", "latest")
+    winner = await other_worker.manifests.get("race", "latest")
     assert winner.digest in {r.digest for r in results}
     assert winner.body == manifests[[r.digest for r in results].index(winner.digest)]
     blob = layout.blob_data(sha256(data)).lstrip("/")
@@ -563,16 +566,16 @@ _PUSHER = textwrap.dedent("""
         store = ContentStore(FilesystemDriver(root))
         data = bytes(range(256)) * (size // 256)
         if mode == "push":
-            await store.put_blob(repo, "sha256:" + hashlib.sha256(data).hexdigest(), one(data))
+            await store.uploads.put(repo, "sha256:" + hashlib.sha256(data).hexdigest(), one(data))
             print("done", flush=True)
             return
-        up = await store.start_upload(repo)
+        up = await store.uploads.start(repo)
         print(up.upload_id, flush=True)
         async def slow():
             for i in range(0, len(data), 65536):
                 yield data[i:i + 65536]
                 await asyncio.sleep(0.01)
-        await store.append_upload(repo, up.upload_id, slow())
+        await store.uploads.append(repo, up.upload_id, slow())
         print("finished without being killed", flush=True)
 
     async def one(data):
@@ -602,7 +605,7 @@ async def test_worker_processes_push_same_blob_concurrently(store, root):
             if p.poll() is None:
                 p.kill()
     data = bytes(range(256)) * (size // 256)
-    assert (await store.stat_blob("multi/proc", sha256(data))).size == size
+    assert (await store.blobs.stat("multi/proc", sha256(data))).size == size
     assert len(blob_files(root)) == 1
     assert not [p for p in files_under(root) if TEMP_PREFIX in p]
 
@@ -615,7 +618,7 @@ async def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_works(store, 
     try:
         upload_id = (await asyncio.to_thread(proc.stdout.readline)).decode().strip()
         assert upload_id, proc.stderr.read().decode()
-        partial = Path(store.driver.local_path(layout.upload_data("crash", upload_id)))
+        partial = root / layout.upload_data("crash", upload_id).lstrip("/")
         deadline = time.monotonic() + 20
         while partial.stat().st_size < 2 * 1024 * 1024 and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -629,41 +632,41 @@ async def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_works(store, 
     # nothing of the blob is visible
     assert blob_files(root) == []
     with pytest.raises(BlobUnknown):
-        await store.stat_blob("crash", digest)
+        await store.blobs.stat("crash", digest)
     # another worker resumes the killed session from where storage says it is
-    offset = (await store.upload_status("crash", upload_id)).offset
+    offset = (await store.uploads.status("crash", upload_id)).offset
     assert 0 < offset < size
-    info = await store.finish_upload("crash", upload_id, digest, body(data[offset:]), start=offset)
+    info = await store.uploads.finish("crash", upload_id, digest, body(data[offset:]), start=offset)
     assert info.size == size
     # and a fresh retry of the whole blob succeeds too (deduplicated)
-    assert (await store.put_blob("crash", digest, body(data))).digest == digest
+    assert (await store.uploads.put("crash", digest, body(data))).digest == digest
     assert len(blob_files(root)) == 1
 
 
 async def test_purge_stale_uploads(store):
-    up = await store.start_upload("stale")
-    keep = await store.start_upload("stale")
-    started = await store.upload_started_at("stale", up.upload_id)
+    up = await store.uploads.start("stale")
+    keep = await store.uploads.start("stale")
+    started = await store.uploads.started_at("stale", up.upload_id)
     assert abs(started - time.time()) < 120
-    assert sorted(await store.purge_uploads("stale", older_than=started + 3600)) == \
+    assert sorted(await store.uploads.purge("stale", older_than=started + 3600)) == \
         sorted([up.upload_id, keep.upload_id])
     with pytest.raises(BlobUploadUnknown):
-        await store.upload_status("stale", keep.upload_id)
-    fresh = await store.start_upload("stale")
-    assert await store.purge_uploads("stale", older_than=started - 3600) == []
-    assert (await store.upload_status("stale", fresh.upload_id)).offset == 0
+        await store.uploads.status("stale", keep.upload_id)
+    fresh = await store.uploads.start("stale")
+    assert await store.uploads.purge("stale", older_than=started - 3600) == []
+    assert (await store.uploads.status("stale", fresh.upload_id)).offset == 0
 
 
 async def test_same_session_finished_twice_concurrently(store, other_worker, root):
     data = os.urandom(3 * 1024 * 1024)
-    up = await store.start_upload("twice")
-    await store.append_upload("twice", up.upload_id, body(data))
-    results = await asyncio.gather(store.finish_upload("twice", up.upload_id, sha256(data)),
-                                   other_worker.finish_upload("twice", up.upload_id, sha256(data)),
+    up = await store.uploads.start("twice")
+    await store.uploads.append("twice", up.upload_id, body(data))
+    results = await asyncio.gather(store.uploads.finish("twice", up.upload_id, sha256(data)),
+                                   other_worker.uploads.finish("twice", up.upload_id, sha256(data)),
                                    return_exceptions=True)
     assert any(not isinstance(r, Exception) for r in results), results
     for r in results:
         assert not isinstance(r, Exception) or isinstance(r, BlobUploadUnknown), r
-    assert (await other_worker.stat_blob("twice", sha256(data))).size == len(data)
+    assert (await other_worker.blobs.stat("twice", sha256(data))).size == len(data)
     assert blob_files(root) == [layout.blob_data(sha256(data)).lstrip("/")]
     assert files_under(root, layout.uploads_dir("twice")) == []

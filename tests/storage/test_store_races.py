@@ -12,7 +12,8 @@ import random
 
 from storage import layout
 from storage.filesystem import FilesystemDriver
-from storage.store import OCI_MANIFEST, ContentStore
+from storage.oci.media import OCI_MANIFEST
+from storage.store import ContentStore
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
@@ -53,13 +54,13 @@ async def test_a_tampered_copy_in_place_is_replaced_by_the_next_verified_push(tm
     store = ContentStore(FilesystemDriver(str(tmp_path)))
     good = b"good layer bytes" * 100
     digest = sha256(good)
-    await store.put_blob("victim/one", digest, body(good))
+    await store.uploads.put("victim/one", digest, body(good))
     data = tmp_path / layout.blob_data(digest).lstrip("/")
     data.write_bytes(good + b"EVIL")                     # poisoned behind the store's back
 
-    await store.put_blob("victim/two", digest, body(good))
+    await store.uploads.put("victim/two", digest, body(good))
     assert data.read_bytes() == good
-    assert b"".join([c async for c in store.read_blob(digest)]) == good
+    assert b"".join([c async for c in store.blobs.read(digest)]) == good
 
 
 async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_path):
@@ -71,29 +72,29 @@ async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_pat
     deleter = ContentStore(JitteryDriver(FilesystemDriver(str(tmp_path)), rng))
     repo = "race/tags"
     config, layer = b'{"os":"linux"}', b"layer"
-    await pusher.put_blob(repo, sha256(config), body(config))
-    await pusher.put_blob(repo, sha256(layer), body(layer))
+    await pusher.uploads.put(repo, sha256(config), body(config))
+    await pusher.uploads.put(repo, sha256(layer), body(layer))
     outcomes = {"tag-wins": 0, "delete-wins": 0}
     for trial in range(40):
         manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                                "config": {"mediaType": CONFIG_TYPE, "digest": sha256(config), "size": len(config)},
                                "layers": [{"mediaType": LAYER_TYPE, "digest": sha256(layer), "size": len(layer)}],
                                "annotations": {"trial": str(trial)}}).encode()
-        digest = (await pusher.put_manifest(repo, f"a{trial}", manifest, OCI_MANIFEST)).digest
+        digest = (await pusher.manifests.put(repo, f"a{trial}", manifest, OCI_MANIFEST)).digest
 
         async def retag():
             await asyncio.sleep(rng.uniform(0, 0.004))
-            await pusher.put_manifest(repo, f"b{trial}", manifest, OCI_MANIFEST)
+            await pusher.manifests.put(repo, f"b{trial}", manifest, OCI_MANIFEST)
 
         async def delete():
             await asyncio.sleep(rng.uniform(0, 0.004))
-            await deleter.delete_manifest(repo, digest)
+            await deleter.manifests.delete(repo, digest)
 
         await asyncio.gather(retag(), delete())
-        tags = (await deleter.list_tags(repo)).items
+        tags = (await deleter.manifests.tags(repo)).items
         for tag in tags:
             fresh = ContentStore(FilesystemDriver(str(tmp_path)))   # no cache of this process's pushes
-            assert (await fresh.get_manifest(repo, tag)).digest, tag
+            assert (await fresh.manifests.get(repo, tag)).digest, tag
         outcomes["tag-wins" if f"b{trial}" in tags else "delete-wins"] += 1
         assert f"a{trial}" not in tags                   # the delete always removes the old tag
     assert all(outcomes.values()), outcomes              # both orders happened: the race was run

@@ -1,0 +1,54 @@
+"""The catalog: which repositories exist, listed without walking blob data
+(one empty entry per repository, written when it first gets content)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from storage import layout
+from storage.driver import PathNotFound, StorageDriver, exists
+from storage.oci.names import validate_name
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[str]
+    has_more: bool         # True when a further page exists (Link header)
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> Page:
+    """items sorted; those after `last`, at most n (n=0: an empty page)."""
+    if last:
+        items = [i for i in items if i > last]
+    if n is None:
+        return Page(items, False)
+    n = max(n, 0)
+    return Page(items[:n], n > 0 and len(items) > n)
+
+
+class Catalog:
+    def __init__(self, driver: StorageDriver):
+        self.driver = driver
+        self._known: set[str] = set()     # entries this process wrote or saw: never removed
+
+    async def register(self, repo: str) -> None:
+        """Write the catalog entry the first time repo gets content."""
+        if repo in self._known:
+            return
+        entry = layout.catalog_entry(repo)
+        if not await exists(self.driver, entry):
+            await self.driver.put_content(entry, b"")
+        self._known.add(repo)
+
+    async def has(self, repo: str) -> bool:
+        """True when the repository has (or had) content."""
+        validate_name(repo)
+        return await exists(self.driver, layout.repo_dir(repo))
+
+    async def repositories(self, n: int | None = None, last: str | None = None) -> Page:
+        """The catalog, lexically sorted."""
+        try:
+            entries = await self.driver.list(layout.CATALOG)
+        except PathNotFound:
+            entries = []
+        return paginate(sorted(layout.repo_from_catalog_entry(e) for e in entries), n, last)
