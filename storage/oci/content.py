@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Union
 
 from storage.oci import media
-from storage.oci.errors import DigestInvalid, ManifestInvalid
+from storage.oci.errors import DigestInvalid, ManifestInvalid, NestingTooDeep
 from storage.oci.names import parse_digest
 
 MAX_SIZE = 2 ** 63 - 1              # a descriptor's size is an int64: what any storage can hold
@@ -139,13 +139,13 @@ def parse_json_object(data: bytes | str, where: str, max_depth: int = MAX_DEPTH)
     try:
         value = json.loads(data, parse_constant=_reject_constant)
     except RecursionError:
-        raise ManifestInvalid(f"{where}: nests deeper than {max_depth} levels") from None
+        raise NestingTooDeep(f"{where}: nests deeper than {max_depth} levels", where) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestInvalid(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise ManifestInvalid(f"{where}: not a JSON object")
     if _too_deep(value, max_depth):
-        raise ManifestInvalid(f"{where}: nests deeper than {max_depth} levels")
+        raise NestingTooDeep(f"{where}: nests deeper than {max_depth} levels", where)
     return value
 
 
@@ -182,6 +182,8 @@ def _string_map(obj: dict, key: str, where: str) -> dict | None:
 def _digest(value: Any, where: str) -> str:
     if value is None:
         raise ManifestInvalid(f"{where}: no digest")
+    if not isinstance(value, str):
+        raise ManifestInvalid(f"{where}: digest must be a string, got {_show(value)}")
     try:
         parse_digest(value)
     except DigestInvalid as exc:

@@ -10,6 +10,7 @@ status; the client maps these at its boundary into its own tree.
     ├── DigestInvalid            DIGEST_INVALID
     ├── ManifestBlobUnknown      MANIFEST_BLOB_UNKNOWN
     ├── ManifestInvalid          MANIFEST_INVALID
+    │   └── NestingTooDeep           JSON nested past the depth limit
     ├── ManifestUnknown          MANIFEST_UNKNOWN
     ├── NameInvalid              NAME_INVALID
     ├── NameUnknown              NAME_UNKNOWN
@@ -70,6 +71,15 @@ class ManifestBlobUnknown(OciError):
 
 class ManifestInvalid(OciError):
     code = "MANIFEST_INVALID"
+
+
+class NestingTooDeep(ManifestInvalid):
+    """A JSON document nested deeper than the limit; `where` names the
+    document (the client words this as invalid JSON)."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
 
 
 class ManifestUnknown(OciError):
