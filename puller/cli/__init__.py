@@ -13,7 +13,7 @@ import sys
 # (the HTTP client, the unpacker and the server are not loaded for one another).
 COMMAND_MODULES = {
     "registry.cli": ("serve",),
-    "puller.cli_client": ("pull", "push", "copy", "login", "logout", "inspect"),
+    "puller.cli.client": ("pull", "push", "copy", "login", "logout", "inspect"),
     "puller.cli.run": ("unpack", "run"),
 }
 

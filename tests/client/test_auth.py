@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from puller.auth import (AuthError, Credentials, DockerConfig, Scope, merge_scopes, parse_challenges)
-from puller.http import ClientOptions, RegistryClient
-from puller.pull import pull
-from puller.push import LayoutSource, push_image
-from puller.reference import parse_reference
+from puller.client.auth import (AuthError, Credentials, DockerConfig, Scope, merge_scopes, parse_challenges)
+from puller.client.http import ClientOptions, RegistryClient
+from puller.transfer.pull import pull
+from puller.transfer.push import push_image
+from puller.transfer.sources import LayoutSource
+from puller.client.reference import parse_reference
 from puller.store import LocalStore
 
 TESTS = Path(__file__).resolve().parents[1]
@@ -363,7 +364,7 @@ async def test_basic_auth_against_htpasswd(basic_registry, tmp_path):
 
 
 def test_token_cache_until_expiry():
-    from puller.auth import TokenCache, token_from_response
+    from puller.client.tokens import TokenCache, token_from_response
     now = [1000.0]
     cache = TokenCache(clock=lambda: now[0])
     key = TokenCache.key("https://auth/token", "svc", [Scope.repository("a", "pull")], "alice")

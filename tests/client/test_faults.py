@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from puller.http import ClientOptions, DigestMismatchError, ManifestError
-from puller.pull import pull
+from puller.client.http import ClientOptions, DigestMismatchError, ManifestError
+from puller.transfer.pull import pull
 from puller.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -120,7 +120,7 @@ async def test_redirect_to_other_host_drops_authorization(fake, tmp_path):
         fake.basic_auth = ("alice", "s3cret")
         layer = os.urandom(100_000)
         fake.add_image("app/redirect", "v1", [layer])
-        from puller.auth import Credentials
+        from puller.client.auth import Credentials
         options = ClientOptions(credentials=((fake.host, Credentials("alice", "s3cret")),))
         store = LocalStore(tmp_path / "store")
         await pull(f"{fake.host}/app/redirect:v1", store=store, options=options)
@@ -253,7 +253,7 @@ async def test_cli_inspect_local_and_remote(fake, tmp_path):
 
 async def test_progress_bars_and_summary(fake, tmp_path):
     import io
-    from puller.progress import PlainProgress, RichProgress
+    from puller.transfer.progress import PlainProgress, RichProgress
     layer = os.urandom(2 * 1024 * 1024)
     fake.add_image("app/progress", "v1", [layer])
     stream = io.StringIO()

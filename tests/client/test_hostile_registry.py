@@ -19,12 +19,12 @@ import pytest
 from aiohttp import web
 
 import puller
-import puller.pull
-from puller.auth import AuthError, Credentials
-from puller.http import (MANIFEST_REQUESTS_PER_REGISTRY, ClientOptions, DigestMismatchError, ManifestError,
+import puller.store.ingest
+from puller.client.auth import AuthError, Credentials
+from puller.client.http import (MANIFEST_REQUESTS_PER_REGISTRY, ClientOptions, DigestMismatchError, ManifestError,
                          RegistryResponseError)
 from puller.oci import MAX_DOCUMENT_SIZE, ContentError
-from puller.pull import pull
+from puller.transfer.pull import pull
 from puller.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -156,12 +156,12 @@ async def test_blob_longer_than_its_size_is_cut_off_at_the_size(fake, tmp_path, 
     if framing == "chunked":
         fake.chunked.add(digest(layer))
     written: dict[str, int] = {}
-    real = puller.pull._write_and_hash
+    real = puller.store.ingest._write_and_hash
 
     def spy(handle, hasher, parts):
         real(handle, hasher, parts)
         written[handle.name] = max(written.get(handle.name, 0), handle.tell())
-    monkeypatch.setattr(puller.pull, "_write_and_hash", spy)
+    monkeypatch.setattr(puller.store.ingest, "_write_and_hash", spy)
     store = LocalStore(tmp_path / "store")
     with pytest.raises(DigestMismatchError, match="more than"):
         await pull(f"{fake.host}/app/long:v1", store=store, options=OPTIONS)

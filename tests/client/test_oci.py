@@ -12,7 +12,7 @@ import pytest
 
 import puller
 
-from puller.auth import AuthError, token_from_response
+from puller.client.tokens import AuthError, token_from_response
 from puller.errors import ClientError, ManifestError
 from puller.oci import (MAX_DOCUMENT_SIZE, ContentError, Descriptor, ImageIndex, ImageManifest, check_document_size,
                         parse_config, parse_descriptor, parse_json_object, parse_manifest)

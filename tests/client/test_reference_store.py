@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from puller.reference import (ReferenceError, choose_platform, is_loopback, parse_platform, parse_reference)
-from puller.store import REF_NAME, LocalStore, default_store_root, sha256_digest
+from puller.client.reference import (ReferenceError, choose_platform, is_loopback, parse_platform, parse_reference)
+from puller.store import REF_NAME, LocalStore, default_store_root
+from storage.oci.digests import digest_of as sha256_digest
 
 HEX = "a" * 64
 
@@ -173,7 +174,7 @@ async def test_copy_between_oci_layouts(tmp_path):
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from helpers import write_oci_layout
-    from puller.copy import copy
+    from puller.transfer.copy import copy
     image = write_oci_layout(tmp_path / "a", layer_sizes=[5000, 70_000], tag="v1")
     result = await copy(f"oci:{tmp_path / 'a'}:v1", f"oci:{tmp_path / 'b'}:copied")
     assert result.digest == image.digest

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from puller.auth import AuthError
-from puller.http import ClientOptions, RegistryClient, TransportError
-from puller.pull import pull
-from puller.push import LayoutSource, push_image
-from puller.reference import parse_reference
+from puller.client.auth import AuthError
+from puller.client.http import ClientOptions, RegistryClient, TransportError
+from puller.transfer.pull import pull
+from puller.transfer.push import push_image
+from puller.transfer.sources import LayoutSource
+from puller.client.reference import parse_reference
 from puller.store import LocalStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -102,7 +103,7 @@ async def test_chunked_patch_upload_round_trip(distribution_registry, tmp_path):
 async def test_registry_to_registry_copy_streams_chunks_with_range(distribution_registry, dockyard_registry,
                                                                    tmp_path):
     """copy streams each PATCH chunk from a Range GET on the source, digests unchanged."""
-    from puller.copy import copy
+    from puller.transfer.copy import copy
     image = write_oci_layout(tmp_path / "layout", layer_sizes=[2 * 1024 * 1024 + 5, 300], tag="v1")
     src = f"{distribution_registry.host}/copysrc/app:v1"
     async with RegistryClient(ClientOptions()) as client:

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from puller.transport import Transport, TransportFailure, TransportOptions
+from puller.client.transport import Transport, TransportFailure, TransportOptions
 
 Handler = "async (reader, writer, state) -> None"
 

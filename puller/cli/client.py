@@ -1,17 +1,12 @@
 """Client subcommands: pull, push, copy, login, logout, inspect.
 
 Every failure is one line on stderr ("dockyard: error: ...") and exit 1;
-`--json` prints one JSON object with the result on stdout.
-
-Shared with the unpack/run commands (keep stable): `_add_store_flag(parser)`,
-`_add_transport_flags(parser)` (--plain-http, --insecure, --ca-file,
---concurrency, --creds) and `_options(args, registries) -> ClientOptions`.
+`--json` prints one JSON object with the result on stdout. Flags, options,
+progress and error printing are shared with unpack/run (puller.cli.common).
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import getpass
 import json
 import pathlib
@@ -19,107 +14,50 @@ import shutil
 import sys
 import tempfile
 
-# Heavy modules (the HTTP client, rich) are imported inside the commands: the
-# dispatcher imports this module for every subcommand, `serve` included.
-from puller.auth import CredentialError, Credentials, DockerConfig
-from puller.reference import ReferenceError, parse_reference
-from puller.store import LocalStore, StoreError
-
-
-def _expected_errors() -> tuple:
-    from puller.http import CLIENT_ERRORS
-    return CLIENT_ERRORS + (ReferenceError, StoreError, OSError)
-
-
-def _add_transport_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("transport")
-    group.add_argument("--plain-http", action="store_true", help="talk plain HTTP (no TLS) to the registry")
-    group.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
-    group.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
-    group.add_argument("--concurrency", type=int, default=6, metavar="N", help="parallel blob transfers (6)")
-    group.add_argument("--creds", metavar="USER:PASS", help="credentials for this command (default: docker config)")
-
-
-def _add_output_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    group.add_argument("--json", action="store_true", help="print the result as one JSON object")
-
-
-def _add_store_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", metavar="DIR", help="local store (default ~/.local/share/dockyard/store)")
-
-
-def _options(args, registries: list[str] = ()):
-    from puller.http import ClientOptions
-    creds = ()
-    if getattr(args, "creds", None):
-        user, _, password = args.creds.partition(":")
-        creds = tuple((r, Credentials(user, password)) for r in registries)
-    return ClientOptions(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file,
-                         concurrency=max(1, args.concurrency), credentials=creds)
-
-
-def _progress(args):
-    from puller.progress import make_progress
-    mode = "json" if getattr(args, "json", False) else "quiet" if getattr(args, "quiet", False) else "auto"
-    return make_progress(mode)
-
-
-def _run(coro_factory, args=None) -> int:
-    try:
-        try:
-            import uvloop
-            runner = uvloop.run
-        except ImportError:
-            runner = asyncio.run
-        return runner(coro_factory())
-    except _expected_errors() as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"dockyard: error: {message}", file=sys.stderr)
-        if getattr(args, "json", False):
-            print(json.dumps({"error": message}))
-        return 1
-
-
-def _emit(args, payload: dict, line: str) -> None:
-    if args.json:
-        print(json.dumps(payload, indent=2))
-    elif not args.quiet:
-        print(line)
+# Everything heavier (the HTTP client, the store, rich) is imported inside the
+# commands: the dispatcher imports this module for --help too.
+from puller.cli.common import (add_output_flags, add_store_flag, add_transport_flags, client_options, emit, fail,
+                               print_error, progress_for, run_command)
+from puller.errors import ClientError, ReferenceError, StoreError, one_line
 
 
 # -- pull -------------------------------------------------------------------------
 
 def cmd_pull(args) -> int:
-    from puller.pull import pull
+    from puller.client.reference import parse_reference
+    from puller.store import LocalStore
+    from puller.transfer.pull import pull
 
     store = LocalStore(args.store)
 
     async def main() -> int:
         ref = parse_reference(args.reference)
-        options = _options(args, [ref.registry, ref.api_host])
-        with _progress(args) as progress:
+        options = client_options(args, [ref.registry, ref.api_host])
+        with progress_for(args) as progress:
             result = await pull(args.reference, store=store, platform=args.platform,
                                 all_platforms=args.all_platforms, options=options, progress=progress)
-        _emit(args, result.to_json(), f"{result.reference}: pulled {result.manifest_digest} "
+        emit(args, result.to_json(), f"{result.reference}: pulled {result.manifest_digest} "
                                       f"({len(result.layers)} layers, {result.bytes_downloaded} bytes downloaded)")
         return 0
-    return _run(main, args)
+    return run_command(main, args)
 
 
 # -- push -------------------------------------------------------------------------
 
 def cmd_push(args) -> int:
-    from puller.http import RegistryClient
-    from puller.push import LayoutSource, open_layout_source, parse_source, push_image  # noqa: F401
+    import asyncio
+
+    from puller.client.http import RegistryClient
+    from puller.client.reference import parse_reference
+    from puller.store import LocalStore
+    from puller.transfer.push import push_image
+    from puller.transfer.sources import LayoutSource, open_layout_source, parse_source
 
     store = LocalStore(args.store)
     kind, location, name = parse_source(args.source)
     if args.destination is None:
         if kind != "store":
-            print("dockyard: error: a destination reference is needed to push oci: or docker-archive: sources",
-                  file=sys.stderr)
+            print_error("a destination reference is needed to push oci: or docker-archive: sources")
             return 2
         dest_text = args.source
     else:
@@ -128,10 +66,13 @@ def cmd_push(args) -> int:
 
     async def main() -> int:
         dest = parse_reference(dest_text)
-        options = _options(args, [dest.registry, dest.api_host])
-        workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-push-"))
+        options = client_options(args, [dest.registry, dest.api_host])
         try:
-            with _progress(args) as progress:
+            workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-push-"))
+        except OSError as exc:
+            raise StoreError(one_line(exc)) from exc
+        try:
+            with progress_for(args) as progress:
                 if kind == "store":
                     source = LayoutSource(store, location)
                     if store.descriptor(location) is None:
@@ -144,31 +85,34 @@ def cmd_push(args) -> int:
                     result = await push_image(source, client, dest, progress=progress)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        _emit(args, result.to_json(), f"{result.reference}: pushed {result.digest} ({result.blobs_uploaded} "
+        emit(args, result.to_json(), f"{result.reference}: pushed {result.digest} ({result.blobs_uploaded} "
                                       f"uploaded, {result.blobs_mounted} mounted, {result.blobs_existing} present)")
         return 0
-    return _run(main, args)
+    return run_command(main, args)
 
 
 # -- copy -------------------------------------------------------------------------
 
 def cmd_copy(args) -> int:
-    from puller.copy import copy
+    from puller.client.reference import parse_reference
+    from puller.transfer.copy import copy
+    from puller.transfer.sources import parse_source
 
     async def main() -> int:
         registries = []
         for text in (args.source, args.destination):
-            if not text.startswith(("oci:", "docker-archive:")):
-                ref = parse_reference(text[9:] if text.startswith("docker://") else text)
+            kind, location, _ = parse_source(text)
+            if kind in ("store", "docker"):          # a registry reference
+                ref = parse_reference(location)
                 registries += [ref.registry, ref.api_host]
-        with _progress(args) as progress:
-            result = await copy(args.source, args.destination, options=_options(args, registries),
+        with progress_for(args) as progress:
+            result = await copy(args.source, args.destination, options=client_options(args, registries),
                                 referrers=args.referrers, progress=progress)
         extra = f", {len(result.referrers)} referrers" if args.referrers else ""
-        _emit(args, result.to_json(), f"{result.destination}: copied {result.digest} "
+        emit(args, result.to_json(), f"{result.destination}: copied {result.digest} "
                                       f"({len(result.manifests)} manifests{extra})")
         return 0
-    return _run(main, args)
+    return run_command(main, args)
 
 
 # -- login / logout ---------------------------------------------------------------
@@ -185,6 +129,11 @@ def _registry_of(text: str) -> str:
 
 
 def cmd_login(args) -> int:
+    import asyncio
+
+    from puller.client.auth import Credentials, DockerConfig
+    from puller.client.http import ClientOptions, RegistryClient
+
     registry = _registry_of(args.registry or "docker.io")
     api_host = "registry-1.docker.io" if registry == "docker.io" else registry
     username = args.username
@@ -194,13 +143,12 @@ def cmd_login(args) -> int:
         password = args.password
     if not username:
         if not sys.stdin.isatty():
-            print("dockyard: error: --username is required", file=sys.stderr)
+            print_error("--username is required")
             return 1
         username = input("Username: ")
     if password is None:
         password = getpass.getpass("Password: ")
     creds = Credentials(username, password)
-    from puller.http import ClientOptions, RegistryClient
     options = ClientOptions(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file,
                             credentials=((registry, creds), (api_host, creds)))
 
@@ -211,16 +159,17 @@ def cmd_login(args) -> int:
         if not args.quiet:
             print(f"Login Succeeded (credentials saved in {where})")
         return 0
-    return _run(main, args)
+    return run_command(main, args)
 
 
 def cmd_logout(args) -> int:
+    from puller.client.auth import DockerConfig
+
     registry = _registry_of(args.registry or "docker.io")
     try:
         found = DockerConfig().erase(registry)
-    except (CredentialError, OSError) as exc:
-        print(f"dockyard: error: {exc}", file=sys.stderr)
-        return 1
+    except ClientError as exc:
+        return fail(exc)
     print(f"Removing login credentials for {registry}" if found else f"Not logged in to {registry}")
     return 0
 
@@ -228,7 +177,12 @@ def cmd_logout(args) -> int:
 # -- inspect ----------------------------------------------------------------------
 
 def cmd_inspect(args) -> int:
-    from puller.http import RegistryClient
+    import asyncio
+
+    from puller.client.http import RegistryClient
+    from puller.client.reference import parse_reference
+    from puller.store import LocalStore
+
     store = LocalStore(args.store)
 
     async def main() -> int:
@@ -239,7 +193,7 @@ def cmd_inspect(args) -> int:
                               "manifest_digest": digest, "manifest": manifest, "config": config}, indent=2))
             return 0
         ref = parse_reference(args.reference)
-        async with RegistryClient(_options(args, [ref.registry, ref.api_host])) as client:
+        async with RegistryClient(client_options(args, [ref.registry, ref.api_host])) as client:
             top = await client.get_manifest(ref)
             payload = {"reference": str(ref), "digest": top.digest, "media_type": top.media_type,
                        "manifest": top.json}
@@ -250,7 +204,7 @@ def cmd_inspect(args) -> int:
                 return 0
             print(json.dumps(payload, indent=2))
         return 0
-    return _run(main, args)
+    return run_command(main, args)
 
 
 def register(subparsers) -> None:
@@ -258,25 +212,25 @@ def register(subparsers) -> None:
     p.add_argument("reference", help="NAME[:TAG|@DIGEST], e.g. 127.0.0.1:5000/busybox:latest")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to pull from an index (default: host)")
     p.add_argument("--all-platforms", action="store_true", help="pull every platform of an index")
-    _add_store_flag(p)
-    _add_transport_flags(p)
-    _add_output_flags(p)
+    add_store_flag(p)
+    add_transport_flags(p)
+    add_output_flags(p)
     p.set_defaults(func=cmd_pull)
 
     p = subparsers.add_parser("push", help="push an image to a registry")
     p.add_argument("source", help="a reference in the local store, oci:DIR[:TAG] or docker-archive:FILE")
     p.add_argument("destination", nargs="?", help="destination reference (default: the source reference)")
-    _add_store_flag(p)
-    _add_transport_flags(p)
-    _add_output_flags(p)
+    add_store_flag(p)
+    add_transport_flags(p)
+    add_output_flags(p)
     p.set_defaults(func=cmd_push)
 
     p = subparsers.add_parser("copy", help="copy an image between registries and OCI layouts")
     p.add_argument("source", help="[docker://]REF, oci:DIR[:TAG] or docker-archive:FILE")
     p.add_argument("destination", help="[docker://]REF or oci:DIR[:TAG]")
     p.add_argument("--referrers", action="store_true", help="also copy artifacts attached via the referrers API")
-    _add_transport_flags(p)
-    _add_output_flags(p)
+    add_transport_flags(p)
+    add_output_flags(p)
     p.set_defaults(func=cmd_copy)
 
     p = subparsers.add_parser("login", help="log in to a registry (saved in Docker's config.json)")
@@ -299,6 +253,6 @@ def register(subparsers) -> None:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
     p.add_argument("--remote", action="store_true", help="ask the registry instead of the local store")
     p.add_argument("--raw", action="store_true", help="with --remote: print the manifest bytes")
-    _add_store_flag(p)
-    _add_transport_flags(p)
+    add_store_flag(p)
+    add_transport_flags(p)
     p.set_defaults(func=cmd_inspect)

@@ -8,7 +8,9 @@
 
 The first path component is a registry host when it contains '.' or ':',
 is 'localhost', or has an upper-case letter (Docker's rule). Repository
-names, tags and digests follow the grammar of the OCI distribution spec.
+names, tags and digests follow the grammar of the OCI distribution spec,
+as storage.oci.names draws it for both halves; this module adds only
+Docker's defaults (docker.io, library/, latest) and platforms.
 
     parse_reference(text) -> Reference   (raises ReferenceError, one line)
     Reference.registry      "docker.io", "127.0.0.1:5000", "[::1]:5000"
@@ -21,26 +23,15 @@ names, tags and digests follow the grammar of the OCI distribution spec.
 from __future__ import annotations
 
 import ipaddress
-import re
 from dataclasses import dataclass, replace
+
+from puller.errors import ReferenceError
+from storage.oci import names
+from storage.oci.errors import NameInvalid, OciError
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 DEFAULT_TAG = "latest"
-MAX_NAME_LENGTH = 255
-
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_NAME_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
-_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
-_DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN_RE = re.compile(
-    rf"^(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?$")
-_KNOWN_DIGEST_HEX = {"sha256": 64, "sha512": 128}
-
-
-class ReferenceError(ValueError):
-    """A reference, tag or digest that does not follow the grammar."""
 
 
 @dataclass(frozen=True)
@@ -80,31 +71,11 @@ class Reference:
 
 
 def validate_digest(digest: str) -> str:
-    if not _DIGEST_RE.match(digest or ""):
-        raise ReferenceError(f"invalid digest {digest!r}")
-    algorithm, _, hexpart = digest.partition(":")
-    length = _KNOWN_DIGEST_HEX.get(algorithm)
-    if length is None:
-        raise ReferenceError(f"unsupported digest algorithm in {digest!r}")
-    if len(hexpart) != length or not re.fullmatch(r"[a-f0-9]+", hexpart):
-        raise ReferenceError(f"invalid {algorithm} digest {digest!r}")
-    return digest
-
-
-def validate_tag(tag: str) -> str:
-    if not _TAG_RE.match(tag or ""):
-        raise ReferenceError(f"invalid tag {tag!r}")
-    return tag
-
-
-def validate_repository(name: str) -> str:
-    if len(name) > MAX_NAME_LENGTH:
-        raise ReferenceError(f"repository name longer than {MAX_NAME_LENGTH} characters")
-    if not _NAME_RE.match(name):
-        if name.lower() != name and _NAME_RE.match(name.lower()):
-            raise ReferenceError(f"repository name must be lowercase: {name!r}")
-        raise ReferenceError(f"invalid repository name {name!r}")
-    return name
+    """digest, or ReferenceError (the grammar is storage.oci.names')."""
+    try:
+        return names.validate_digest(digest)
+    except OciError as exc:
+        raise ReferenceError(str(exc)) from exc
 
 
 def _looks_like_registry(component: str) -> bool:
@@ -118,20 +89,16 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
     original = text
     if not text or text != text.strip():
         raise ReferenceError(f"invalid reference {original!r}")
-    digest = None
-    if "@" in text:
-        text, _, digest = text.partition("@")
-        validate_digest(digest)
-    tag = None
-    slash = text.rfind("/")
-    colon = text.rfind(":")
-    if colon > slash:
-        text, tag = text[:colon], text[colon + 1:]
-        validate_tag(tag)
+    try:
+        text, tag, digest = names.split_reference(text)
+    except NameInvalid as exc:
+        raise ReferenceError(f"invalid reference {original!r}: {exc}") from exc
+    except OciError as exc:           # a tag or digest outside the grammar
+        raise ReferenceError(str(exc)) from exc
     first, sep, rest = text.partition("/")
     if sep and _looks_like_registry(first):
         registry, path = first, rest
-        if not _DOMAIN_RE.match(registry):
+        if not names.is_domain(registry):
             raise ReferenceError(f"invalid registry host {registry!r} in {original!r}")
         if registry == "index.docker.io":
             registry = DOCKER_HUB
@@ -142,9 +109,9 @@ def parse_reference(text: str, *, default_tag: bool = True) -> Reference:
     if registry == DOCKER_HUB and "/" not in path:
         path = f"library/{path}"
     try:
-        validate_repository(path)
-    except ReferenceError as exc:
-        raise ReferenceError(f"invalid reference {original!r}: {exc}") from None
+        names.validate_name(path)
+    except OciError as exc:
+        raise ReferenceError(f"invalid reference {original!r}: {exc}") from exc
     if tag is None and digest is None and default_tag:
         tag = DEFAULT_TAG
     return Reference(registry=registry, repository=path, tag=tag, digest=digest)

@@ -7,14 +7,14 @@
 Tag -> manifest (OCI and Docker media types); an index is narrowed to one
 platform (the host's, or `platform` "os/arch[/variant]"), or kept whole
 with `all_platforms` (its children fetched a bounded number at a time, see
-puller.http). Every manifest is checked whole by puller.oci before anything
+puller.client.http). Every manifest is checked whole by puller.oci before anything
 is stored or downloaded: each descriptor has a digest and an integer size,
 which bounds its download byte for byte, and a config no larger than the
 manifest cap (it is read whole later). Layers download concurrently
-(options.concurrency), each streamed to STORE/ingest/, hashed on the way
-(1 MiB steps, off the event loop), verified for size AND digest (a byte past
-the size is never written), then renamed into blobs/ - a
-partial blob never has a final name. A dropped connection resumes with a
+(options.concurrency), each streamed to its ingest file (puller.store.ingest),
+hashed on the way (1 MiB steps, off the event loop), verified for size AND
+digest (a byte past the size is never written), then committed into blobs/ -
+a partial blob never has a final name. A dropped connection resumes with a
 Range request from what is already staged (also across runs); blobs already
 in the store are not downloaded again.
 
@@ -39,24 +39,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import os
 import pathlib
 import time
-import uuid
-
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from puller.http import (ClientOptions, DigestMismatchError, FetchedManifest, RegistryClient, TransportError,
-                         TRANSIENT_ERRORS, ClientError)
-from puller.oci import ContentError, Descriptor, check_document_size
-from puller.progress import Progress
-from puller.reference import (ReferenceError, Reference, choose_platform, describe_platform, host_platform,
-                              parse_platform, parse_reference)
+from puller.client.http import ClientOptions, FetchedManifest, RegistryClient
+from puller.client.policy import TRANSIENT_ERRORS
+from puller.client.reference import (Reference, choose_platform, describe_platform, host_platform, parse_platform,
+                                     parse_reference)
+from puller.errors import (CertificateError, ClientError, ContentError, DigestMismatchError, StoreError,
+                           TransportError, TransportFailure, one_line)
+from puller.oci import Descriptor, check_document_size
 from puller.store import LocalStore
-from puller.transport import TransportFailure
+from puller.store.ingest import IngestFile
+from puller.transfer.progress import Progress
+from puller.transfer.tasks import gather_all_or_cancel, to_the_end
 
 OnLayer = Callable[[int, dict, pathlib.Path], Awaitable[None]]
 EARLY_SYNC_BYTES = 16 * 1024 * 1024     # written-back steps of a download (see _download)
@@ -79,77 +77,6 @@ class PullResult:
                 "media_type": self.media_type, "config_digest": self.config_digest,
                 "layers": self.layers, "bytes_downloaded": self.bytes_downloaded,
                 "platforms": self.platforms, "seconds": round(self.seconds, 4)}
-
-
-class _Staged:
-    """An ingest file for one digest, locked so two pulls never write it at once."""
-
-    def __init__(self, store: LocalStore, digest: str):
-        self.path = store.ingest_path(digest)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            self.handle = open(self.path, "ab+")
-            try:
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                # someone else is fetching the same blob: use a private file
-                self.handle.close()
-                self.path = self.path.with_name(f"{self.path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-                self.handle = open(self.path, "ab+")
-                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)   # in use: reclaim_ingest skips it
-                return
-            if self._still_named() or attempt == 2:
-                return
-            # reclaimed (unlinked) between our open and our lock: the file made
-            # anew is fresh, so the next round holds
-            self.handle.close()
-
-    def _still_named(self) -> bool:
-        try:
-            return os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino
-        except FileNotFoundError:
-            return False
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.handle.close()
-
-    def release(self, drop: bool = False, drop_if_empty: bool = False) -> None:
-        """Close, removing the file first when asked (or when empty and asked)."""
-        with contextlib.suppress(OSError, ValueError):
-            if drop or (drop_if_empty and os.fstat(self.handle.fileno()).st_size == 0):
-                self.path.unlink()
-        self.close()
-
-
-async def _to_the_end(job: Callable[[], object]) -> None:
-    """Run blocking clean-up in a thread to its end, even if cancelled meanwhile
-    (a cancelled to_thread that had not started would never run)."""
-    running = asyncio.ensure_future(asyncio.to_thread(job))
-    try:
-        await asyncio.shield(running)
-    except asyncio.CancelledError:
-        await running
-        raise
-
-
-def _hash_file_prefix(handle, length: int, chunk: int) -> "hashlib._Hash":
-    hasher = hashlib.sha256()
-    handle.seek(0)
-    remaining = length
-    while remaining > 0:
-        data = handle.read(min(chunk, remaining))
-        if not data:
-            break
-        hasher.update(data)
-        remaining -= len(data)
-    return hasher
-
-
-def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
-    handle.writelines(parts)
-    for data in parts:
-        hasher.update(data)  # hashlib releases the GIL for buffers over 2 KiB
 
 
 def _range_starts_at(response, offset: int) -> bool:
@@ -190,6 +117,7 @@ class BlobFetcher:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise ContentError(f"blob {digest}: no usable size")   # never unbounded
         if not digest.startswith("sha256:"):
+            # the store's layout and tools reading it expect sha256 blobs
             raise DigestMismatchError(f"blob {digest}: only sha256 blobs are supported")
         final = self.store.blob_path(digest)
         if await asyncio.to_thread(final.is_file):
@@ -201,7 +129,10 @@ class BlobFetcher:
             staged = await self._open_staged(digest)
             drop = drop_if_empty = False
             try:
-                await self._download(ref, digest, size, staged)
+                try:
+                    await self._download(ref, digest, size, staged)
+                except OSError as exc:          # the disk, not the network
+                    raise StoreError(one_line(exc)) from exc
                 await asyncio.to_thread(self.store.commit_blob, staged.path, digest)
             except DigestMismatchError:
                 drop = True             # bad bytes are not worth resuming from
@@ -212,30 +143,29 @@ class BlobFetcher:
                 drop_if_empty = True
                 raise
             finally:
-                await _to_the_end(lambda: staged.release(drop, drop_if_empty))
+                await to_the_end(lambda: staged.release(drop, drop_if_empty))
         self.progress.done(digest)
         return final
 
-    async def _open_staged(self, digest: str) -> _Staged:
+    async def _open_staged(self, digest: str) -> IngestFile:
         """The locked ingest file, opened in a thread; a cancel meanwhile
         (a sibling download failed) still closes it, and drops it if empty."""
-        opening = asyncio.ensure_future(asyncio.to_thread(_Staged, self.store, digest))
+        opening = asyncio.ensure_future(asyncio.to_thread(self.store.open_ingest, digest))
         try:
             return await asyncio.shield(opening)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 staged = await opening
-                await _to_the_end(lambda: staged.release(drop_if_empty=True))
+                await to_the_end(lambda: staged.release(drop_if_empty=True))
             raise
 
-    async def _download(self, ref: Reference, digest: str, size: int, staged: _Staged) -> None:
+    async def _download(self, ref: Reference, digest: str, size: int, staged: IngestFile) -> None:
         chunk = self.client.options.chunk_size
-        handle = staged.handle
-        offset = await asyncio.to_thread(lambda: os.fstat(handle.fileno()).st_size)
+        offset = await asyncio.to_thread(staged.size)
         if offset > size:
-            await asyncio.to_thread(handle.truncate, 0)
+            await asyncio.to_thread(staged.truncate)
             offset = 0
-        hasher = await asyncio.to_thread(_hash_file_prefix, handle, offset, chunk)
+        hasher = await asyncio.to_thread(staged.resume_hasher, offset, chunk)
         resumed_from_disk = offset > 0
         failures = 0
         # The disk writes back what has arrived while the rest downloads, so
@@ -255,13 +185,13 @@ class BlobFetcher:
                                                   f"bytes={offset}-")
                     if offset and response.status == 200:
                         # the server ignored Range: start again from zero
-                        await asyncio.to_thread(handle.truncate, 0)
-                        hasher, offset = hashlib.sha256(), 0
+                        await asyncio.to_thread(staged.truncate)
+                        hasher, offset = staged.fresh_hasher(), 0
                         self.progress.reset(digest, 0)
                     if response.content_length is not None and response.content_length > size - offset:
                         raise DigestMismatchError(f"blob {digest}: registry announced {response.content_length} "
                                                   f"bytes from offset {offset}, more than its size {size} allows")
-                    await asyncio.to_thread(handle.seek, offset)
+                    await asyncio.to_thread(staged.seek, offset)
                     # chunks as they came off the socket (no joins on the loop);
                     # written and hashed in a thread once ~1 MiB has gathered
                     parts: list[bytes] = []
@@ -276,9 +206,9 @@ class BlobFetcher:
                         if gathered >= chunk:
                             if pending is not None:
                                 await pending
-                            pending = asyncio.ensure_future(asyncio.to_thread(_write_and_hash, handle, hasher, parts))
+                            pending = asyncio.ensure_future(asyncio.to_thread(staged.append, hasher, parts))
                             if offset - synced_to >= EARLY_SYNC_BYTES and (syncing is None or syncing.done()):
-                                syncing = asyncio.ensure_future(asyncio.to_thread(os.fdatasync, handle.fileno()))
+                                syncing = asyncio.ensure_future(asyncio.to_thread(staged.write_back))
                                 synced_to = offset
                             offset += gathered
                             self.bytes_downloaded += gathered
@@ -288,12 +218,14 @@ class BlobFetcher:
                         await pending
                         pending = None
                     if parts:
-                        await asyncio.to_thread(_write_and_hash, handle, hasher, parts)
+                        await asyncio.to_thread(staged.append, hasher, parts)
                         offset += gathered
                         self.bytes_downloaded += gathered
                         self.progress.advance(digest, gathered)
                     if offset < size:
                         raise TransportFailure(f"connection closed after {offset} of {size} bytes")
+            except CertificateError:
+                raise                           # no retry makes a certificate trusted
             except TRANSIENT_ERRORS + (TransportError,) as exc:
                 if pending is not None:
                     with contextlib.suppress(Exception):
@@ -301,30 +233,29 @@ class BlobFetcher:
                     pending = None
                 # keep what arrived: write nothing partial under a final name,
                 # and continue from the staged size with Range
-                await asyncio.to_thread(handle.flush)
+                await asyncio.to_thread(staged.flush)
                 failures += 1
                 if failures > self.client.options.retries:
                     raise TransportError(f"blob {digest}: download failed after {failures} attempts "
-                                         f"({offset} of {size} bytes): {exc}") from None
+                                         f"({offset} of {size} bytes): {exc}") from exc
                 await asyncio.sleep(min(0.1 * 2 ** failures, 2))
-                offset = await asyncio.to_thread(lambda: (handle.flush(), os.fstat(handle.fileno()).st_size)[1])
+                offset = await asyncio.to_thread(staged.size)
                 continue
             finally:
                 for running in (pending, syncing):
                     if running is not None:
                         with contextlib.suppress(BaseException):
                             await running
-        await asyncio.to_thread(lambda: (handle.flush(), os.fdatasync(handle.fileno())))
-        actual = "sha256:" + hasher.hexdigest()
+        await asyncio.to_thread(staged.sync)
+        actual = f"{hasher.name}:{hasher.hexdigest()}"
         if actual != digest or offset != size:
-            await asyncio.to_thread(handle.truncate, 0)
+            await asyncio.to_thread(staged.truncate)
             if resumed_from_disk:
                 # a stale or corrupt partial from an earlier run: one fresh attempt
                 self.progress.reset(digest, 0)
                 await self._download(ref, digest, size, staged)
                 return
-            with contextlib.suppress(OSError):
-                staged.path.unlink()
+            staged.unlink()
             raise DigestMismatchError(f"blob {digest}: content does not match its digest (got {actual}, "
                                       f"{offset} bytes); not stored")
 
@@ -350,19 +281,6 @@ async def fetch_checked_manifest(client: RegistryClient, ref: Reference, identif
     return manifest
 
 
-async def gather_all_or_cancel(aws) -> list:
-    """gather(), but the first failure cancels the rest: thousands of index
-    children must not go on fetching after one of them failed."""
-    tasks = [asyncio.ensure_future(aw) for aw in aws]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
 def _pick(entries: tuple[Descriptor, ...], wanted) -> Descriptor | None:
     chosen = choose_platform([e.raw for e in entries], wanted)
     return next((e for e in entries if e.raw is chosen), None)
@@ -376,12 +294,13 @@ def _planned_blobs(manifests: list[FetchedManifest]) -> list[tuple[Descriptor, s
     for manifest in manifests:
         if manifest.is_index:
             continue
-        config = manifest.parsed.config
-        if config is not None:
-            planned.append((config, "config"))
-        for layer in manifest.parsed.layers:
-            if not layer.non_distributable:  # those are fetched from their own URLs by whoever needs them
-                planned.append((layer, layer.digest[7:19]))
+        for child in manifest.parsed.children():      # a subject is another image's, not this one's
+            blob = child.descriptor
+            if child.role == "config":
+                planned.append((blob, "config"))
+            elif child.role == "layer" and not blob.non_distributable:
+                # non-distributable layers come from their own URLs, to whoever needs them
+                planned.append((blob, blob.digest[7:19]))
     return planned
 
 
@@ -468,4 +387,4 @@ async def pull(reference: str, *, store: LocalStore, platform: str | None = None
             await client.close()
 
 
-__all__ = ["pull", "PullResult", "BlobFetcher", "OnLayer", "ReferenceError", "gather_all_or_cancel"]
+__all__ = ["pull", "PullResult", "BlobFetcher", "OnLayer"]

@@ -5,12 +5,12 @@
                                 org.opencontainers.image.ref.name = the full
                                 normalised reference ("127.0.0.1:5000/busybox:latest")
     STORE/blobs/sha256/<hex>    only complete, verified blobs ever live here
-    STORE/ingest/               partial downloads (resumable), never read as blobs
+    STORE/ingest/               staged writes and partial downloads (puller.store.ingest)
 
 skopeo (`skopeo inspect oci:STORE:REF`) and umoci (`umoci ls --layout STORE`)
 read it as an ordinary layout.
 
-API (stable; used by puller.unpack / puller.run):
+API (stable; used by the transfers and the runtime):
 
     store = LocalStore(root=None)                # default $XDG_DATA_HOME/dockyard/store
     store.root                                   # pathlib.Path
@@ -23,73 +23,71 @@ API (stable; used by puller.unpack / puller.run):
     store.image_for_platform(reference, platform=None) -> (manifest_digest, manifest, config)
     store.references() -> list[(ref name, descriptor)]
     store.record(reference, descriptor)          # atomic index.json update
-    store.ingest_path(digest) / store.commit_blob(tmp_path, digest)
+    store.open_ingest(digest) / store.commit_blob(path, digest) / store.import_blob(path, digest)
     store.reclaim_ingest() -> list[str]          # drop what crashed or abandoned pulls left
     store.write_blob(data) -> digest             # small blobs (manifests, configs)
 
 `reference` is either a normalised reference (as `dockyard pull` records) or
-anything the user typed: it is normalised with puller.reference when it
-parses, and otherwise looked up verbatim (plain OCI layout tags like "v1").
+anything the user typed: it is normalised with puller.client.reference when
+it parses, and otherwise looked up verbatim (plain OCI layout tags like
+"v1"). None names a layout's default image (see default_descriptor).
 All methods here are synchronous and do blocking I/O: call them from a thread
-(asyncio.to_thread) when on the event loop with anything large.
+(asyncio.to_thread) when on the event loop with anything large. OSError
+leaves them as StoreError.
 
-A layout handed to the client (`oci:DIR`) is as untrusted as a registry:
-index.json, manifests and configs are checked by puller.oci as they are
-read, and a manifest or config larger than `document_limit` is refused
-before it is read.
+A layout handed to the client (`oci:DIR[:TAG]`, parse_layout_reference) is
+as untrusted as a registry: index.json, manifests and configs are checked by
+puller.oci as they are read, and a manifest or config larger than
+`document_limit` is refused before it is read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
+import functools
 import json
 import os
 import pathlib
-import tempfile
-import time
+import shutil
+from typing import NamedTuple
 
-from puller.oci import (MAX_DOCUMENT_SIZE, ContentError, Descriptor, ImageIndex, ImageManifest, parse_config,
-                        parse_descriptor, parse_manifest, parse_manifest_object)
-from puller.reference import (ReferenceError, choose_platform, host_platform, parse_platform,
-                              parse_reference, platform_matches)
+from puller.client.reference import choose_platform, host_platform, parse_platform, parse_reference, platform_matches
+from puller.errors import ContentError, ReferenceError, StoreError, one_line
+from puller.oci import (MAX_DOCUMENT_SIZE, Descriptor, ImageIndex, ImageManifest, parse_config, parse_descriptor,
+                        parse_json_object, parse_manifest)
+from puller.store import ingest
+from storage.oci import media
+from storage.oci.digests import digest_of
+from storage.oci.errors import DigestInvalid
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_VERSION = {"imageLayoutVersion": "1.0.0"}
-# when leftovers in ingest/ count as abandoned (see LocalStore.reclaim_ingest)
-STALE_TEMP_SECONDS = 3600
-STALE_PARTIAL_SECONDS = 7 * 86400
+LAYOUT_PREFIX = "oci:"
+# what `oci:DIR` names in a layout of several images (and what a copy into a layout is named by default)
+DEFAULT_LAYOUT_TAG = "latest"
 
-INDEX_TYPES = {
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-}
-MANIFEST_TYPES = {
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-}
-
-
-# Docker media types -> their OCI equivalents, for the OCI view of a Docker image
-DOCKER_TO_OCI = {
-    "application/vnd.docker.distribution.manifest.v2+json": "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json": "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.container.image.v1+json": "application/vnd.oci.image.config.v1+json",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip": "application/vnd.oci.image.layer.v1.tar+gzip",
-    "application/vnd.docker.image.rootfs.diff.tar": "application/vnd.oci.image.layer.v1.tar",
-    "application/vnd.docker.image.rootfs.diff.tar.zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip":
-        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
-}
 # on an index.json entry that is an OCI view: the image as the registry serves it
 SOURCE_DIGEST = "io.dockyard.source.digest"
 SOURCE_MEDIA_TYPE = "io.dockyard.source.mediaType"
 SOURCE_SIZE = "io.dockyard.source.size"
 
 
-class StoreError(Exception):
-    """Something missing or inconsistent in the local store (one line)."""
+class LayoutReference(NamedTuple):
+    directory: pathlib.Path
+    tag: str | None              # None: the layout's default image (LocalStore.default_descriptor)
+
+
+def parse_layout_reference(text: str) -> LayoutReference | None:
+    """`oci:DIR[:TAG]` -> LayoutReference; None for anything else. The tag
+    starts at the first colon after the prefix, as containers/image (skopeo)
+    reads it, so a reference recorded in a store names itself:
+    `oci:STORE:127.0.0.1:5000/app:v1`. A directory holding a colon cannot
+    be named (nor can it for skopeo)."""
+    if not text.startswith(LAYOUT_PREFIX):
+        return None
+    directory, _, tag = text[len(LAYOUT_PREFIX):].partition(":")
+    return LayoutReference(pathlib.Path(directory), tag or None)
 
 
 def default_store_root() -> pathlib.Path:
@@ -97,24 +95,15 @@ def default_store_root() -> pathlib.Path:
     return pathlib.Path(base) / "dockyard" / "store"
 
 
-def split_digest(digest: str) -> tuple[str, str]:
-    algorithm, sep, hexpart = digest.partition(":")
-    if not sep or not algorithm.isalnum() or not hexpart or not all(c in "0123456789abcdef" for c in hexpart):
-        raise StoreError(f"invalid digest {digest!r}")
-    return algorithm, hexpart
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def media_type_of(manifest: dict, fallback: str | None = None) -> str:
-    if manifest.get("mediaType"):
-        return manifest["mediaType"]
-    if fallback:
-        return fallback
-    return ("application/vnd.oci.image.index.v1+json" if "manifests" in manifest
-            else "application/vnd.oci.image.manifest.v1+json")
+def _store_io(method):
+    """OSError from the disk leaves the store as a StoreError (same text)."""
+    @functools.wraps(method)
+    def mapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            raise StoreError(one_line(exc)) from exc
+    return mapped
 
 
 class LocalStore:
@@ -124,22 +113,24 @@ class LocalStore:
         self.root = pathlib.Path(root) if root is not None else default_store_root()
 
     # -- layout -----------------------------------------------------------------
+    @_store_io
     def ensure(self) -> None:
         (self.root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (self.root / "ingest").mkdir(parents=True, exist_ok=True)
+        ingest.ingest_dir(self.root).mkdir(parents=True, exist_ok=True)
         layout = self.root / "oci-layout"
         if not layout.exists():
-            self._atomic_write(layout, json.dumps(LAYOUT_VERSION).encode())
+            ingest.write_atomic(layout, json.dumps(LAYOUT_VERSION).encode())
         if not (self.root / "index.json").exists():
             with self._index_lock():
                 if not (self.root / "index.json").exists():
-                    self._write_index({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
-                                       "manifests": []})
+                    self._write_index({"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": []})
 
     # -- blobs ------------------------------------------------------------------
     def blob_path(self, digest: str) -> pathlib.Path:
-        algorithm, hexpart = split_digest(digest)
-        return self.root / "blobs" / algorithm / hexpart
+        try:
+            return ingest.blob_path(self.root, digest)
+        except DigestInvalid as exc:
+            raise StoreError(str(exc)) from exc
 
     def has_blob(self, digest: str) -> bool:
         try:
@@ -147,6 +138,7 @@ class LocalStore:
         except StoreError:
             return False
 
+    @_store_io
     def read_blob(self, digest: str, limit: int | None = None) -> bytes:
         """The blob's bytes; with `limit`, refused unread when it is larger."""
         path = self.blob_path(digest)
@@ -158,6 +150,14 @@ class LocalStore:
                         raise ContentError(f"{self.root}: blob {digest} is {size} bytes, more than the "
                                            f"{limit} byte limit of a manifest or config")
                 return handle.read()
+        except (FileNotFoundError, IsADirectoryError):
+            raise StoreError(f"blob {digest} is not in the store {self.root}") from None
+
+    @_store_io
+    def open_blob(self, digest: str):
+        """The blob's file, open for reading (a push streams it)."""
+        try:
+            return open(self.blob_path(digest), "rb")
         except (FileNotFoundError, IsADirectoryError):
             raise StoreError(f"blob {digest} is not in the store {self.root}") from None
 
@@ -173,68 +173,68 @@ class LocalStore:
         return parse_config(self.read_blob(digest, self.document_limit), f"{self.root}: config {digest}")
 
     def read_json(self, digest: str) -> dict:
-        try:
-            return json.loads(self.read_blob(digest))
-        except ValueError:
-            raise StoreError(f"blob {digest} is not valid JSON") from None
+        """A stored JSON document (strict, bounded like a manifest)."""
+        return parse_json_object(self.read_blob(digest, self.document_limit), f"{self.root}: blob {digest}")
 
+    # -- ingest (puller.store.ingest) ---------------------------------------------
     def ingest_path(self, digest: str) -> pathlib.Path:
         """Where a download of `digest` is staged (kept between runs to resume)."""
-        algorithm, hexpart = split_digest(digest)
-        return self.root / "ingest" / f"{algorithm}-{hexpart}.partial"
+        try:
+            return ingest.partial_path(self.root, digest)
+        except DigestInvalid as exc:
+            raise StoreError(str(exc)) from exc
 
+    @_store_io
+    def open_ingest(self, digest: str) -> ingest.IngestFile:
+        """The staged file of a download of `digest`, locked for this process."""
+        self.ingest_path(digest)                 # a bad digest is a StoreError, not a path
+        return ingest.IngestFile(self.root, digest)
+
+    @_store_io
     def reclaim_ingest(self, now: float | None = None) -> list[str]:
-        """Remove what crashed or abandoned pulls left behind and return the
-        names: temp files and private partials (`.partial.<pid>.<id>`) after
-        an hour, resumable partials after a week. A file another process
-        holds locked is being written and is never touched."""
-        now = time.time() if now is None else now
-        removed = []
-        for folder in (self.root / "ingest", self.root):
-            try:
-                entries = list(os.scandir(folder))
-            except FileNotFoundError:
-                continue
-            for entry in entries:
-                name = entry.name
-                if name.startswith(".tmp-"):
-                    limit = STALE_TEMP_SECONDS
-                elif folder.name == "ingest" and ".partial" in name:
-                    limit = STALE_PARTIAL_SECONDS if name.endswith(".partial") else STALE_TEMP_SECONDS
-                else:
-                    continue
-                try:
-                    if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < limit:
-                        continue
-                    with open(entry.path, "rb") as handle:
-                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        os.unlink(entry.path)
-                except (BlockingIOError, FileNotFoundError):
-                    continue        # in use, or gone meanwhile
-                removed.append(name)
-        return removed
+        return ingest.reclaim(self.root, now)
 
+    @_store_io
     def commit_blob(self, staged: pathlib.Path, digest: str) -> pathlib.Path:
         """Move a verified staged file to its final name (atomic rename)."""
-        final = self.blob_path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(staged, 0o644)
-        os.replace(staged, final)
-        return final
+        self.blob_path(digest)
+        return ingest.commit(self.root, staged, digest)
 
+    @_store_io
+    def import_blob(self, source: pathlib.Path, digest: str) -> int:
+        """Copy a blob of another layout in (staged, then committed); its size."""
+        staged = ingest.temp_path(self.root)
+        try:
+            shutil.copyfile(source, staged)
+            size = staged.stat().st_size
+            self.commit_blob(staged, digest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                staged.unlink()
+            raise
+        return size
+
+    @_store_io
+    def stage_file(self) -> pathlib.Path:
+        """A private file in ingest/ for a blob whose digest is not known yet."""
+        return ingest.temp_path(self.root)
+
+    @_store_io
     def write_blob(self, data: bytes, digest: str | None = None) -> str:
         """Store small content (manifests, configs); verifies `digest` if given."""
-        actual = sha256_digest(data)
+        actual = digest_of(data)
         if digest and digest != actual:
             raise StoreError(f"content does not match digest {digest} (got {actual})")
         final = self.blob_path(actual)
         if not final.exists():
             final.parent.mkdir(parents=True, exist_ok=True)
-            (self.root / "ingest").mkdir(parents=True, exist_ok=True)
-            self._atomic_write(final, data, staging=self.root / "ingest")
+            staging = ingest.ingest_dir(self.root)
+            staging.mkdir(parents=True, exist_ok=True)
+            ingest.write_atomic(final, data, staging=staging)
         return actual
 
     # -- index.json ---------------------------------------------------------------
+    @_store_io
     def index(self) -> dict:
         """index.json, every entry a checked descriptor."""
         path = self.root / "index.json"
@@ -245,13 +245,10 @@ class LocalStore:
             return {"schemaVersion": 2, "manifests": []}
         if len(data) > self.document_limit:
             raise StoreError(f"{path} exceeds the {self.document_limit} byte limit")
-        try:
-            body = json.loads(data)
-        except (ValueError, RecursionError):
-            raise StoreError(f"{path} is not valid JSON") from None
-        if isinstance(body, dict) and "manifests" not in body:
+        body = parse_json_object(data, str(path))
+        if "manifests" not in body:
             body["manifests"] = []          # an empty layout, as some tools write it
-        parse_manifest_object(body, "application/vnd.oci.image.index.v1+json", str(path))
+        parse_manifest(body, media.OCI_INDEX, str(path))
         return body
 
     def references(self) -> list[tuple[str, dict]]:
@@ -286,10 +283,10 @@ class LocalStore:
                         "size": self.blob_path(digest).stat().st_size}
         return None
 
-    def source_descriptor(self, reference: str) -> dict | None:
+    def source_descriptor(self, reference: str | None) -> dict | None:
         """The image as its registry serves it (digest preserved): the recorded
         entry, or for a Docker image the original behind its OCI view."""
-        desc = self.descriptor(reference)
+        desc = self.default_descriptor() if reference is None else self.descriptor(reference)
         if desc is None:
             return None
         annotations = desc.get("annotations") or {}
@@ -302,7 +299,21 @@ class LocalStore:
             return out
         return desc
 
-    def resolve(self, reference: str) -> str | None:
+    def default_descriptor(self) -> dict | None:
+        """What a layout reference without a tag names: the layout's only
+        image, else the one named DEFAULT_LAYOUT_TAG; None in an empty layout."""
+        entries = self.references()
+        if len(entries) == 1:
+            name, desc = entries[0]
+            return (self.descriptor(name) if name else None) or desc
+        if not entries:
+            return None
+        desc = self.descriptor(DEFAULT_LAYOUT_TAG)
+        if desc is None:
+            raise StoreError(f"{self.root} holds several images: name one (oci:DIR:TAG)")
+        return desc
+
+    def resolve(self, reference: str | None) -> str | None:
         desc = self.source_descriptor(reference)
         return desc["digest"] if desc else None
 
@@ -311,29 +322,30 @@ class LocalStore:
         blob sharing every layer; skopeo and umoci only read OCI entries of
         index.json. OCI content is returned unchanged."""
         media_type = descriptor.get("mediaType")
-        if media_type not in DOCKER_TO_OCI:
+        if not media.is_manifest(media_type) or media_type not in media.DOCKER_TO_OCI:
             return descriptor
-        body = self.read_manifest(descriptor["digest"], media_type).json
-        if "manifests" in body:
-            children = []
-            for child in body.get("manifests") or []:
-                if self.has_blob(child["digest"]):
-                    children.append({**child, **self.oci_view(child)})
-            converted = {"schemaVersion": 2, "mediaType": DOCKER_TO_OCI[media_type], "manifests": children}
+        target = media.DOCKER_TO_OCI[media_type]
+        manifest = self.read_manifest(descriptor["digest"], media_type)
+        if manifest.is_index:
+            children = [{**child.raw, **self.oci_view(child.raw)} for child in manifest.manifests
+                        if self.has_blob(child.digest)]
+            converted = {"schemaVersion": 2, "mediaType": target, "manifests": children}
         else:
-            def convert(d: dict) -> dict:
-                return {**d, "mediaType": DOCKER_TO_OCI.get(d.get("mediaType"), d.get("mediaType"))}
-            converted = {"schemaVersion": 2, "mediaType": DOCKER_TO_OCI[media_type],
-                         "config": convert(body["config"]), "layers": [convert(l) for l in body.get("layers") or []]}
-            if body.get("annotations"):
-                converted["annotations"] = body["annotations"]
+            def convert(d: Descriptor) -> dict:
+                kind = d.raw.get("mediaType")
+                return {**d.raw, "mediaType": media.DOCKER_TO_OCI.get(kind, kind)}
+            converted = {"schemaVersion": 2, "mediaType": target, "config": convert(manifest.config),
+                         "layers": [convert(layer) for layer in manifest.layers]}
+            if manifest.annotations:
+                converted["annotations"] = manifest.annotations
         data = json.dumps(converted, separators=(",", ":")).encode()
         digest = self.write_blob(data)
-        view = {"mediaType": DOCKER_TO_OCI[media_type], "digest": digest, "size": len(data)}
+        view = {"mediaType": target, "digest": digest, "size": len(data)}
         if descriptor.get("platform"):
             view["platform"] = descriptor["platform"]
         return view
 
+    @_store_io
     def record(self, reference: str, descriptor: dict) -> None:
         """Point `reference` at `descriptor` (replacing an older entry), atomically.
         A Docker image is recorded through its OCI view, annotated with the
@@ -357,23 +369,17 @@ class LocalStore:
             index.setdefault("schemaVersion", 2)
             self._write_index(index)
 
-    def forget(self, reference: str) -> bool:
-        with self._index_lock():
-            index = self.index()
-            before = len(index.get("manifests", []))
-            index["manifests"] = [d for d in index.get("manifests", [])
-                                  if (d.get("annotations") or {}).get(REF_NAME) != reference]
-            self._write_index(index)
-            return len(index["manifests"]) != before
-
     # -- images -------------------------------------------------------------------
-    def image_for_platform(self, reference: str, platform: str | None = None) -> tuple[str, dict, dict]:
-        """(manifest digest, manifest, config) of `reference` for one platform
-        (default: the host's). Raises StoreError when it is not in the store."""
+    @_store_io
+    def image_for_platform(self, reference: str | None, platform: str | None = None) -> tuple[str, dict, dict]:
+        """(manifest digest, manifest, config) of `reference` (None: the
+        layout's default image) for one platform (default: the host's).
+        Raises StoreError when it is not in the store."""
+        name = "image" if reference is None else reference
         desc = self.source_descriptor(reference)
         if desc is None:
-            raise StoreError(f"{reference} is not in the store {self.root} (pull it first)")
-        top = parse_descriptor(desc, f"{self.root}/index.json: {reference}")
+            raise StoreError(f"{name} is not in the store {self.root} (pull it first)")
+        top = parse_descriptor(desc, f"{self.root}/index.json: {name}")
         digest = top.digest
         manifest = self.read_manifest(top)
         from_index = manifest.is_index
@@ -381,19 +387,19 @@ class LocalStore:
             wanted = parse_platform(platform) if platform else host_platform()
             child = choose_platform([entry.raw for entry in manifest.manifests], wanted)
             if child is None:
-                raise StoreError(f"{reference} has no image for platform {wanted}")
+                raise StoreError(f"{name} has no image for platform {wanted}")
             digest = child["digest"]
             manifest = self.read_manifest(digest, child.get("mediaType"))
             if manifest.is_index:
-                raise StoreError(f"{reference}: the image for {wanted} is itself an index")
+                raise StoreError(f"{name}: the image for {wanted} is itself an index")
         if manifest.config is None:
-            raise StoreError(f"{reference}: manifest {digest} has no image config")
+            raise StoreError(f"{name}: manifest {digest} has no image config")
         config = self.read_config(manifest.config.digest)
         if platform and not from_index:
             wanted = parse_platform(platform)
             if not platform_matches({"os": config.get("os"), "architecture": config.get("architecture"),
                                       "variant": config.get("variant")}, wanted):
-                raise StoreError(f"{reference} is {config.get('os')}/{config.get('architecture')}, "
+                raise StoreError(f"{name} is {config.get('os')}/{config.get('architecture')}, "
                                  f"not {wanted}")
         return digest, manifest.json, config
 
@@ -401,8 +407,8 @@ class LocalStore:
     @contextlib.contextmanager
     def _index_lock(self):
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "ingest").mkdir(exist_ok=True)
-        with open(self.root / "ingest" / ".index.lock", "a+") as handle:
+        ingest.ingest_dir(self.root).mkdir(exist_ok=True)
+        with open(ingest.ingest_dir(self.root) / ".index.lock", "a+") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -410,20 +416,4 @@ class LocalStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write_index(self, index: dict) -> None:
-        self._atomic_write(self.root / "index.json", json.dumps(index, indent=2).encode())
-
-    @staticmethod
-    def _atomic_write(path: pathlib.Path, data: bytes, staging: pathlib.Path | None = None) -> None:
-        # staged next to the target (or in ingest/ for blobs: nothing partial under blobs/)
-        fd, tmp = tempfile.mkstemp(dir=staging or path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        ingest.write_atomic(self.root / "index.json", json.dumps(index, indent=2).encode())

@@ -11,7 +11,7 @@ Why not aiohttp, which the server uses: importing aiohttp's client costs a
 `dockyard pull` about 0.2 s of a 0.3 s start-up (it builds two verified TLS
 contexts at import), more than the whole download of a small image. The
 client needs little of it: requests with a byte, or streamed, body; bodies
-read as they arrive; redirects and auth are handled a layer up (puller.http).
+read as they arrive; redirects and auth are handled a layer up (puller.client.http).
 h11 does the HTTP/1.1 framing of requests and of response heads (and of
 chunked or close-delimited bodies); this module does the I/O, TLS (a context
 built on first use), the connection pool and timeouts. A Content-Length
@@ -19,10 +19,11 @@ body - every blob - bypasses h11: the socket is read straight into 1 MiB
 buffers whose filled parts are handed to the caller as memoryviews, so a
 byte is copied once, by the kernel, on its way to the hasher and the file.
 
-Failures: `TransportFailure` (connection refused or reset, a timeout, a
-body cut short, a protocol violation: worth a retry) and
-`CertificateFailure` (the server's certificate is not trusted: not worth
-one). Both name the host and say what happened in one line.
+Failures (puller.errors, both TransportErrors): `TransportFailure`
+(connection refused or reset, a timeout, a body cut short, a protocol
+violation: worth a retry) and `CertificateError` (the server's certificate
+is not trusted: not worth one). OSError, ssl and h11 errors are mapped to
+them here; each names the host and says what happened in one line.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from urllib.parse import urlsplit
 
 import h11
 
+from puller.errors import CertificateError, TransportFailure
+
 MiB = 1024 * 1024
 RECEIVE_BUFFER = MiB            # the socket is read into buffers of this size
 PAUSE_ABOVE = 8 * MiB           # received but not taken: stop reading the socket
@@ -46,14 +49,6 @@ MAX_IDLE_PER_ORIGIN = 16
 MAX_HEADER_BYTES = 256 * 1024
 
 Body = bytes | None | Callable[[], AsyncIterator[bytes]]
-
-
-class TransportFailure(Exception):
-    """The exchange failed below HTTP semantics; a retry may succeed."""
-
-
-class CertificateFailure(Exception):
-    """TLS certificate verification failed."""
 
 
 @dataclass(frozen=True)
@@ -302,7 +297,7 @@ class Response:
                 raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a response body")
         except (h11.RemoteProtocolError, OSError, asyncio.TimeoutError) as exc:
             self._discard()
-            raise TransportFailure(f"{conn.origin.host}: {_reason(exc, 'body')}") from None
+            raise TransportFailure(f"{conn.origin.host}: {_reason(exc, 'body')}") from exc
 
     async def _read_direct(self, conn: _Connection) -> bytes | memoryview:
         if self._leftover:
@@ -406,10 +401,9 @@ class Transport:
                     _Channel, origin.host, origin.port, ssl=context,
                     server_hostname=origin.host if context else None)
         except ssl.SSLCertVerificationError as exc:
-            raise CertificateFailure(f"TLS certificate of {origin.host} not trusted "
-                                     f"({exc.verify_message or exc.reason})") from None
+            raise CertificateError(origin.host, exc.verify_message or exc.reason) from exc
         except (OSError, asyncio.TimeoutError) as exc:
-            raise TransportFailure(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc, 'connect')}") from None
+            raise TransportFailure(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc, 'connect')}") from exc
         return _Connection(origin, channel)
 
     async def speaks_tls(self, host: str, port: int, timeout: float) -> bool:
@@ -483,7 +477,7 @@ class Transport:
             except (h11.ProtocolError, OSError, asyncio.TimeoutError) as exc:
                 conn.close()
                 raise TransportFailure(f"{method} {urlsplit(url).path} on {origin.host}: "
-                                       f"{_reason(exc, 'response')}") from None
+                                       f"{_reason(exc, 'response')}") from exc
             except BaseException:
                 conn.close()
                 raise

@@ -20,14 +20,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from puller.http import ClientError, FetchedManifest, NotFoundError, OCI_INDEX, RegistryClient
-from puller.oci import ContentError, Descriptor
-from puller.progress import Progress
-from puller.pull import pull
-from puller.push import (ImageSource, LayoutSource, RegistrySource, open_layout_source, parse_source,
-                         push_image)
-from puller.reference import Reference, parse_reference
-from puller.store import LocalStore, StoreError
+from puller.client.http import FetchedManifest, RegistryClient
+from puller.client.reference import Reference, parse_reference
+from puller.errors import ClientError, ContentError, NotFoundError, StoreError, one_line
+from puller.oci import Descriptor
+from puller.store import DEFAULT_LAYOUT_TAG, LocalStore
+from puller.transfer.progress import Progress
+from puller.transfer.pull import pull
+from puller.transfer.push import push_image
+from puller.transfer.sources import ImageSource, LayoutSource, RegistrySource, open_layout_source, parse_source
+from storage.oci import media
 
 MAX_REFERRER_DEPTH = 4
 
@@ -55,7 +57,10 @@ async def copy(source: str, destination: str, *, options=None, referrers: bool =
     progress = progress or Progress()
     own = client is None
     client = client or RegistryClient(options)
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-copy-"))
+    try:
+        workdir = pathlib.Path(tempfile.mkdtemp(prefix="dockyard-copy-"))
+    except OSError as exc:
+        raise StoreError(one_line(exc)) from exc
     try:
         src_kind, src_loc, src_name = parse_source(source)
         if src_kind == "store":
@@ -128,29 +133,27 @@ async def _add_to_referrers_tag(client: RegistryClient, dest: Reference, subject
     listed = current.parsed.manifests if current is not None else ()
     entries = [m.raw for m in listed if m.digest != manifest.digest]
     entry = {"mediaType": manifest.media_type, "digest": manifest.digest, "size": len(manifest.data)}
-    parsed = manifest.parsed
-    config = None if parsed.is_index else parsed.config
-    artifact_type = parsed.artifact_type or (config.media_type if config else None) or descriptor.artifact_type
+    artifact_type = manifest.parsed.effective_artifact_type or descriptor.artifact_type
     if artifact_type:
         entry["artifactType"] = artifact_type
-    if parsed.annotations:
-        entry["annotations"] = parsed.annotations
+    if manifest.parsed.annotations:
+        entry["annotations"] = manifest.parsed.annotations
     entries.append(entry)
-    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}).encode()
-    await client.put_manifest(dest, tag, body, OCI_INDEX)
+    body = json.dumps({"schemaVersion": 2, "mediaType": media.OCI_INDEX, "manifests": entries}).encode()
+    await client.put_manifest(dest, tag, body, media.OCI_INDEX)
 
 
 async def _copy_to_layout(client, src_kind, src_loc, src_name, dst_dir, dst_name, source, destination,
                           progress, workdir) -> CopyResult:
     dest_store = LocalStore(dst_dir)
-    name = dst_name or "latest"
+    name = dst_name or DEFAULT_LAYOUT_TAG     # what `oci:DIR` reads back when the layout holds several
     if src_kind == "docker":
         ref = _registry_ref(src_loc)
         pulled = await pull(str(ref), store=dest_store, all_platforms=True, progress=progress,
                             client=client, record_as=name)
         manifests = [pulled.digest] + ([pulled.manifest_digest] if pulled.manifest_digest != pulled.digest else [])
         return CopyResult(source=source, destination=destination, digest=pulled.digest,
-                          media_type=pulled.media_type if pulled.digest == pulled.manifest_digest else OCI_INDEX,
+                          media_type=pulled.media_type if pulled.digest == pulled.manifest_digest else media.OCI_INDEX,
                           manifests=manifests, bytes_transferred=pulled.bytes_downloaded)
     layout: LayoutSource = await asyncio.to_thread(open_layout_source, src_kind, src_loc, src_name, workdir)
     root = await layout.root()
@@ -170,13 +173,9 @@ async def _copy_to_layout(client, src_kind, src_loc, src_name, dst_dir, dst_name
         for digest in children:
             if dest_store.has_blob(digest):
                 continue
-            src_path = layout.store.blob_path(digest)
-            if not src_path.exists():
+            if not layout.store.has_blob(digest):
                 raise StoreError(f"{src_loc}: blob {digest} is missing")
-            staged = dest_store.ingest_path(digest)
-            shutil.copyfile(src_path, staged)
-            total += staged.stat().st_size
-            dest_store.commit_blob(staged, digest)
+            total += dest_store.import_blob(layout.store.blob_path(digest), digest)
         copied.append(manifest_digest)
 
     def run() -> None:

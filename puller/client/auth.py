@@ -1,4 +1,4 @@
-"""Registry authentication: challenges, scopes, credentials, token cache.
+"""Registry authentication: challenges, scopes, credentials, realm policy.
 
 - `parse_challenges(header)`: RFC 7235 WWW-Authenticate parsing (several
   challenges per header, quoted values with commas and escapes).
@@ -13,42 +13,26 @@
 - `check_realm(realm, host, registry_base)`: where a token request, which
   carries the credentials, may go (HTTPS; plain HTTP only to a plain
   loopback registry's own host).
-- `TokenCache`: bearer tokens per (realm, service, scopes, account) until
-  they expire; `token_from_response` checks a token server's answer.
+
+The bearer-token flow itself (fetching, caching) is puller.client.tokens.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import math
 import os
 import pathlib
 import shutil
 import subprocess
 import tempfile
-import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from puller.errors import ClientError
-from puller.reference import DOCKER_HUB, DOCKER_HUB_API, is_loopback
+from puller.client.reference import DOCKER_HUB, DOCKER_HUB_API, is_loopback
+from puller.errors import AuthError, CredentialError, one_line
 
 DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
-# a token answer's expires_in is clamped to this range: the spec's default
-# and minimum, and a day (a longer-lived cache gains nothing, and an
-# Infinity or a 400-digit number would overflow the clock arithmetic)
-MIN_TOKEN_SECONDS = 60
-MAX_TOKEN_SECONDS = 86400
-
-
-class AuthError(ClientError):
-    """Authentication failed or was refused (one line for the user)."""
-
-
-class CredentialError(ClientError):
-    """Reading or writing stored credentials failed."""
-
 
 # -- challenges -------------------------------------------------------------------
 
@@ -233,15 +217,20 @@ class DockerConfig:
         except FileNotFoundError:
             return {}
         except ValueError as exc:
-            raise CredentialError(f"{self.path} is not valid JSON: {exc}") from None
+            raise CredentialError(f"{self.path} is not valid JSON: {exc}") from exc
+        except OSError as exc:
+            raise CredentialError(one_line(exc)) from exc
 
     def save(self, data: dict) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".config.json.")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent="\t")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".config.json.")
+            with os.fdopen(fd, "w") as handle:
+                json.dump(data, handle, indent="\t")
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise CredentialError(one_line(exc)) from exc
 
     def helper_for(self, registry: str, data: dict | None = None) -> str | None:
         data = self.load() if data is None else data
@@ -274,8 +263,8 @@ class DockerConfig:
         if entry.get("auth"):
             try:
                 decoded = base64.b64decode(entry["auth"]).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise CredentialError(f"invalid auth entry for {key} in {self.path}") from None
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CredentialError(f"invalid auth entry for {key} in {self.path}") from exc
             username, _, password = decoded.partition(":")
         return Credentials(username or None, password or None, entry.get("identitytoken") or None)
 
@@ -323,7 +312,10 @@ def _helper_run(helper: str, action: str, stdin: str) -> str:
     program = f"docker-credential-{helper}"
     if shutil.which(program) is None:
         raise CredentialError(f"credential helper {program} not found on PATH")
-    proc = subprocess.run([program, action], input=stdin.encode(), capture_output=True, timeout=60)
+    try:
+        proc = subprocess.run([program, action], input=stdin.encode(), capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CredentialError(f"{program} {action}: {one_line(exc)}") from exc
     if proc.returncode != 0:
         message = (proc.stdout or proc.stderr).decode(errors="replace").strip()
         raise CredentialError(f"{program} {action}: {message or 'failed'}")
@@ -339,8 +331,8 @@ def _helper_get(helper: str, key: str) -> Credentials | None:
         raise
     try:
         data = json.loads(out)
-    except ValueError:
-        raise CredentialError(f"docker-credential-{helper} get: invalid output") from None
+    except ValueError as exc:
+        raise CredentialError(f"docker-credential-{helper} get: invalid output") from exc
     username, secret = data.get("Username") or "", data.get("Secret") or ""
     if username == "<token>":
         return Credentials(identity_token=secret)
@@ -360,8 +352,8 @@ def check_realm(realm: str, host: str, registry_base: str) -> None:
         parts = urlsplit(realm)
         realm_host = (parts.hostname or "").lower()
         parts.port
-    except ValueError:
-        raise AuthError(f"refusing token realm {realm!r}: not a valid URL") from None
+    except ValueError as exc:
+        raise AuthError(f"refusing token realm {realm!r}: not a valid URL") from exc
     if parts.scheme == "https" and realm_host:
         return
     if parts.scheme != "http" or not realm_host:
@@ -373,74 +365,3 @@ def check_realm(realm: str, host: str, registry_base: str) -> None:
     if realm_host != registry_host:
         raise AuthError(f"refusing token realm {realm}: not HTTPS, and not the registry's own host "
                         f"{registry_host} (credentials go over plain HTTP to nowhere else)")
-
-
-# -- tokens -----------------------------------------------------------------------
-
-@dataclass
-class Token:
-    value: str
-    expires_at: float
-    refresh_token: str | None = None
-
-    def valid(self, now: float | None = None) -> bool:
-        return (now or time.monotonic()) < self.expires_at
-
-
-class TokenCache:
-    """Bearer tokens keyed by (realm, service, scopes, account)."""
-
-    MARGIN = 5.0  # seconds before expiry at which a token is no longer used
-
-    def __init__(self, clock=time.monotonic):
-        self._tokens: dict[tuple, Token] = {}
-        self.clock = clock
-
-    @staticmethod
-    def key(realm: str, service: str | None, scopes: list[Scope], account: str | None) -> tuple:
-        return (realm, service or "", tuple(str(s) for s in scopes), account or "")
-
-    def get(self, key: tuple) -> Token | None:
-        token = self._tokens.get(key)
-        if token and token.valid(self.clock()):
-            return token
-        self._tokens.pop(key, None)
-        return None
-
-    def put(self, key: tuple, token: Token) -> None:
-        self._tokens[key] = token
-
-    def drop(self, key: tuple) -> None:
-        self._tokens.pop(key, None)
-
-
-def _usable_token(value) -> bool:
-    # it goes into an Authorization header: visible ASCII only, no spaces, CR or LF
-    return isinstance(value, str) and 0 < len(value) <= 64 * 1024 and value.isascii() and value.isprintable() \
-        and " " not in value
-
-
-def token_lifetime(value) -> float:
-    """Seconds a token may be used, from the answer's expires_in: anything
-    that is not a finite number (a string, NaN, Infinity, true) or is below
-    the minimum counts as the spec's 60 s; more than a day counts as a day."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return MIN_TOKEN_SECONDS
-    if isinstance(value, float) and not math.isfinite(value):
-        return MAX_TOKEN_SECONDS if value > 0 else MIN_TOKEN_SECONDS
-    return float(min(max(value, MIN_TOKEN_SECONDS), MAX_TOKEN_SECONDS))
-
-
-def token_from_response(body, now: float | None = None, where: str = "token server") -> Token:
-    """A Token from a token server's decoded JSON answer, every field checked."""
-    if not isinstance(body, dict):
-        raise AuthError(f"{where} answered something that is not a JSON object")
-    value = body.get("token") or body.get("access_token")
-    if not value:
-        raise AuthError(f"{where} answered without a token")
-    if not _usable_token(value):
-        raise AuthError(f"{where} answered a token that is not a printable string")
-    refresh = body.get("refresh_token")
-    now = time.monotonic() if now is None else now
-    return Token(value=value, expires_at=now + token_lifetime(body.get("expires_in")) - TokenCache.MARGIN,
-                 refresh_token=refresh if _usable_token(refresh) else None)

@@ -1,4 +1,5 @@
-"""Transfer progress for pull / push / copy.
+"""Transfer progress for pull / push / copy: the Progress the transfers
+report to (it only counts), and the displays the CLI picks.
 
     progress = make_progress(mode)   # "auto" | "rich" | "plain" | "quiet" | "json"
     progress.start(key, label, total)  progress.advance(key, n)
@@ -40,9 +41,6 @@ class Progress:
         else:
             self.blobs_done += 1
 
-    def message(self, text: str) -> None:
-        pass
-
     def close(self, summary: str | None = None, failed: bool = False) -> None:
         pass
 
@@ -64,9 +62,6 @@ class PlainProgress(Progress):
     def __init__(self, stream=None):
         super().__init__()
         self.stream = stream or sys.stderr
-
-    def message(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
 
     def close(self, summary: str | None = None, failed: bool = False) -> None:
         if failed:
@@ -114,9 +109,6 @@ class RichProgress(PlainProgress):
         task = next(t for t in self._bars.tasks if t.id == task_id)
         self._bars.update(task_id, completed=task.total or task.completed,
                           description=f"{task.description} (exists)" if skipped else task.description)
-
-    def message(self, text: str) -> None:
-        self._bars.console.print(text)
 
     def close(self, summary: str | None = None, failed: bool = False) -> None:
         self._bars.stop()
