@@ -70,14 +70,6 @@ class Reference:
         return text
 
 
-def validate_digest(digest: str) -> str:
-    """digest, or ReferenceError (the grammar is storage.oci.names')."""
-    try:
-        return names.validate_digest(digest)
-    except OciError as exc:
-        raise ReferenceError(str(exc)) from exc
-
-
 def _looks_like_registry(component: str) -> bool:
     return ("." in component or ":" in component or component == "localhost"
             or component.lower() != component)

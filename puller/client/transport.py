@@ -38,7 +38,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from puller.errors import CertificateError, TransportFailure
+from puller.errors import CertificateError, TransportError, TransportFailure, one_line
 
 MiB = 1024 * 1024
 RECEIVE_BUFFER = MiB            # the socket is read into buffers of this size
@@ -370,7 +370,10 @@ class Transport:
             else:
                 context = ssl.create_default_context()
                 if self.options.ca_file:
-                    context.load_verify_locations(cafile=self.options.ca_file)
+                    try:
+                        context.load_verify_locations(cafile=self.options.ca_file)
+                    except OSError as exc:      # missing, unreadable, or not PEM (ssl.SSLError)
+                        raise TransportError(one_line(exc)) from exc
             context.set_alpn_protocols(["http/1.1"])
             self._ssl = context
         return self._ssl

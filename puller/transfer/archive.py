@@ -57,7 +57,9 @@ def docker_archive_layout(archive: str | os.PathLike, workdir: str | os.PathLike
     config). Returns the layout; its single entry is named "image"."""
     try:
         return _convert(archive, LocalStore(workdir), image)
-    except tarfile.TarError as exc:       # not a tar at all, or a truncated one
+    except tarfile.ReadError as exc:
+        raise StoreError(f"{archive}: not a docker save archive (not a tar file)") from exc
+    except tarfile.TarError as exc:       # a truncated or damaged one
         raise StoreError(f"{archive}: {one_line(exc)}") from exc
     except OSError as exc:
         raise StoreError(one_line(exc)) from exc
