@@ -49,7 +49,6 @@ from puller.client.auth import Scope, challenges_from_headers, merge_scopes, par
 from puller.client.endpoints import Endpoint, Endpoints
 from puller.client.options import ClientOptions
 from puller.client.reference import Reference
-from puller.client.tokens import BearerTokens
 from puller.client.transport import Response, Transport, TransportOptions
 from puller.errors import (AuthError, ClientError, ContentError, DigestMismatchError, LoginRequired, ManifestError,
                            NotFoundError, RegistryResponseError, TransportError)
@@ -91,7 +90,7 @@ class RegistryClient:
         self.options = options or ClientOptions()
         self._transport: Transport | None = None
         self._endpoints = Endpoints(self.options, lambda: self.transport)
-        self._tokens = BearerTokens(lambda: self.transport, self.options.retries)
+        self._tokens = None             # puller.client.tokens.BearerTokens, made when a registry asks
         self._manifest_slots: dict[str, asyncio.Semaphore] = {}
 
     # -- lifecycle ------------------------------------------------------------------
@@ -128,6 +127,10 @@ class RegistryClient:
                              force: bool = False) -> str | None:
         for challenge in endpoint.challenges:
             if challenge.scheme == "bearer" and challenge.realm:
+                if self._tokens is None:
+                    # only a registry that wants tokens pays for the flow's import
+                    from puller.client.tokens import BearerTokens
+                    self._tokens = BearerTokens(lambda: self.transport, self.options.retries)
                 return "Bearer " + await self._tokens.token(host, endpoint.base, challenge, scopes,
                                                             endpoint.credentials, force)
         for challenge in endpoint.challenges:
