@@ -10,7 +10,13 @@ internally to make `put_content` atomic; an S3 driver uses a single PUT or a
 multipart upload), and a driver may hand out a direct download URL.
 
 Every driver passes the one shared suite in tests/storage/test_driver_contract.py;
-a new driver adds a fixture there, nothing else.
+a new driver registers a factory and a cleanup in tests/support/drivers.py,
+nothing else.
+
+Paths are checked by the contract, not by each backend: every operation
+calls `check_path` (below) on each path it is given before touching storage,
+so "/a/../b" or a name a driver keeps for its hidden state is InvalidPath
+on every driver alike.
 
 Errors raised by a backend (OSError, botocore errors) are translated at the
 driver edge into the typed errors below with `raise ... from`.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
+import re
 from dataclasses import dataclass
 from typing import AsyncIterator, Sequence
 
@@ -46,6 +53,29 @@ class InvalidOffset(StorageError):
         super().__init__(f"invalid offset {offset} for {path}")
         self.path = path
         self.offset = offset
+
+
+# Path components starting with this are the drivers' own (temporary files,
+# staging directories): never listed, never valid in a caller's path.
+HIDDEN_PREFIX = ".dockyard-tmp-"
+MAX_PATH = 4096
+
+# An empty, "." or ".." component, a hidden component, or a trailing "/".
+_BAD_COMPONENT = re.compile(r"//|/\.\.?(?:/|$)|/" + re.escape(HIDDEN_PREFIX) + r"|/$")
+
+
+def check_path(path: str) -> None:
+    """InvalidPath unless path is "/" or "/c1/c2/..." with ordinary
+    components: no "", ".", "..", NUL, or hidden component, at most
+    MAX_PATH characters."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise InvalidPath(str(path), "path must be absolute")
+    if path == "/":
+        return
+    if len(path) > MAX_PATH or "\x00" in path:
+        raise InvalidPath(path)
+    if _BAD_COMPONENT.search(path):
+        raise InvalidPath(path, "invalid path component")
 
 
 @dataclass(frozen=True)
@@ -112,6 +142,10 @@ class StorageLock(abc.ABC):
 
 class StorageDriver(abc.ABC):
     name: str = "abstract"
+
+    # Every operation of every driver passes each path it is given through
+    # this first (see the module docstring).
+    check_path = staticmethod(check_path)
 
     @abc.abstractmethod
     async def get_content(self, path: str) -> bytes:

@@ -19,8 +19,8 @@ Durability against power loss is the `fsync` policy (FSYNC_MODES):
           fsynced, and scratch writes are synced too.
   "off"   nothing is fsynced (CI, tmpfs, or storage with its own guarantees).
 
-Temp names start with TEMP_PREFIX; `list` never shows them and no driver
-path may contain such a component.
+Temp names start with TEMP_PREFIX (the contract's HIDDEN_PREFIX); `list`
+never shows them and `check_path` refuses any path holding such a component.
 Directories are deleted by first renaming them to a temp name, so a half
 deleted tree is never visible under its real name.
 """
@@ -31,38 +31,19 @@ import asyncio
 import errno
 import fcntl
 import os
-import re
 import secrets
 import shutil
 import stat as stat_mode
 from contextlib import contextmanager
 from typing import AsyncIterator, Iterator, Sequence
 
-from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath,
+from storage.driver import (HIDDEN_PREFIX, FileInfo, FileWriter, InvalidOffset, InvalidPath,
                             LocalFile, PathNotFound, StorageDriver, StorageError, StorageLock)
 
-TEMP_PREFIX = ".dockyard-tmp-"
-_MAX_PATH = 4096
+TEMP_PREFIX = HIDDEN_PREFIX     # the contract reserves it: no caller's path holds such a name
 _RETRIES = 8  # a concurrent delete of a parent directory is retried this often
 FSYNC_MODES = ("data", "full", "off")
 _HOLD_LIMIT = 256 << 10  # a writer holds back one write up to this size (see _FilesystemWriter)
-
-
-# An empty, "." or ".." component, a temp-file component, or a trailing "/".
-_BAD_COMPONENT = re.compile(r"//|/\.\.?(?:/|$)|/" + re.escape(TEMP_PREFIX) + r"|/$")
-
-
-def validate_path(path: str) -> None:
-    """InvalidPath unless path is "/" or "/c1/c2/..." with ordinary
-    components: no "", ".", "..", NUL, or temp-file component."""
-    if not isinstance(path, str) or not path.startswith("/"):
-        raise InvalidPath(str(path), "path must be absolute")
-    if path == "/":
-        return
-    if len(path) > _MAX_PATH or "\x00" in path:
-        raise InvalidPath(path)
-    if _BAD_COMPONENT.search(path):
-        raise InvalidPath(path, "invalid path component")
 
 
 def _temp_name() -> str:
@@ -294,7 +275,7 @@ class FilesystemDriver(StorageDriver):
             _fsync_dir(directory)
 
     def _full(self, path: str) -> str:
-        validate_path(path)
+        self.check_path(path)
         return self.root if path == "/" else os.path.join(self.root, path[1:])
 
     # ---- whole files ---------------------------------------------------
