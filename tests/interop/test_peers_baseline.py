@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from helpers import build_busybox_image, write_oci_layout
+from tests.support.content import write_oci_layout
+from tests.support.peers import build_busybox_image
 
 pytestmark = pytest.mark.interop
 

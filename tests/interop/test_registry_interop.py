@@ -20,26 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (
-    DOCKER_LIST,
-    DOCKER_MANIFEST,
-    MANIFEST_ACCEPT,
-    OCI_EMPTY,
-    OCI_INDEX,
-    OCI_LAYER_GZIP,
-    OCI_MANIFEST,
-    OciLayoutWriter,
-    build_busybox_image,
-    busybox_path,
-    gzip_bytes,
-    http_request,
-    push_blob,
-    put_manifest,
-    random_tar_layer,
-    require_module,
-    sha256_digest,
-    write_oci_layout,
-)
+from tests.support.content import (DOCKER_LIST, DOCKER_MANIFEST, MANIFEST_ACCEPT, OCI_EMPTY, OCI_INDEX,
+                                   OCI_LAYER_GZIP, OCI_MANIFEST, OciLayoutWriter, gzip_bytes,
+                                   random_tar_layer, sha256_digest, write_oci_layout)
+from tests.support.peers import build_busybox_image, busybox_path, require_module
+from tests.support.registry_http import http_request, push_blob, put_manifest
 
 pytestmark = pytest.mark.interop
 

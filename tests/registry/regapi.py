@@ -1,26 +1,20 @@
-"""Helpers for the registry API tests: media types, digests and a small
-client speaking the distribution API over aiohttp's TestClient."""
+"""Helpers for the registry API tests: a small client speaking the
+distribution API over aiohttp's TestClient (media types and digests
+come from tests.support.content)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from typing import Any
 
+from tests.support.content import (DOCKER_CONFIG, DOCKER_LAYER, DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG,
+                                   OCI_INDEX, OCI_LAYER, OCI_MANIFEST, digest_of)
+from tests.support import rawhttp
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
-DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-
-
-def digest_of(data: bytes, alg: str = "sha256") -> str:
-    return f"{alg}:{hashlib.new(alg, data).hexdigest()}"
+__all__ = ["DOCKER_CONFIG", "DOCKER_LAYER", "DOCKER_LIST", "DOCKER_MANIFEST", "OCI_CONFIG", "OCI_INDEX",
+           "OCI_LAYER", "OCI_MANIFEST", "Registry", "digest_of", "error_codes", "raw_request",
+           "replace_section"]
 
 
 def error_codes(body: Any) -> list[str]:
@@ -79,23 +73,7 @@ def replace_section(settings, section: str, **values):
 
 async def raw_request(client, method: str, path: str, headers: dict[str, str] | None = None,
                       body: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    """Send a request exactly as written (no client-side path normalisation)."""
-    import asyncio
-
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    try:
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {client.server.host}", "Connection: close",
-                 f"Content-Length: {len(body)}"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        await writer.drain()
-        raw = await asyncio.wait_for(reader.read(), 10)
-    finally:
-        writer.close()
-    head, _, payload = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        key, _, value = line.partition(":")
-        parsed[key.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), parsed, payload
+    """Send a request exactly as written (no client-side path normalisation)
+    to the TestClient's server."""
+    return await rawhttp.raw_request((client.server.host, client.server.port), method, path,
+                                     headers, body)

@@ -5,46 +5,28 @@ traceback; at the default level (info) a flood of them leaves no line."""
 from __future__ import annotations
 
 import os
-import socket
-import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import http_request, push_blob  # noqa: E402
+from tests.support.rawhttp import RawRequest, exchange
+from tests.support.registry_http import http_request, push_blob
 
 BIG = 32 << 20
 
 
-def _exchange(host: str, port: int, payload: bytes) -> bytes:
-    """Send payload, read the answer until the server closes."""
-    with socket.create_connection((host, port), timeout=10) as sock:
-        sock.sendall(payload)
-        answer = b""
-        try:
-            while data := sock.recv(65536):
-                answer += data
-        except ConnectionResetError:
-            pass
-        return answer
-
-
 def _hang_up_mid_body(host: str, port: int, path: str, reset: bool) -> None:
     """GET a big blob, read part of its body, then close (FIN) or reset (RST)."""
-    sock = socket.create_connection((host, port), timeout=10)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+    get = RawRequest((host, port), "GET", path, close=False, host_header=host, timeout=10)
     received = 0
     while received < (1 << 20):
-        data = sock.recv(65536)
+        data = get.sock.recv(65536)
         assert data, "the server ended the body early"
         received += len(data)
     if reset:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+        get.reset()
+    else:
+        get.close()
 
 
 def _bad_requests(host: str) -> list[bytes]:
@@ -86,7 +68,7 @@ def test_bad_requests_and_hang_ups_log_one_line_each_without_traceback(start_doc
 
     bad = _bad_requests(host)
     for payload in bad:
-        answer = _exchange(host, port, payload)
+        answer = exchange((host, port), payload)
         assert answer.startswith(b"HTTP/1.") and b" 400 " in answer.split(b"\r\n", 1)[0], answer[:100]
     hang_ups = 4
     for n in range(hang_ups):
@@ -111,7 +93,7 @@ def test_flood_of_bad_requests_leaves_no_line_at_info(start_dockyard):
     mark = len(server.log())
     bad = _bad_requests(host)
     for n in range(200):
-        _exchange(host, int(port), bad[n % len(bad)])
+        exchange((host, port), bad[n % len(bad)])
     assert http_request("GET", f"{server.url}/v2/").status == 200
     text = _settle(server, mark)
     assert text.strip() == "", text[:3000]

@@ -13,15 +13,12 @@ import http.client
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import launch_dockyard  # noqa: E402
+from tests.support.launch import launch_dockyard
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 

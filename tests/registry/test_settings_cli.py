@@ -184,8 +184,7 @@ def test_serve_takes_config_file_then_environment(tmp_path):
     import time
     import urllib.request
 
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from helpers import ServerProcess, free_port
+    from tests.support.launch import ServerProcess, free_port
 
     port = free_port()
     config = tmp_path / "config.yml"

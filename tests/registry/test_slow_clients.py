@@ -13,22 +13,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import select
 import socket
-import struct
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import http_request, push_blob  # noqa: E402
-
-from registry.app import create_app  # noqa: E402
-from registry.settings import HttpSettings, settings_for_tests  # noqa: E402
-from storage.filesystem import FilesystemDriver  # noqa: E402
+from registry.app import create_app
+from registry.settings import HttpSettings, settings_for_tests
+from storage.filesystem import FilesystemDriver
+from tests.support.rawhttp import RawRequest, answer_started, close_with_reset
+from tests.support.registry_http import http_request, push_blob
 
 BIG = 32 << 20
 STALLED = 300
@@ -37,23 +31,12 @@ RCVBUF = 4096
 
 
 def _stalled_get(host: str, port: int, path: str) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-    sock.settimeout(10)
-    sock.connect((host, port))
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-    return sock
+    """A GET whose reader never reads, behind a tiny receive window."""
+    return RawRequest((host, port), "GET", path, close=False, rcvbuf=RCVBUF, timeout=10).sock
 
 
-def _answered(sock: socket.socket) -> bool:
-    """The server began its answer (peeked: nothing is consumed)."""
-    readable, _, _ = select.select([sock], [], [], 0)
-    return bool(readable) and bool(sock.recv(1, socket.MSG_PEEK))
-
-
-def _reset(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+_answered = answer_started      # the server began its answer (peeked: nothing is consumed)
+_reset = close_with_reset
 
 
 def _drain(sock: socket.socket, limit: float) -> tuple[int, float]:
@@ -191,16 +174,14 @@ def test_stalled_upload_body_is_closed_and_keeps_what_came(start_dockyard):
     """Before: a PATCH announcing 10^12 bytes that sent three held its
     connection open for as long as the client liked."""
     server = start_dockyard(env={"DOCKYARD_HTTP_BODY_TIMEOUT": "1"})
-    host, port = server.host.split(":")
     started = http_request("POST", f"{server.url}/v2/slow/body/blobs/uploads/", b"")
     assert started.status == 202
     location = started.headers["Location"]
 
-    sock = socket.create_connection((host, int(port)), timeout=15)
+    sock = RawRequest(server.host, "PATCH", location, {"Content-Type": "application/octet-stream",
+                                                        "Content-Length": str(10 ** 12)},
+                      close=False, body=b"abc").sock
     try:
-        sock.sendall(f"PATCH {location} HTTP/1.1\r\nHost: {server.host}\r\n"
-                     f"Content-Type: application/octet-stream\r\n"
-                     f"Content-Length: {10 ** 12}\r\n\r\nabc".encode())
         t0 = time.monotonic()
         answer = b""
         try:
@@ -229,12 +210,10 @@ def test_stalled_upload_body_is_closed_and_keeps_what_came(start_dockyard):
 @pytest.mark.timeout(60)
 def test_stalled_manifest_body_is_closed(start_dockyard):
     server = start_dockyard(env={"DOCKYARD_HTTP_BODY_TIMEOUT": "1"})
-    host, port = server.host.split(":")
-    sock = socket.create_connection((host, int(port)), timeout=15)
+    sock = RawRequest(server.host, "PUT", "/v2/slow/manifest/manifests/v1",
+                      {"Content-Type": "application/vnd.oci.image.manifest.v1+json", "Content-Length": "4000"},
+                      close=False, body=b'{"schemaVersion"').sock
     try:
-        sock.sendall(f"PUT /v2/slow/manifest/manifests/v1 HTTP/1.1\r\nHost: {server.host}\r\n"
-                     f"Content-Type: application/vnd.oci.image.manifest.v1+json\r\n"
-                     f"Content-Length: 4000\r\n\r\n{{\"schemaVersion\"".encode())
         t0 = time.monotonic()
         answer = b""
         while data := sock.recv(65536):

@@ -13,68 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from helpers import sha256_digest  # noqa: E402
+from tests.support.content import sha256_digest
+from tests.support.rawhttp import RawRequest, request
 
 REPO = "races/app"
-
-
-class RawRequest:
-    """One HTTP/1.1 request on its own connection, sent in as many pieces,
-    with as long pauses between them, as the test wants."""
-
-    def __init__(self, host: str, method: str, path: str, headers: dict[str, str] | None = None,
-                 timeout: float = 15.0):
-        address, port = host.rsplit(":", 1)
-        self.sock = socket.create_connection((address, int(port)), timeout=timeout)
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", "Connection: close"]
-        lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def response(self) -> tuple[int, dict[str, str], bytes]:
-        raw = b""
-        while b"\r\n\r\n" not in raw:
-            piece = self.sock.recv(65536)
-            if not piece:
-                raise ConnectionError(f"connection closed before a response: {raw!r}")
-            raw += piece
-        head, _, body = raw.partition(b"\r\n\r\n")
-        status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = {}
-        for line in header_lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
-        while len(body) < length:
-            piece = self.sock.recv(65536)
-            if not piece:
-                break
-            body += piece
-        self.sock.close()
-        return int(status_line.split()[1]), headers, body
-
-
-def request(host: str, method: str, path: str, body: bytes = b"",
-            headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    headers = {"Content-Length": str(len(body)), **(headers or {})}
-    if body:
-        headers.setdefault("Content-Type", "application/octet-stream")
-    req = RawRequest(host, method, path, headers)
-    if body:
-        req.send(body)
-    return req.response()
 
 
 def start_session(host: str, repo: str = REPO) -> str:

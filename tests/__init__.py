@@ -1,0 +1,6 @@
+"""Dockyard's test suite.
+
+A package so that test modules and the benchmarks import the shared support
+code as `tests.support.<module>`: pytest puts the checkout on `sys.path`
+(`pythonpath` in pyproject.toml), no test edits `sys.path` itself.
+"""
