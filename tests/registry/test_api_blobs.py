@@ -6,7 +6,7 @@ import os
 
 import json
 
-from regapi import digest_of, error_codes, raw_request
+from tests.registry.regapi import digest_of, error_codes, raw_request
 
 API_HEADER = "Docker-Distribution-API-Version"
 
@@ -216,7 +216,7 @@ class _ObjectStoreLikeDriver:
 async def test_streamed_blobs_without_local_path(aiohttp_client, tmp_path):
     from registry.app import create_app
     from registry.settings import settings_for_tests
-    from regapi import Registry
+    from tests.registry.regapi import Registry
 
     settings = settings_for_tests(tmp_path / "s")
     reg = Registry(await aiohttp_client(create_app(settings, driver=_ObjectStoreLikeDriver.make(tmp_path / "s"))))

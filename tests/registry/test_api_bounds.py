@@ -8,9 +8,7 @@ import json
 import time
 from urllib.parse import parse_qs, urlsplit
 
-from storage.filesystem import FilesystemDriver
-from storage.store import ContentStore
-from regapi import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, digest_of, error_codes, replace_section
+from tests.registry.regapi import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, digest_of, error_codes, replace_section
 
 
 # ---- manifests (OCI image spec, descriptor.md: size is an int64) -------------------
@@ -123,7 +121,7 @@ async def test_large_referrers_list_does_not_stall_the_loop(make_registry, setti
     so the loop never stops for long while it is built (before: the whole
     list decoded and encoded on the loop, 0.1-0.5 s of standstill)."""
     registry = await make_registry()
-    store = ContentStore(FilesystemDriver(str(settings.storage.root)))
+    store = await make_registry.store(settings.storage.root)
     subject, subject_body = await registry.push_image("bounds/many", "v1")
     await registry.push_blob("bounds/many", b"{}")
     for i in range(2000):

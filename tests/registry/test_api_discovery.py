@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from regapi import OCI_INDEX, OCI_MANIFEST, digest_of, error_codes
+from tests.registry.regapi import OCI_INDEX, OCI_MANIFEST, digest_of, error_codes
 
 LINK_RE = re.compile(r'^<([^>]+)>; rel="next"$')
 

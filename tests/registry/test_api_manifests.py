@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from regapi import (DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST,
+from tests.registry.regapi import (DOCKER_LIST, DOCKER_MANIFEST, OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST,
                     digest_of, error_codes)
 
 

@@ -6,7 +6,9 @@ import hashlib
 import json
 import os
 
-from regapi import digest_of, error_codes, raw_request
+import pytest
+
+from tests.registry.regapi import digest_of, error_codes, raw_request
 
 OCTET = {"Content-Type": "application/octet-stream"}
 
@@ -338,6 +340,7 @@ async def test_abandoned_uploads_are_purged(make_registry, tmp_path):
     assert (await reg2.get(location)).status == 204
 
 
+@pytest.mark.filesystem_only("plants a crashed write's hidden files under the root")
 async def test_purge_pass_removes_leftovers_of_interrupted_writes(make_registry, tmp_path):
     """A crash mid-write leaves a hidden file or staging tree in storage; the
     purge pass reclaims it once it is an hour old."""

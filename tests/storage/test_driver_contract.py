@@ -1,7 +1,10 @@
 """The one suite every storage driver passes.
 
-A new driver (S3, ...) adds a param to DRIVER_KINDS and a branch to
-`make_driver`; nothing else here names a driver.
+It runs over every driver registered in tests/support/drivers.py and names
+none of them: a new driver registers a factory and a cleanup there. Each
+test gets a driver on storage of its own under a random prefix (so the
+suite may share a bucket with other runs); afterwards the prefix is cleaned
+up and must then be empty (the `driver_space` fixture checks it).
 """
 
 from __future__ import annotations
@@ -11,41 +14,20 @@ import os
 
 import pytest
 
-from storage.driver import FileWriter, InvalidOffset, InvalidPath, PathNotFound, StorageDriver
+from storage.driver import (HIDDEN_PREFIX, MAX_PATH, FileWriter, InvalidOffset, InvalidPath, PathNotFound,
+                            StorageDriver, check_path)
 from storage.filesystem import FilesystemDriver
-
-# The fsync policy must not change what a driver does, only what survives a power loss.
-DRIVER_KINDS = ["filesystem", "filesystem-fsync-full", "filesystem-fsync-off"]
+from tests.support.drivers import walk
 
 
-async def make_driver(kind: str, tmp_path) -> StorageDriver:
-    if kind == "filesystem":
-        return FilesystemDriver(str(tmp_path / "root"))
-    if kind.startswith("filesystem-fsync-"):
-        return FilesystemDriver(str(tmp_path / "root"), fsync=kind.rsplit("-", 1)[1])
-    raise AssertionError(f"no fixture for driver {kind}")
-
-
-@pytest.fixture(params=DRIVER_KINDS)
-async def driver(request, tmp_path):
-    d = await make_driver(request.param, tmp_path)
-    yield d
-    await d.close()
+@pytest.fixture
+async def driver(driver_space) -> StorageDriver:
+    """A driver of each registered kind, on a prefix of its own."""
+    return await driver_space.open()
 
 
 async def read_all(driver: StorageDriver, path: str, **kw) -> bytes:
     return b"".join([chunk async for chunk in driver.reader(path, **kw)])
-
-
-async def walk(driver: StorageDriver, path: str = "/") -> list[str]:
-    """Every file below path, as the driver lists them."""
-    files = []
-    for child in await driver.list(path):
-        if (await driver.stat(child)).is_dir:
-            files += await walk(driver, child)
-        else:
-            files.append(child)
-    return files
 
 
 # ---- whole content ----------------------------------------------------------
@@ -226,6 +208,36 @@ async def test_invalid_paths_rejected(driver, bad):
         await driver.move("/ok", bad)
 
 
+@pytest.mark.parametrize("bad", BAD_PATHS + ["/" + "a" * MAX_PATH, f"/x/{HIDDEN_PREFIX}"])
+def test_check_path_is_the_contracts_rule(bad):
+    """The rule itself, as every driver applies it (StorageDriver.check_path)."""
+    with pytest.raises(InvalidPath):
+        check_path(bad)
+    with pytest.raises(InvalidPath):
+        StorageDriver.check_path(bad)
+
+
+@pytest.mark.parametrize("good", ["/", "/a", "/a/b.c/d-e_f", "/.hidden-but-ordinary", "/a/..b", "/a/b.",
+                                  "/" + "a" * (MAX_PATH - 1), "/docker/registry/v2/blobs/sha256/ab/" + "ab" * 32])
+def test_check_path_accepts_ordinary_paths(good):
+    check_path(good)
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS)
+async def test_invalid_paths_rejected_by_every_operation(driver, bad):
+    """The operations test_invalid_paths_rejected does not cover apply the same rule."""
+    with pytest.raises(InvalidPath):
+        await driver.stat_many(["/ok", bad])
+    with pytest.raises(InvalidPath):
+        await driver.get_many([bad])
+    with pytest.raises(InvalidPath):
+        await driver.try_lock(bad)
+    with pytest.raises(InvalidPath):
+        await driver.open_local(bad)
+    with pytest.raises(InvalidPath):
+        await driver.writer(bad, append=True)
+
+
 async def test_root_cannot_be_deleted_or_written(driver):
     await driver.put_content("/x", b"1")
     with pytest.raises(InvalidPath):
@@ -350,3 +362,19 @@ async def test_lock_waiters_take_turns(driver):
 
     await asyncio.wait_for(asyncio.gather(*(contender() for _ in range(5))), 30)
     assert most == 1 and taken >= 20
+
+
+# ---- the suite's own check: nothing left behind --------------------------------
+
+async def test_a_cleanup_that_leaves_something_is_caught(tmp_path):
+    """The check every test above ends with fails when the cleanup misses objects."""
+    from tests.support.drivers import DriverKind, DriverSpace, LeftBehind, driver_kind
+
+    real = driver_kind("filesystem")
+    careless = DriverKind("careless", real.factory, cleanup=lambda prefix, scratch: None, stored=real.stored)
+    space = DriverSpace(careless, tmp_path)
+    await (await space.open()).put_content("/kept/forever", b"x")
+    with pytest.raises(LeftBehind, match="/kept/forever"):
+        await space.destroy()
+    real.cleanup(space.prefix, tmp_path)
+    assert real.stored(space.prefix, tmp_path) == []

@@ -1,6 +1,8 @@
-"""ContentStore on a real filesystem root: uploads, dedupe, manifests, tags,
-referrers, catalog, deletes, name escapes, several "workers" (ContentStore
-instances or processes) on one root, and a worker SIGKILLed mid-upload."""
+"""ContentStore over every registered storage driver: uploads, dedupe,
+manifests, tags, referrers, catalog, deletes, name escapes, several
+"workers" (ContentStore instances or processes) on one storage, and a worker
+SIGKILLed mid-upload. Tests that look at the files themselves are
+filesystem_only, on a real root."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from storage.oci.errors import (BlobUnknown, BlobUploadUnknown, DigestInvalid, M
                             ManifestInvalid, ManifestTooLarge, ManifestUnknown, NameInvalid,
                             NameUnknown, RangeInvalid, SizeInvalid, TagInvalid)
 from storage.driver import StorageError
-from storage.filesystem import TEMP_PREFIX, FilesystemDriver
+from storage.filesystem import TEMP_PREFIX
 from storage.oci.digests import EMPTY_DIGEST
 from storage.oci.media import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.store import ContentStore, StoreLimits
@@ -42,20 +44,7 @@ async def body(*parts: bytes):
         yield part
 
 
-@pytest.fixture
-def root(tmp_path) -> Path:
-    return tmp_path / "root"
-
-
-@pytest.fixture
-def store(root) -> ContentStore:
-    return ContentStore(FilesystemDriver(str(root)))
-
-
-@pytest.fixture
-def other_worker(root) -> ContentStore:
-    """A second ContentStore on the same root: what another process sees."""
-    return ContentStore(FilesystemDriver(str(root)))
+# `store`, `other_worker`, `open_store` and `root`: tests/storage/conftest.py.
 
 
 def files_under(root: Path, sub: str = "") -> list[str]:
@@ -100,6 +89,7 @@ async def push_image(store: ContentStore, repo: str, tag: str, seed: bytes = b""
 
 # ---- blobs and uploads ---------------------------------------------------------
 
+@pytest.mark.filesystem_only("counts the blob files under the root")
 async def test_blob_pushed_to_many_repos_is_stored_once(store, root):
     data = os.urandom(200_000)
     for repo in ("one", "two/sub", "three"):
@@ -131,6 +121,7 @@ async def test_chunked_upload_continued_by_another_worker(store, other_worker):
         await other_worker.uploads.status("lib/app", up.upload_id)
 
 
+@pytest.mark.filesystem_only("looks for blob files under the root")
 async def test_digest_mismatch_commits_nothing_and_session_stays(store, root):
     data = b"the real content" * 1000
     up = await store.uploads.start("repo")
@@ -148,6 +139,7 @@ async def test_digest_mismatch_commits_nothing_and_session_stays(store, root):
     assert (await store.blobs.stat("repo", info.digest)).size == len(data)
 
 
+@pytest.mark.filesystem_only("looks for blob and session files under the root")
 async def test_size_mismatch_commits_nothing(store, root):
     data = b"abc" * 100
     with pytest.raises(SizeInvalid):
@@ -156,12 +148,14 @@ async def test_size_mismatch_commits_nothing(store, root):
     assert files_under(root, layout.uploads_dir("repo")) == []  # monolithic session cleaned
 
 
+@pytest.mark.filesystem_only("looks for blob and session files under the root")
 async def test_monolithic_digest_mismatch_leaves_no_session(store, root):
     with pytest.raises(DigestInvalid):
         await store.uploads.put("repo", sha256(b"x"), body(b"y"))
     assert blob_files(root) == [] and files_under(root, layout.uploads_dir("repo")) == []
 
 
+@pytest.mark.filesystem_only("reads the blob's file name under the root")
 async def test_sha512_upload(store, root):
     data = os.urandom(70_000)
     digest = "sha512:" + hashlib.sha512(data).hexdigest()
@@ -219,6 +213,7 @@ async def test_unknown_cancelled_and_finished_uploads(store):
         await store.uploads.status("other", (await store.uploads.start("repo")).upload_id)
 
 
+@pytest.mark.filesystem_only("counts the blob files under the root")
 async def test_mount_and_delete_blob(store, root):
     digest = await push_blob(store, "src", b"shared layer")
     assert await store.blobs.mount("dst", digest, from_repo="nowhere") is None
@@ -263,6 +258,7 @@ async def test_manifest_pushed_with_extra_tags(store):
     assert (await store.manifests.tags("app")).items == ["a", "b", "v1"]
 
 
+@pytest.mark.filesystem_only("plants a crashed write's hidden directory under the root")
 async def test_interrupted_new_tag_is_never_listed(store, root, monkeypatch):
     """A new tag's directory appears only together with its link: a put cut
     short before the final rename (or a crash that leaves the hidden staging
@@ -306,6 +302,7 @@ async def test_index_requires_children_in_repo(store):
     assert result.digest == sha256(raw)
 
 
+@pytest.mark.filesystem_only("looks for blob files under the root")
 @pytest.mark.parametrize("raw, media_type, error", [
     (b"{not json", OCI_MANIFEST, ManifestInvalid),
     (b"[1, 2]", OCI_MANIFEST, ManifestInvalid),
@@ -345,8 +342,8 @@ async def test_unknown_layer_rejected(store):
         await store.manifests.get("repo", "t")
 
 
-async def test_manifest_size_limit_and_digest_reference(root):
-    small = ContentStore(FilesystemDriver(str(root)), StoreLimits(max_manifest_bytes=100))
+async def test_manifest_size_limit_and_digest_reference(open_store):
+    small = await open_store(StoreLimits(max_manifest_bytes=100))
     config = b"c"
     await push_blob(small, "repo", config)
     raw = image_manifest(config, [])
@@ -354,7 +351,7 @@ async def test_manifest_size_limit_and_digest_reference(root):
     with pytest.raises(ManifestTooLarge) as err:
         await small.manifests.put("repo", "t", raw, OCI_MANIFEST)
     assert isinstance(err.value, SizeInvalid)
-    big = ContentStore(FilesystemDriver(str(root)))
+    big = await open_store()
     with pytest.raises(DigestInvalid):
         await big.manifests.put("repo", sha256(b"other"), raw, OCI_MANIFEST)
     with pytest.raises(TagInvalid):
@@ -457,6 +454,7 @@ async def test_tag_pagination_in_lexical_order(store):
         await store.manifests.tags("never/pushed")
 
 
+@pytest.mark.filesystem_only("lists the catalog directory under the root")
 async def test_catalog_is_an_index_with_pagination(store, root):
     for repo in ["zeta", "alpha/one", "alpha", "alpha/two", "mid-dle"]:
         await push_blob(store, repo, b"content")
@@ -496,6 +494,7 @@ async def test_delete_by_tag_and_by_digest(store, other_worker):
         await store.manifests.get("never-pushed", "latest")
 
 
+@pytest.mark.filesystem_only("checks that nothing is written under or beside the root")
 @pytest.mark.parametrize("bad", ["a/../../etc", "../x", "/abs", "a//b", "A", "a/", "",
                                  "a\x00b", ".", "a/./b", "x" * 256, "a/_layers"])
 async def test_repository_names_cannot_escape(store, root, tmp_path, bad):
@@ -519,6 +518,7 @@ async def test_repository_names_cannot_escape(store, root, tmp_path, bad):
     assert sorted(os.listdir(tmp_path)) == before
 
 
+@pytest.mark.filesystem_only("checks that nothing is written under the root")
 @pytest.mark.parametrize("bad_ref", ["../../x", "sha256:../../etc", "sha256:" + "A" * 64,
                                      "md5:" + "0" * 32, "sha256:" + "0" * 63, ".tag", "a" * 129])
 async def test_references_cannot_escape(store, root, bad_ref):
@@ -536,6 +536,7 @@ async def test_references_cannot_escape(store, root, bad_ref):
 
 # ---- concurrency and crashes -----------------------------------------------------
 
+@pytest.mark.filesystem_only("reads the blob file and looks for temp files under the root")
 async def test_concurrent_pushes_of_same_blob_and_tag(store, other_worker, root):
     data = os.urandom(2 * 1024 * 1024)
     workers = [store, other_worker] * 4
@@ -592,6 +593,7 @@ def _spawn_pusher(root: Path, repo: str, size: int, mode: str) -> subprocess.Pop
                             cwd=str(PROJECT_ROOT))
 
 
+@pytest.mark.filesystem_only("runs worker processes on the root and reads its files")
 async def test_worker_processes_push_same_blob_concurrently(store, root):
     size = 4 * 1024 * 1024
     procs = [_spawn_pusher(root, "multi/proc", size, "push") for _ in range(3)]
@@ -610,6 +612,7 @@ async def test_worker_processes_push_same_blob_concurrently(store, root):
     assert not [p for p in files_under(root) if TEMP_PREFIX in p]
 
 
+@pytest.mark.filesystem_only("SIGKILLs a process writing under the root")
 async def test_sigkill_mid_upload_leaves_nothing_visible_and_retry_works(store, root):
     size = 8 * 1024 * 1024  # ~1.3 s of slow appends: plenty of time to kill it
     data = bytes(range(256)) * (size // 256)
@@ -657,6 +660,7 @@ async def test_purge_stale_uploads(store):
     assert (await store.uploads.status("stale", fresh.upload_id)).offset == 0
 
 
+@pytest.mark.filesystem_only("looks for blob and session files under the root")
 async def test_same_session_finished_twice_concurrently(store, other_worker, root):
     data = os.urandom(3 * 1024 * 1024)
     up = await store.uploads.start("twice")

@@ -10,6 +10,8 @@ import hashlib
 import json
 import random
 
+import pytest
+
 from storage import layout
 from storage.filesystem import FilesystemDriver
 from storage.oci.media import OCI_MANIFEST
@@ -48,6 +50,7 @@ class JitteryDriver:
         return delayed
 
 
+@pytest.mark.filesystem_only("alters a blob's file under the root behind the store's back")
 async def test_a_tampered_copy_in_place_is_replaced_by_the_next_verified_push(tmp_path):
     """A blob file altered in place (as the open-PATCH attack did before
     the session lock) must not be what the next push of its digest links."""
@@ -63,6 +66,8 @@ async def test_a_tampered_copy_in_place_is_replaced_by_the_next_verified_push(tm
     assert b"".join([c async for c in store.blobs.read(digest)]) == good
 
 
+@pytest.mark.filesystem_only("its check that both orders happened is tuned to the default "
+                              "filesystem driver's timing (with fsync off the delete nearly always wins)")
 async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_path):
     """Re-tagging a manifest while it is deleted by digest, from two
     "workers": afterwards every listed tag resolves. (Distribution 2.8 left

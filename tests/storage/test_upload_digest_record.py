@@ -12,8 +12,6 @@ import pytest
 import storage.uploads as uploads_module
 from storage import layout
 from storage.oci.errors import DigestInvalid
-from storage.filesystem import FilesystemDriver
-from storage.store import ContentStore
 
 
 def sha256(data: bytes) -> str:
@@ -26,12 +24,14 @@ async def body(*parts: bytes):
 
 
 @pytest.fixture
-def workers(tmp_path):
-    """Two ContentStores on one root: what two worker processes see."""
-    root = str(tmp_path / "root")
-    return ContentStore(FilesystemDriver(root)), ContentStore(FilesystemDriver(root))
+async def workers(open_store):
+    """Two ContentStores on one storage (every registered driver; for a
+    filesystem_only test, the root tmp_path / "root"): what two worker
+    processes see."""
+    return await open_store(), await open_store()
 
 
+@pytest.mark.filesystem_only("reads the digest record's file under the root")
 async def test_finish_on_another_worker_uses_the_record(workers, monkeypatch, tmp_path):
     receiver, finisher = workers
     data = os.urandom(3 * 1024 * 1024 + 5)
@@ -64,6 +64,7 @@ async def test_a_stale_record_is_ignored(workers):
     assert info.size == len(full)
 
 
+@pytest.mark.filesystem_only("looks for the digest record's file under the root")
 async def test_small_uploads_leave_no_record(workers, tmp_path):
     receiver, finisher = workers
     data = b"small" * 100
