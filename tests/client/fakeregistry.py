@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import json
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
-OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+from tests.support.content import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST
+from tests.support.content import sha256_digest as digest
 
-
-def digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+__all__ = ["OCI_CONFIG", "OCI_INDEX", "OCI_LAYER", "OCI_MANIFEST", "FakeRegistry", "Recorded", "cdn_app",
+           "digest", "serve_blob", "start_app"]
 
 
 @dataclass

@@ -1,22 +1,19 @@
 """Authentication: parsing, Docker's config, and the real thing against CNCF
-Distribution with token auth (a test token server signing JWTs with a test
-RSA key) and with htpasswd Basic auth."""
+Distribution with token auth (the test token server of tests.support.tokens,
+signing JWTs with a test RSA key) and with htpasswd Basic auth."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import json
 import os
 import stat
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from puller.client.auth import (AuthError, Credentials, DockerConfig, Scope, merge_scopes, parse_challenges)
 from puller.client.http import ClientOptions, RegistryClient
@@ -26,11 +23,10 @@ from puller.transfer.sources import LayoutSource
 from puller.client.reference import parse_reference
 from puller.store import LocalStore
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from helpers import launch_distribution, write_oci_layout  # noqa: E402
-
-REPO_ROOT = TESTS.parent
+from tests.support import REPO_ROOT
+from tests.support.content import write_oci_layout
+from tests.support.launch import launch_distribution
+from tests.support.tokens import serve_token_server
 
 
 # -- parsing ------------------------------------------------------------------------
@@ -116,101 +112,16 @@ elif action == "erase":
 
 # -- a token server and Distribution with token auth ----------------------------------
 
-def _make_key_and_cert(directory: Path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dockyard test token signer")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (directory / "signer.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    der = cert.public_bytes(serialization.Encoding.DER)
-    return key_pem, base64.b64encode(der).decode()
-
-
-class TokenServer:
-    """Docker token auth + OAuth2 POST. alice/wonderland gets what she asks for;
-    anonymous callers get pull on public/*; wrong credentials get 401."""
-
-    SERVICE = "dockyard-test-registry"
-    ISSUER = "dockyard-test-issuer"
-    USERS = {"alice": "wonderland"}
-
-    def __init__(self, key_pem: bytes, x5c: str):
-        self.key_pem, self.x5c = key_pem, x5c
-        self.post_status: int | None = None      # e.g. 404: "no OAuth2 here"
-        self.calls: list[dict] = []
-
-    def _grant(self, user: str | None, scopes: list[str]) -> list[dict]:
-        access = []
-        for text in scopes:
-            scope = Scope.parse(text)
-            if user:
-                actions = list(scope.actions)
-            else:
-                actions = [a for a in scope.actions if a == "pull" and scope.name.startswith("public/")]
-            access.append({"type": scope.type, "name": scope.name, "actions": actions})
-        return access
-
-    def _token(self, user: str | None, scopes: list[str]) -> web.Response:
-        import jwt
-        now = int(time.time())
-        claims = {"iss": self.ISSUER, "sub": user or "", "aud": self.SERVICE, "exp": now + 300,
-                  "nbf": now - 30, "iat": now, "jti": uuid.uuid4().hex, "access": self._grant(user, scopes)}
-        token = jwt.encode(claims, self.key_pem, algorithm="RS256", headers={"x5c": [self.x5c]})
-        return web.json_response({"token": token, "access_token": token, "expires_in": 300,
-                                  "issued_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
-
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.method == "POST":
-            form = await request.post()
-            self.calls.append({"method": "POST", "grant_type": form.get("grant_type"),
-                               "scopes": (form.get("scope") or "").split(), "user": form.get("username")})
-            if self.post_status:
-                return web.Response(status=self.post_status)
-            user, password = form.get("username"), form.get("password")
-            if self.USERS.get(user) != password:
-                return web.json_response({"error": "invalid_grant"}, status=401)
-            return self._token(user, (form.get("scope") or "").split())
-        scopes = request.query.getall("scope", [])
-        user = None
-        header = request.headers.get("Authorization", "")
-        if header.startswith("Basic "):
-            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
-            if self.USERS.get(user) != password:
-                self.calls.append({"method": "GET", "scopes": scopes, "user": user, "denied": True})
-                return web.json_response({"details": "bad credentials"}, status=401)
-        self.calls.append({"method": "GET", "scopes": scopes, "user": user,
-                           "account": request.query.get("account")})
-        return self._token(user, scopes)
-
-
 @pytest.fixture
 async def token_registry(tmp_path):
-    key_pem, x5c = _make_key_and_cert(tmp_path)
-    tokens = TokenServer(key_pem, x5c)
-    app = web.Application()
-    app.router.add_route("*", "/token", tokens.handle)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    token_port = site._server.sockets[0].getsockname()[1]
-    auth = (f"  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: {TokenServer.SERVICE}\n"
-            f"    issuer: {TokenServer.ISSUER}\n    rootcertbundle: {tmp_path / 'signer.pem'}\n")
-    registry = await asyncio.to_thread(launch_distribution, tmp_path / "registry", auth=auth)
-    tokens.host = registry.host
-    yield tokens
-    await asyncio.to_thread(registry.stop)
-    await runner.cleanup()
+    """CNCF Distribution with token auth, its token server (tests.support.tokens)
+    yielded: `.calls`, `.post_status`, `.host` (the registry's)."""
+    async with serve_token_server(tmp_path) as tokens:
+        registry = await asyncio.to_thread(launch_distribution, tmp_path / "registry",
+                                           auth=tokens.distribution_auth())
+        tokens.host = registry.host
+        yield tokens
+        await asyncio.to_thread(registry.stop)
 
 
 ALICE = Credentials("alice", "wonderland")

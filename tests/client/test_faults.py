@@ -15,8 +15,7 @@ from puller.client.http import ClientOptions, DigestMismatchError, ManifestError
 from puller.transfer.pull import pull
 from puller.store import LocalStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakeregistry import FakeRegistry, cdn_app, digest, start_app  # noqa: E402
+from tests.client.fakeregistry import FakeRegistry, cdn_app, digest, start_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = ClientOptions(retries=3)

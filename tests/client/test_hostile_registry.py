@@ -27,8 +27,8 @@ from puller.oci import MAX_DOCUMENT_SIZE, ContentError
 from puller.transfer.pull import pull
 from puller.store import LocalStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fakeregistry import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, FakeRegistry, digest, start_app  # noqa: E402
+from tests.client.fakeregistry import (OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, FakeRegistry, digest,
+                                       start_app)
 
 # the checkout the imported `puller` comes from (the CLI runs the same code)
 PULLER_ROOT = Path(puller.__file__).resolve().parents[1]

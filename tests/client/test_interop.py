@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(TESTS))
-from helpers import (OCI_INDEX, OCI_MANIFEST, OciLayoutWriter, build_busybox_image, dockyard_command,  # noqa: E402
-                     http_request, put_manifest, random_tar_layer, require_tool, run,
-                     sha256_digest, tar_layer, write_oci_layout)
+from tests.support import REPO_ROOT
+from tests.support.content import (OCI_INDEX, OCI_MANIFEST, OciLayoutWriter, random_tar_layer, sha256_digest,
+                                   tar_layer, write_oci_layout)
+from tests.support.launch import dockyard_command
+from tests.support.peers import build_busybox_image, require_tool, run
+from tests.support.registry_http import http_request, put_manifest
 
 pytestmark = pytest.mark.interop
 
@@ -24,7 +24,7 @@ REGISTRIES = ["distribution_registry", "dockyard_registry"]
 
 def dockyard(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
     return run([*dockyard_command(), *args], timeout=timeout, check=check,
-               env={"PYTHONPATH": str(TESTS.parent), "DOCKER_CONFIG": "/nonexistent-dockyard-config"})
+               env={"PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": "/nonexistent-dockyard-config"})
 
 
 def unique(prefix: str) -> str:
@@ -138,7 +138,7 @@ def test_multi_arch_push_copy_pull_preserve_digests(registry, distribution_regis
 
 def _attach_artifact(base: str, repo: str, subject: dict, fallback_tag: bool) -> str:
     """A signature-like artifact whose subject is `subject`; returns its digest."""
-    from helpers import push_blob
+    from tests.support.registry_http import push_blob
     empty = b"{}"
     push_blob(base, repo, empty)
     payload = b"signature bytes " + uuid.uuid4().hex.encode()

@@ -170,10 +170,7 @@ def test_docker_image_recorded_through_oci_view(tmp_path):
 
 
 async def test_copy_between_oci_layouts(tmp_path):
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from helpers import write_oci_layout
+    from tests.support.content import write_oci_layout
     from puller.transfer.copy import copy
     image = write_oci_layout(tmp_path / "a", layer_sizes=[5000, 70_000], tag="v1")
     result = await copy(f"oci:{tmp_path / 'a'}:v1", f"oci:{tmp_path / 'b'}:copied")

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
-import ssl
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,42 +14,17 @@ from puller.transfer.sources import LayoutSource
 from puller.client.reference import parse_reference
 from puller.store import LocalStore
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fakeregistry import FakeRegistry, digest, start_app  # noqa: E402
-from helpers import write_oci_layout  # noqa: E402
-
-
-def _self_signed(directory: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+from tests.client.fakeregistry import FakeRegistry, digest, start_app
+from tests.support.content import write_oci_layout
+from tests.support.tls import server_files
 
 
 @pytest.fixture
 async def tls_fake(tmp_path):
-    cert, key = _self_signed(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
+    tls = server_files(tmp_path / "tls")          # a throwaway CA and a certificate for 127.0.0.1
     registry = FakeRegistry()
-    runner, host = await start_app(registry.app(), ssl_context=context)
-    registry.host, registry.cert = host, str(cert)
+    runner, host = await start_app(registry.app(), ssl_context=tls.server_context())
+    registry.host, registry.cert = host, str(tls.ca_cert)
     yield registry
     await runner.cleanup()
 
