@@ -1,7 +1,8 @@
 """Shared benchmark helpers: timing, wrk and curl drivers, the comparison table.
 
 Benchmarks are scripts (`python tests/benchmarks/bench_*.py`), not pytest
-tests; they reuse `tests/helpers.py` for servers and images.
+tests; they reuse `tests.support` for servers and images (re-exported here
+as `content`, `launch`, `peers` and `REPO_ROOT`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-TESTS_DIR = Path(__file__).resolve().parent.parent
-if str(TESTS_DIR) not in sys.path:
-    sys.path.insert(0, str(TESTS_DIR))
+# The one bootstrap of the test tree: a script run as
+# `python tests/benchmarks/bench_X.py` has its own directory on sys.path (so
+# `import _common` works) but not the checkout, which `tests.support` needs.
+_CHECKOUT = str(Path(__file__).resolve().parents[2])
+if _CHECKOUT not in sys.path:
+    sys.path.insert(0, _CHECKOUT)
 
-import helpers  # noqa: E402  (re-exported for the bench scripts)
+from tests.support import REPO_ROOT, content, launch, peers  # noqa: E402  (re-exported for the bench scripts)
 
 MiB = 1024 * 1024
 
@@ -36,7 +40,7 @@ def compile_dockyard() -> None:
     compile its modules anew every time."""
     import compileall
     for package in ("puller", "registry", "storage"):
-        compileall.compile_dir(str(helpers.REPO_ROOT / package), quiet=1)
+        compileall.compile_dir(str(REPO_ROOT / package), quiet=1)
 
 
 def need_tool(name: str) -> str:

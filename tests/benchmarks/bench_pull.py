@@ -32,10 +32,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (MiB, BenchError, Row, compile_dockyard, format_table, helpers, need_tool,  # noqa: E402
-                     rows_as_json, sh, timed)
+from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, content, format_table, launch,
+                     need_tool, peers, rows_as_json, sh, timed)
 
 BASELINE = "skopeo"
 # "dockyard transfer": the same dockyard runs, timed inside the process (the pull
@@ -93,8 +91,8 @@ def big_layout(cache: Path, layers: int, size: int) -> Path:
     directory = cache / f"big-{layers}x{size // MiB}MiB"
     if not (directory / "index.json").is_file():
         tmp = Path(tempfile.mkdtemp(prefix="big-", dir=cache))
-        blobs = [helpers.gzip_bytes(helpers.random_tar_layer(size, name=f"layer{i}.bin")) for i in range(layers)]
-        helpers.write_oci_layout(tmp, blobs, tag="big", layer_media_type=helpers.OCI_LAYER_GZIP)
+        blobs = [content.gzip_bytes(content.random_tar_layer(size, name=f"layer{i}.bin")) for i in range(layers)]
+        content.write_oci_layout(tmp, blobs, tag="big", layer_media_type=content.OCI_LAYER_GZIP)
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     return directory
@@ -104,11 +102,11 @@ def debian_layout(cache: Path) -> Path:
     directory = cache / "debian-slim-layout"
     if not (directory / "index.json").is_file():
         layer = debian_layer(cache).read_bytes()
-        diff_id = helpers.sha256_digest(gzip.decompress(layer))
-        config = helpers.image_config([diff_id], cmd=["/bin/bash"])
+        diff_id = content.sha256_digest(gzip.decompress(layer))
+        config = content.image_config([diff_id], cmd=["/bin/bash"])
         config["config"]["Env"] = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
         tmp = Path(tempfile.mkdtemp(prefix="debian-", dir=cache))
-        helpers.write_oci_layout(tmp, [layer], config, tag="debian", layer_media_type=helpers.OCI_LAYER_GZIP)
+        content.write_oci_layout(tmp, [layer], config, tag="debian", layer_media_type=content.OCI_LAYER_GZIP)
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     return directory
@@ -116,8 +114,8 @@ def debian_layout(cache: Path) -> Path:
 
 def start_registry(kind: str, workdir: Path):
     if kind == "distribution":
-        return helpers.launch_distribution(workdir / "distribution")
-    return helpers.launch_dockyard(workdir / "dockyard-storage", log_path=workdir / "dockyard.log")
+        return launch.launch_distribution(workdir / "distribution")
+    return launch.launch_dockyard(workdir / "dockyard-storage", log_path=workdir / "dockyard.log")
 
 
 def start_dockerd(workdir: Path):
@@ -131,7 +129,7 @@ def start_dockerd(workdir: Path):
     argv = [daemon, "--data-root", str(data_root), "--exec-root", str(exec_root), "-H", f"unix://{sock}",
             "--pidfile", str(workdir / "docker.pid"), "--bridge=none", "--iptables=false", "--ip-masq=false",
             "--ip-forward=false", "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false"]
-    server = helpers.ServerProcess(argv, ready_check=lambda: helpers.docker_ping(sock),
+    server = launch.ServerProcess(argv, ready_check=lambda: peers.docker_ping(sock),
                                    log_path=workdir / "dockerd.log", name="dockerd", grace=20)
     server.start(60)
     env = {**os.environ, "DOCKER_HOST": f"unix://{sock}", "DOCKER_CONFIG": str(workdir / "docker-client")}
@@ -162,8 +160,8 @@ def main() -> int:
     skopeo = need_tool("skopeo")
     compile_dockyard()
     workdir = Path(tempfile.mkdtemp(prefix="bench-pull-"))
-    dockyard = [*helpers.dockyard_command()]
-    env = {**os.environ, "PYTHONPATH": str(helpers.REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
+    dockyard = [*launch.dockyard_command()]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
     policy = workdir / "policy.json"
     policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     registry = start_registry(args.registry, workdir)

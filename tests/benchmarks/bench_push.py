@@ -25,11 +25,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (MiB, BenchError, Row, compile_dockyard, format_table, helpers, need_tool,  # noqa: E402
+from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, format_table, launch, need_tool,
                      rows_as_json, timed)
-from bench_pull import big_layout, debian_layout, start_registry  # noqa: E402
+from bench_pull import big_layout, debian_layout, start_registry
 
 BASELINE = "skopeo"
 TARGETS = ["dockyard", "skopeo"]
@@ -61,8 +59,8 @@ def main() -> int:
     skopeo = need_tool("skopeo")
     compile_dockyard()
     workdir = Path(tempfile.mkdtemp(prefix="bench-push-"))
-    dockyard = helpers.dockyard_command()
-    env = {**os.environ, "PYTHONPATH": str(helpers.REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
+    dockyard = launch.dockyard_command()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
     policy = workdir / "policy.json"
     policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
     try:

@@ -28,15 +28,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _common import (  # noqa: E402
-    MiB,
+from _common import (
     BenchError,
+    MiB,
     Row,
+    content,
     curl_download,
     format_table,
-    helpers,
+    launch,
     need_tool,
     parallel,
     rows_as_json,
@@ -76,21 +75,21 @@ class Images:
     """`repeats` distinct copies of each image: skopeo remembers where it saw a
     blob and mounts it instead of uploading, so a timed push needs blobs the
     registry has never seen."""
-    big: tuple[helpers.LayoutImage, ...]
-    small: tuple[helpers.LayoutImage, ...]
+    big: tuple[content.LayoutImage, ...]
+    small: tuple[content.LayoutImage, ...]
     big_bytes: int
     small_bytes: int
 
 
 def make_images(work: Path, plan: Plan) -> Images:
-    big = tuple(helpers.write_oci_layout(work / f"big{i}", tag="big",
+    big = tuple(content.write_oci_layout(work / f"big{i}", tag="big",
                                          layer_sizes=[plan.big_layer_size] * plan.big_layers)
                 for i in range(plan.repeats))
-    small = tuple(helpers.write_oci_layout(work / f"small{i}", tag="small",
+    small = tuple(content.write_oci_layout(work / f"small{i}", tag="small",
                                            layer_sizes=[plan.small_layer_size] * plan.small_layers)
                   for i in range(plan.repeats))
 
-    def size(image: helpers.LayoutImage) -> int:
+    def size(image: content.LayoutImage) -> int:
         blobs = image.path / "blobs" / "sha256"
         return sum((blobs / d.split(":")[1]).stat().st_size for d in image.layers)
 
@@ -107,7 +106,7 @@ class Skopeo:
             "--dest-tls-verify=false", *extra, src, dest], timeout=300)
 
 
-def push_fresh(skopeo: Skopeo, image: helpers.LayoutImage, host: str, repo: str) -> str:
+def push_fresh(skopeo: Skopeo, image: content.LayoutImage, host: str, repo: str) -> str:
     """Push to a repository name never used before: every blob is really uploaded."""
     dest = f"docker://{host}/{repo}:{image.tag}"
     skopeo.copy(image.ref, dest, "--preserve-digests")
@@ -128,7 +127,7 @@ class Bench:
     STEPS = ("push_big", "push_small", "pull_big", "pull_small", "pull_four",
              "manifest_get", "tags_list", "blob_get_one", "blob_get_four")   # the table's row order
 
-    def __init__(self, servers: dict[str, helpers.RegistryServer], images: Images, plan: Plan,
+    def __init__(self, servers: dict[str, launch.RegistryServer], images: Images, plan: Plan,
                  skopeo: Skopeo, work: Path, only: frozenset[str] = frozenset()):
         self.servers, self.images, self.plan, self.skopeo, self.work = servers, images, plan, skopeo, work
         self.only = only
@@ -238,7 +237,7 @@ class Bench:
     def pull_four(self) -> None:
         runs = max(1, (self.plan.repeats + 1) // 2)
 
-        def once(label: str, server: helpers.RegistryServer, run: int) -> None:
+        def once(label: str, server: launch.RegistryServer, run: int) -> None:
             remote = f"docker://{server.host}/bench/big0:big"
             parallel(4, lambda i: pull_into(self.skopeo, remote, self._pull_dir(label, 4 * run + i)))
 
@@ -252,18 +251,18 @@ class Bench:
             raise BenchError(f"{label}: {url}: {result.non_2xx} non-2xx answers, {result.errors} socket errors")
         return result
 
-    def manifest_get(self, label: str, server: helpers.RegistryServer) -> None:
+    def manifest_get(self, label: str, server: launch.RegistryServer) -> None:
         result = self._wrk(label, f"{server.url}/v2/bench/big0/manifests/big",
-                           [f"Accept: {helpers.MANIFEST_ACCEPT}"])
+                           [f"Accept: {content.MANIFEST_ACCEPT}"])
         self.record(label, "manifest GET (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
         if result.latency_p99_ms is not None:
             self.record(label, "manifest GET p99 latency", "ms", False, result.latency_p99_ms)
 
-    def tags_list(self, label: str, server: helpers.RegistryServer) -> None:
+    def tags_list(self, label: str, server: launch.RegistryServer) -> None:
         result = self._wrk(label, f"{server.url}/v2/bench/big0/tags/list", [])
         self.record(label, "tags list (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
 
-    def _blob(self, server: helpers.RegistryServer) -> tuple[str, int]:
+    def _blob(self, server: launch.RegistryServer) -> tuple[str, int]:
         image = self.images.big[0]
         layer = image.layers[0]
         size = (image.path / "blobs" / "sha256" / layer.split(":")[1]).stat().st_size
@@ -274,7 +273,7 @@ class Bench:
         size = self._blob(next(iter(self.servers.values())))[1]
         fetches = 4
 
-        def once(label: str, server: helpers.RegistryServer, run: int) -> None:
+        def once(label: str, server: launch.RegistryServer, run: int) -> None:
             url = self._blob(server)[0]
             for _ in range(fetches):
                 curl_download(url, size)
@@ -286,7 +285,7 @@ class Bench:
         size = self._blob(next(iter(self.servers.values())))[1]
         fetches = 2
 
-        def once(label: str, server: helpers.RegistryServer, run: int) -> None:
+        def once(label: str, server: launch.RegistryServer, run: int) -> None:
             url = self._blob(server)[0]
             parallel(4, lambda _: [curl_download(url, size) for _ in range(fetches)])
 
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dy-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    servers: list[helpers.RegistryServer] = []
+    servers: list[launch.RegistryServer] = []
     try:
         need_tool("docker-registry"), need_tool("wrk"), need_tool("curl")
         policy = work / "policy.json"
@@ -328,13 +327,13 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(work, plan)
 
         targets = [BASELINE] + [f"Dockyard w={w}" for w in workers]
-        by_label: dict[str, helpers.RegistryServer] = {}
+        by_label: dict[str, launch.RegistryServer] = {}
         for label in targets:
             if label == BASELINE:
-                server = helpers.launch_distribution(work / "distribution")
+                server = launch.launch_distribution(work / "distribution")
             else:
                 n = int(label.split("=")[1])
-                server = helpers.launch_dockyard(work / f"dockyard-w{n}", workers=n,
+                server = launch.launch_dockyard(work / f"dockyard-w{n}", workers=n,
                                                  log_path=work / f"dockyard-w{n}.log")
             servers.append(server)
             by_label[label] = server

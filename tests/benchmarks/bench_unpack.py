@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BenchError, compile_dockyard, helpers, need_tool, sh  # noqa: E402
+from _common import BenchError, compile_dockyard, content, launch, need_tool, sh
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dockyard-bench"
 
@@ -64,13 +63,13 @@ def debian_layer() -> bytes:
     return blob.read_bytes()
 
 
-def layout_with(layers_gz: list[bytes], directory: Path) -> helpers.LayoutImage:
-    diff_ids = [helpers.sha256_digest(gzip.decompress(b)) for b in layers_gz]
-    config = helpers.image_config(diff_ids, cmd=["/bin/sh"])
-    return helpers.write_oci_layout(directory, layers_gz, config, layer_media_type=helpers.OCI_LAYER_GZIP)
+def layout_with(layers_gz: list[bytes], directory: Path) -> content.LayoutImage:
+    diff_ids = [content.sha256_digest(gzip.decompress(b)) for b in layers_gz]
+    config = content.image_config(diff_ids, cmd=["/bin/sh"])
+    return content.write_oci_layout(directory, layers_gz, config, layer_media_type=content.OCI_LAYER_GZIP)
 
 
-def push_layout(layout: helpers.LayoutImage, ref: str) -> None:
+def push_layout(layout: content.LayoutImage, ref: str) -> None:
     sh(["skopeo", "copy", "--dest-tls-verify=false", layout.ref, f"docker://{ref}"], timeout=900)
 
 
@@ -80,7 +79,7 @@ class Docker:
         exec_root = Path(tempfile.mkdtemp(prefix="dyb-exec-", dir="/tmp"))
         self.sock = exec_root / "d.sock"
         self.env = {**os.environ, "DOCKER_HOST": f"unix://{self.sock}", "DOCKER_CONFIG": str(base / "cfg")}
-        self.server = helpers.ServerProcess(
+        self.server = launch.ServerProcess(
             ["dockerd", "--data-root", str(base / "data"), "--exec-root", str(exec_root), "-H",
              f"unix://{self.sock}", "--bridge=none", "--iptables=false", "--ip-masq=false",
              "--insecure-registry", "127.0.0.0/8"],
@@ -120,12 +119,12 @@ def main() -> int:
         need_tool(tool)
     work = Path(tempfile.mkdtemp(prefix="dy-bench-unpack-"))
     compile_dockyard()
-    registry = helpers.launch_dockyard(work / "registry")
+    registry = launch.launch_dockyard(work / "registry")
     docker = Docker(work / "docker")
     docker.start()
     results: list[tuple[str, str, float]] = []
     try:
-        images = {"big4x64": [gzip.compress(helpers.random_tar_layer(64 << 20, f"l{i}.bin"), 1)
+        images = {"big4x64": [gzip.compress(content.random_tar_layer(64 << 20, f"l{i}.bin"), 1)
                               for i in range(4)]}
         if not args.skip_debian:
             images["debian"] = [debian_layer()]
