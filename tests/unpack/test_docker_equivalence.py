@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT, busybox_path, require_root
+from tests.support import REPO_ROOT
+from tests.support.peers import busybox_path, require_root
 
 pytestmark = pytest.mark.interop
 

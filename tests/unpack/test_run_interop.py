@@ -11,8 +11,10 @@ import tarfile
 
 import pytest
 
-from tests.helpers import (OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, REPO_ROOT, busybox_path, gzip_bytes,
-                           push_blob, put_manifest, require_root, require_tool, sha256_digest)
+from tests.support import REPO_ROOT
+from tests.support.content import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, gzip_bytes, sha256_digest
+from tests.support.peers import busybox_path, require_root, require_tool
+from tests.support.registry_http import push_blob, put_manifest
 
 pytestmark = pytest.mark.interop
 
