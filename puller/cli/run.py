@@ -17,14 +17,17 @@ import asyncio
 import sys
 from pathlib import Path
 
-from puller.runtime.spec import RunSettings, SnapshotCache, Volume, write_bundle
-from puller.runtime.apply import ApplyOptions, UnpackError, UnpackLimits
+from puller.runtime.bundle import write_bundle
+from puller.runtime.errors import UnpackError
+from puller.runtime.options import ApplyOptions, UnpackLimits
+from puller.runtime.snapshots import SnapshotCache
+from puller.runtime.spec import RunSettings, Volume
 
 GiB = 1 << 30
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    from puller.cli_client import _add_store_flag, _add_transport_flags
+    from puller.cli.common import add_store_flag as _add_store_flag, add_transport_flags as _add_transport_flags
     _add_store_flag(parser)
     _add_transport_flags(parser)
     parser.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform (default: host)")
@@ -36,10 +39,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _setup(args):
-    from puller.cli_client import _options
-    from puller.progress import make_progress
-    from puller.reference import parse_reference
-    from puller.runtime.run import default_cache_dir, parse_layout_ref
+    from puller.cli.common import client_options as _options
+    from puller.transfer.progress import make_progress
+    from puller.client.reference import parse_reference
+    from puller.runtime.image import default_cache_dir, parse_layout_ref
     from puller.store import LocalStore
 
     store = LocalStore(args.store)
@@ -60,7 +63,7 @@ def _setup(args):
 
 
 def _prepare(args, store, cache, options, client_options, progress):
-    from puller.runtime.run import prepare_image
+    from puller.runtime.image import prepare_image
 
     async def main():
         with progress:
@@ -82,10 +85,8 @@ def _fail(exc: BaseException) -> int:
 
 def _expected_errors() -> tuple:
     # the client's own failure types (its CLI keeps its list private)
-    from puller.http import CLIENT_ERRORS
-    from puller.reference import ReferenceError
-    from puller.store import StoreError
-    return (UnpackError, *CLIENT_ERRORS, ReferenceError, StoreError, OSError)
+    from puller.errors import ClientError
+    return (UnpackError, ClientError, OSError)
 
 
 def cmd_unpack(args) -> int:

@@ -1,14 +1,14 @@
-"""Getting an image ready to run, and running it with runc or crun.
+"""Running an image with runc or crun.
 
-    layers, config = await prepare_image(ref, store=..., cache=..., ...)
-        the image in the local store (pulled if missing, or read from an OCI
-        layout with `oci:DIR[:TAG]`); with a snapshot cache, layers are applied
-        WHILE the pull downloads the next ones (pull's `on_layer`, in order)
     code = run_container(layers, config, settings, cache=..., runtime=..., ...)
         a fresh bundle under CACHE/containers/<id>/ (rootfs: an overlay mount
         over the cached snapshot when root, else a private copy), then
         `<runtime> run --bundle DIR ID` with our stdin/stdout/stderr, the
         container's exit status returned; --rm removes state and bundle.
+
+The overlay (lower: the snapshot, upper: the bundle's own directory) costs
+O(1), as containerd does it; without root, or where the kernel refuses it,
+the rootfs is a private copy (puller.runtime.tree.materialize).
 
 Runtimes: runc or crun found on PATH (first of the two unless one is named).
 crun refuses cgroup "hybrid" hosts whose cgroup2 hierarchy holds a controller;
@@ -18,7 +18,6 @@ unmounted, so it sees plain cgroup v1 (nothing changes on the host).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -29,133 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from puller.runtime.apply import ApplyOptions, UnpackError, layer_sequence
-from puller.runtime.spec import (ConfigError, Layer, RunSettings, SnapshotCache, materialize, new_trees_here,
-                                 runtime_config, write_bundle_files)
+from puller.runtime.errors import RunError
+from puller.runtime.options import ApplyOptions, Layer
+from puller.runtime.snapshots import SnapshotCache
+from puller.runtime.spec import RunSettings, runtime_config, write_bundle_files
+from puller.runtime.tree import materialize, new_trees_here
 
 RUNTIMES = ("runc", "crun")
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
-
-
-class RunError(UnpackError):
-    """The container could not be started (one line for the user)."""
-
-
-# ---- the image ------------------------------------------------------------------------------
-
-
-def default_cache_dir(store_root: Path) -> Path:
-    return Path(os.environ.get("DOCKYARD_UNPACK_CACHE") or store_root.parent / "unpacked")
-
-
-def parse_layout_ref(ref: str) -> tuple[Path, str] | None:
-    """`oci:DIR[:TAG]` -> (DIR, TAG); None for registry references."""
-    if not ref.startswith("oci:"):
-        return None
-    rest = ref[4:]
-    directory, sep, tag = rest.rpartition(":")
-    if not sep or "/" in tag or not tag:
-        directory, tag = rest, "latest"
-    return Path(directory), tag
-
-
-class _LayerPipeline:
-    """pull's on_layer: each verified layer goes into the snapshot cache, in
-    order, while later layers still download. A layer that arrives while the
-    one before it is still being applied is STAGED meanwhile (decompressed,
-    verified, its files written: puller.unpack.StagedLayer), so the heavy
-    work of several layers runs at once, one per core; placing a staged layer
-    on its parent snapshot is mostly renames. Diff IDs are checked again
-    against the image config at the end (SnapshotCache.ensure)."""
-
-    def __init__(self, cache: SnapshotCache, options: ApplyOptions, parallel: int | None = None):
-        self.cache = cache
-        self.options = options
-        workers = parallel or max(1, os.cpu_count() or 1)
-        self.slots = asyncio.Semaphore(workers)  # layers being staged at once
-        self.max_waiting = 2 * workers           # staged layers (entry lists in memory) not placed yet
-        self.waiting = 0
-        self.tasks: list[asyncio.Task] = []
-
-    async def __call__(self, index: int, descriptor: dict, path: Path) -> None:
-        for task in self.tasks:  # a failed layer stops the pull
-            if task.done() and not task.cancelled() and task.exception() is not None:
-                raise task.exception()
-        parent = self.tasks[-1] if self.tasks else None
-        self.tasks.append(asyncio.ensure_future(self._layer(parent, descriptor, Path(path))))
-
-    async def _layer(self, parent_task: asyncio.Task | None, descriptor: dict, path: Path) -> str:
-        media_type = descriptor.get("mediaType", "")
-        known = await asyncio.to_thread(self.cache.known_diff_id, descriptor["digest"])
-        staged = None
-        counted = False
-        try:
-            if parent_task is not None and known is None:  # a known layer is likely cached already
-                async with self.slots:  # never held while waiting for another layer
-                    # past the cap, apply in one pass later rather than wait (which could deadlock)
-                    if not parent_task.done() and self.waiting < self.max_waiting:
-                        self.waiting += 1
-                        counted = True
-                        staged = await asyncio.to_thread(self.cache.stage, path, media_type, None, self.options)
-            try:
-                parent = await parent_task if parent_task is not None else None
-            except BaseException:
-                await asyncio.to_thread(self.cache.discard, staged)  # a staged tree: rmtree off the loop
-                raise
-            # the chain itself takes no slot: it is the critical path, one layer at a time
-            return await asyncio.to_thread(self.cache.apply_next, parent, path, media_type, known,
-                                           self.options, blob_digest=descriptor["digest"], staged=staged)
-        finally:
-            if counted:
-                self.waiting -= 1
-
-    async def finish(self, failed: bool) -> None:
-        """Wait for every layer handed over; raise the first layer error
-        unless the pull itself failed (its error is the one to report)."""
-        results = await asyncio.gather(*self.tasks, return_exceptions=True)
-        if not failed:
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-
-
-async def prepare_image(ref: str, *, store, cache: SnapshotCache | None, platform: str | None = None,
-                        client_options=None, progress=None, options: ApplyOptions | None = None,
-                        pull_if_missing: bool = True) -> tuple[list[Layer], dict]:
-    """(layers, image config) of ref, pulled into the store if needed; with a
-    cache, the chain snapshot is built by the time this returns."""
-    from puller.store import LocalStore, StoreError
-    options = options or ApplyOptions()
-    layout = parse_layout_ref(ref)
-    if layout is not None:
-        source = LocalStore(layout[0])
-        if not (source.root / "index.json").is_file():
-            raise UnpackError(f"{layout[0]} is not an OCI image layout")
-        _, manifest, config = await asyncio.to_thread(source.image_for_platform, layout[1], platform)
-        blob_path = source.blob_path
-    else:
-        try:
-            _, manifest, config = await asyncio.to_thread(store.image_for_platform, ref, platform)
-        except StoreError:
-            if not pull_if_missing:
-                raise
-            from puller.pull import pull
-            pipeline = _LayerPipeline(cache, options) if cache is not None else None
-            try:
-                await pull(ref, store=store, platform=platform, options=client_options, progress=progress,
-                           on_layer=pipeline)
-            except BaseException:
-                if pipeline is not None:
-                    await pipeline.finish(failed=True)
-                raise
-            if pipeline is not None:
-                await pipeline.finish(failed=False)
-            _, manifest, config = await asyncio.to_thread(store.image_for_platform, ref, platform)
-        blob_path = store.blob_path
-    layers = layer_sequence(manifest, config, blob_path)
-    if cache is not None:
-        await asyncio.to_thread(cache.ensure, layers, options)  # verifies the diff IDs
-    return layers, config
 
 
 # ---- runtimes ------------------------------------------------------------------------------
@@ -294,7 +174,3 @@ def _runtime_state(runtime: Runtime, container_id: str) -> dict | None:
         return json.loads(proc.stdout)
     except ValueError:
         return None
-
-
-__all__ = ["prepare_image", "run_container", "find_runtime", "Runtime", "RunError", "ConfigError",
-           "default_cache_dir", "parse_layout_ref"]

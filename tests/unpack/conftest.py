@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from puller.runtime.apply import ApplyOptions, apply_layer
+from puller.runtime.apply import apply_layer
+from puller.runtime.options import ApplyOptions
 
 TAR = "application/vnd.oci.image.layer.v1.tar"
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"

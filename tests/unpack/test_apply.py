@@ -9,7 +9,10 @@ import tarfile
 
 import pytest
 
-from puller.runtime.apply import ApplyOptions, LayerVerificationError, apply_layer, chain_ids
+from puller.runtime.apply import apply_layer
+from puller.runtime.errors import LayerVerificationError
+from puller.runtime.options import ApplyOptions
+from puller.runtime.snapshots import chain_ids
 from tests.unpack.conftest import GZIP, TAR, ZSTD, D, E, F, H, L, diff_id, kind, tar_bytes
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

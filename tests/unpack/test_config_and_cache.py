@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from puller.runtime.spec import (ConfigError, RunSettings, SnapshotCache, Volume, boot_id, copy_tree, materialize,
-                           resolve_user, runtime_config, safe_workdir)
-from puller.runtime.apply import apply_layer, chain_ids
+from puller.runtime.apply import apply_layer
+from puller.runtime.errors import ConfigError
+from puller.runtime.snapshots import SnapshotCache, boot_id, chain_ids
+from puller.runtime.spec import RunSettings, Volume, resolve_user, runtime_config, safe_workdir
+from puller.runtime.tree import copy_tree, materialize
 from tests.unpack.conftest import TAR, D, E, F, H, L, diff_id, tar_bytes
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1001:A:/home/alice:/bin/sh\nbob:x:1002:1002::/b:/bin/sh\n"
@@ -278,7 +280,8 @@ def test_settle_clears_old_markers_after_syncfs(tmp_path, layers):
 def test_new_trees_start_in_their_own_block_group_hint(tmp_path, layers):
     import array
     import fcntl
-    from puller.runtime.spec import FS_IOC_GETFLAGS, FS_TOPDIR_FL, write_bundle
+    from puller.runtime.bundle import write_bundle
+    from puller.runtime.tree import FS_IOC_GETFLAGS, FS_TOPDIR_FL
 
     def flags(path):
         fd = os.open(path, os.O_RDONLY)

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from puller.runtime.spec import SnapshotCache, materialize
-from puller.runtime.run import _LayerPipeline
-from puller.runtime.apply import (ApplyOptions, LayerVerificationError, UnsafeEntry, apply_layer, apply_staged,
-                           chain_ids, stage_layer)
+from puller.runtime.apply import apply_layer
+from puller.runtime.errors import LayerVerificationError, UnsafeEntry
+from puller.runtime.image import _LayerPipeline
+from puller.runtime.options import ApplyOptions
+from puller.runtime.snapshots import SnapshotCache, chain_ids
+from puller.runtime.stage import apply_staged, stage_layer
+from puller.runtime.tree import materialize
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, tar_bytes
 from tests.unpack.test_config_and_cache import _listing
 

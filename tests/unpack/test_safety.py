@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from puller.runtime.spec import write_bundle
-from puller.runtime.apply import (ApplyOptions, CorruptLayer, LayerTooLarge, LayerVerificationError,
-                           UnpackLimits, UnsafeEntry, apply_layer)
+from puller.runtime.apply import apply_layer
+from puller.runtime.bundle import write_bundle
+from puller.runtime.errors import CorruptLayer, LayerTooLarge, LayerVerificationError, UnsafeEntry
+from puller.runtime.options import ApplyOptions, UnpackLimits
 from tests.helpers import REPO_ROOT, write_oci_layout
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, kind, tar_bytes
 
@@ -244,7 +245,7 @@ def test_bundle_is_0700_and_atomic(tmp_path):
     good = tar_bytes([F("bin/true", b"x", mode=0o755)])
     lay = _layout(tmp_path, [good])
     from puller.store import LocalStore
-    from puller.runtime.apply import layer_sequence
+    from puller.runtime.image import layer_sequence
     store = LocalStore(lay.path)
     _, manifest, config = store.image_for_platform("latest")
     dest = tmp_path / "bundle"
