@@ -1,0 +1,114 @@
+"""The test support itself: launchers that take settings files, the
+throwaway CA, the token issuer and the raw HTTP helpers, against real
+processes on loopback."""
+
+from __future__ import annotations
+
+import ssl
+
+import pytest
+import yaml
+
+from tests.support import rawhttp
+from tests.support.launch import free_port, launch_distribution
+from tests.support.registry_http import http_request, push_blob
+from tests.support.tls import CertificateAuthority
+from tests.support.tokens import TokenIssuer, parse_scope
+
+
+def test_dockyard_from_a_settings_mapping(start_dockyard, tmp_path):
+    port = free_port()
+    server = start_dockyard(config={"http": {"port": port}, "storage": {"root": str(tmp_path / "root")}})
+    assert server.host == f"127.0.0.1:{port}" and server.storage == tmp_path / "root"
+    assert yaml.safe_load(server.config.read_text())["http"]["port"] == port
+    digest = push_blob(server.url, "support/mapping", b"bytes")
+    assert (tmp_path / "root" / "docker/registry/v2/blobs/sha256" / digest[7:9] / digest[7:] / "data").is_file()
+
+
+def test_dockyard_from_a_settings_file_and_a_flag(start_dockyard, tmp_path):
+    config = tmp_path / "dockyard.yml"
+    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "from-file")},
+                                      "limits": {"catalog_max_entries": 1}}))
+    server = start_dockyard(tmp_path / "from-flag", config=config)     # the flag wins over the file
+    assert server.config == config
+    push_blob(server.url, "a/one", b"1")
+    push_blob(server.url, "b/two", b"2")
+    page = http_request("GET", f"{server.url}/v2/_catalog")
+    assert page.json() == {"repositories": ["a/one"]} and "Link" in page.headers
+    assert (tmp_path / "from-flag" / "docker").is_dir() and not (tmp_path / "from-file").exists()
+
+
+@pytest.mark.interop
+def test_distribution_from_a_mapping_and_from_a_file(tmp_path):
+    merged = launch_distribution(tmp_path / "merged", config={"storage": {"delete": {"enabled": False}}})
+    try:
+        digest = push_blob(merged.url, "support/dist", b"kept")
+        assert http_request("DELETE", f"{merged.url}/v2/support/dist/blobs/{digest}").status == 405
+    finally:
+        merged.stop()
+    port = free_port()
+    config = tmp_path / "own.yml"
+    config.write_text(yaml.safe_dump({
+        "version": "0.1", "log": {"level": "warn"},
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "own-root")}},
+        "http": {"addr": f"127.0.0.1:{port}"}}))
+    own = launch_distribution(tmp_path / "own", config=config)
+    try:
+        assert own.host == f"127.0.0.1:{port}" and own.storage == tmp_path / "own-root"
+        push_blob(own.url, "support/own", b"x")
+        assert (tmp_path / "own-root" / "docker").is_dir()
+    finally:
+        own.stop()
+
+
+def test_throwaway_ca_is_trusted_only_by_its_clients(tmp_path):
+    ca = CertificateAuthority(tmp_path / "ca")
+    files = ca.issue()
+    other = CertificateAuthority(tmp_path / "other").issue()
+    server_ctx = files.server_context()
+    assert files.names == ("127.0.0.1", "localhost")
+    for client_ctx, ok in ((files.client_context(), True), (other.client_context(), False)):
+        inbound, outbound = ssl.MemoryBIO(), ssl.MemoryBIO()
+        back_in, back_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = client_ctx.wrap_bio(inbound, outbound, server_hostname="127.0.0.1")
+        server = server_ctx.wrap_bio(back_in, back_out, server_side=True)
+        error = None
+        for _ in range(10):
+            for side in (client, server):
+                try:
+                    side.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError as exc:
+                    error = exc
+            back_in.write(outbound.read())
+            inbound.write(back_out.read())
+            if error:
+                break
+        assert (error is None) == ok, error
+
+
+def test_token_issuer_round_trip(tmp_path):
+    issuer = TokenIssuer(tmp_path)
+    token = issuer.issue("alice", [{"type": "repository", "name": "a/b", "actions": ["pull"]}])
+    claims = issuer.decode(token)
+    assert claims["sub"] == "alice" and claims["aud"] == issuer.service
+    assert claims["access"] == [{"type": "repository", "name": "a/b", "actions": ["pull"]}]
+    assert parse_scope("repository:127.0.0.1:5000/ns/app:pull,push") == \
+        ("repository", "127.0.0.1:5000/ns/app", ("pull", "push"))
+    with pytest.raises(ValueError):
+        parse_scope("repository")
+
+
+def test_raw_request_in_pieces(start_dockyard):
+    server = start_dockyard()
+    status, headers, _ = rawhttp.request(server.host, "POST", "/v2/support/raw/blobs/uploads/")
+    assert status == 202
+    body = b"0123456789" * 100
+    patch = rawhttp.RawRequest(server.host, "PATCH", headers["location"],
+                               {"Content-Type": "application/octet-stream", "Content-Length": str(len(body))})
+    patch.send_in_pieces(body, 300, 0.05)
+    status, headers, _ = patch.response()
+    assert (status, headers["range"]) == (202, f"0-{len(body) - 1}")
+    answer = rawhttp.exchange(server.host, b"NOT HTTP\r\n\r\n")
+    assert rawhttp.parse_response(answer)[0] == 400
