@@ -136,7 +136,7 @@ def test_pipeline_bounds_layers_staged_and_waiting(tmp_path, layers, monkeypatch
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    from tests.helpers import launch_dockyard
+    from tests.support.launch import launch_dockyard
     server = launch_dockyard(tmp_path_factory.mktemp("registry"))
     yield server
     server.stop()
@@ -145,7 +145,8 @@ def registry(tmp_path_factory):
 def _push_image(registry, repo: str, tars: list[bytes]) -> str:
     import gzip
     import json
-    from tests.helpers import OCI_MANIFEST, image_config, push_blob, put_manifest, sha256_digest
+    from tests.support.content import OCI_MANIFEST, image_config, sha256_digest
+    from tests.support.registry_http import push_blob, put_manifest
     base = f"http://{registry.host}"
     blobs = [gzip.compress(t, 1) for t in tars]
     config = json.dumps(image_config([sha256_digest(t) for t in tars], cmd=["/bin/sh"])).encode()
@@ -160,7 +161,7 @@ def _push_image(registry, repo: str, tars: list[bytes]) -> str:
 def _unpack(tmp_path, ref: str, name: str):
     import subprocess
     import sys
-    from tests.helpers import REPO_ROOT
+    from tests.support import REPO_ROOT
     return subprocess.run([sys.executable, "-m", "puller", "unpack", "-q", "--plain-http",
                            "--store", str(tmp_path / "store"), "--cache", str(tmp_path / "cache"),
                            ref, str(tmp_path / name)], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)

@@ -23,7 +23,8 @@ from puller.runtime.apply import apply_layer
 from puller.runtime.bundle import write_bundle
 from puller.runtime.errors import CorruptLayer, LayerTooLarge, LayerVerificationError, UnsafeEntry
 from puller.runtime.options import ApplyOptions, UnpackLimits
-from tests.helpers import REPO_ROOT, write_oci_layout
+from tests.support import REPO_ROOT
+from tests.support.content import write_oci_layout
 from tests.unpack.conftest import GZIP, TAR, D, E, F, H, L, diff_id, kind, tar_bytes
 
 RESOLVERS = [pytest.param(False, id="openat2"), pytest.param(True, id="portable-walk")]
@@ -235,7 +236,7 @@ def test_diff_id_mismatch_fails_even_when_tar_is_valid(layers, root):
 
 
 def _layout(tmp_path, layer_tars: list[bytes], config_extra: dict | None = None, diff_ids=None):
-    from tests.helpers import image_config, sha256_digest
+    from tests.support.content import image_config, sha256_digest
     cfg = image_config(diff_ids or [sha256_digest(t) for t in layer_tars], cmd=["/bin/true"])
     cfg["config"].update(config_extra or {})
     return write_oci_layout(tmp_path / "layout", layer_tars, cfg)
@@ -257,7 +258,7 @@ def test_bundle_is_0700_and_atomic(tmp_path):
 def test_failed_unpack_leaves_no_bundle_cli(tmp_path):
     good = tar_bytes([F("bin/true", b"x", mode=0o755)])
     bad = tar_bytes([F("../../escape", b"x")])
-    from tests.helpers import sha256_digest
+    from tests.support.content import sha256_digest
     lay = _layout(tmp_path, [good, bad])
     dest = tmp_path / "out" / "bundle"
     dest.parent.mkdir()
