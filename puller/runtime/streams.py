@@ -32,17 +32,15 @@ from storage.oci import media
 
 def _nondistributable(media_type: str) -> str:
     # The image spec's (deprecated) non-distributable layer types are its
-    # ordinary ones with "nondistributable" before the version; Windows
-    # base images still use them. storage.oci.media does not name them yet.
+    # ordinary ones with "nondistributable" before the version; Windows base
+    # images still use them. storage.oci.media names only the gzip one.
     return media_type.replace(".layer.v1.", ".layer.nondistributable.v1.")
 
 
-GZIP_TYPES = frozenset({media.OCI_LAYER_GZIP, _nondistributable(media.OCI_LAYER_GZIP),
+GZIP_TYPES = frozenset({media.OCI_LAYER_GZIP, media.OCI_LAYER_NONDISTRIBUTABLE_GZIP,
                         media.DOCKER_LAYER, media.DOCKER_FOREIGN_LAYER})
 ZSTD_TYPES = frozenset({media.OCI_LAYER_ZSTD, _nondistributable(media.OCI_LAYER_ZSTD)})
-# Docker's uncompressed layer type is its gzip one without the suffix
-TAR_TYPES = frozenset({media.OCI_LAYER, _nondistributable(media.OCI_LAYER),
-                       media.DOCKER_LAYER.removesuffix(".gzip")})
+TAR_TYPES = frozenset({media.OCI_LAYER, _nondistributable(media.OCI_LAYER), media.DOCKER_LAYER_TAR})
 
 CHUNK = 1 << 20
 
