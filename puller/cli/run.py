@@ -42,8 +42,8 @@ def _setup(args):
     from puller.cli.common import client_options as _options
     from puller.transfer.progress import make_progress
     from puller.client.reference import parse_reference
-    from puller.runtime.image import default_cache_dir, parse_layout_ref
-    from puller.store import LocalStore
+    from puller.runtime.image import default_cache_dir
+    from puller.store import LocalStore, parse_layout_reference
 
     store = LocalStore(args.store)
     options = ApplyOptions(limits=UnpackLimits(max_layer_bytes=int(args.max_layer_size * GiB)))
@@ -51,7 +51,7 @@ def _setup(args):
     if not getattr(args, "no_cache", False):
         cache = SnapshotCache(Path(args.cache) if args.cache else default_cache_dir(store.root))
     registries: list[str] = []
-    if parse_layout_ref(args.reference) is None:
+    if parse_layout_reference(args.reference) is None:
         try:
             ref = parse_reference(args.reference)
             registries = [ref.registry, ref.api_host]

@@ -26,17 +26,6 @@ def default_cache_dir(store_root: Path) -> Path:
     return Path(os.environ.get("DOCKYARD_UNPACK_CACHE") or store_root.parent / "unpacked")
 
 
-def parse_layout_ref(ref: str) -> tuple[Path, str] | None:
-    """`oci:DIR[:TAG]` -> (DIR, TAG); None for registry references."""
-    if not ref.startswith("oci:"):
-        return None
-    rest = ref[4:]
-    directory, sep, tag = rest.rpartition(":")
-    if not sep or "/" in tag or not tag:
-        directory, tag = rest, "latest"
-    return Path(directory), tag
-
-
 def layer_sequence(manifest: dict, config: dict, blob_path: Callable[[str], Path]) -> list[Layer]:
     """(blob path, media type, diff ID) for each layer of an image."""
     try:
@@ -113,16 +102,17 @@ class _LayerPipeline:
 async def prepare_image(ref: str, *, store, cache: SnapshotCache | None, platform: str | None = None,
                         client_options=None, progress=None, options: ApplyOptions | None = None,
                         pull_if_missing: bool = True) -> tuple[list[Layer], dict]:
-    """(layers, image config) of ref, pulled into the store if needed; with a
-    cache, the chain snapshot is built by the time this returns."""
-    from puller.store import LocalStore, StoreError
+    """(layers, image config) of ref, pulled into the store if needed, or
+    read from an OCI layout with `oci:DIR[:TAG]` (puller.store's parser);
+    with a cache, the chain snapshot is built by the time this returns."""
+    from puller.store import LocalStore, StoreError, parse_layout_reference
     options = options or ApplyOptions()
-    layout = parse_layout_ref(ref)
+    layout = parse_layout_reference(ref)
     if layout is not None:
-        source = LocalStore(layout[0])
+        source = LocalStore(layout.directory)
         if not (source.root / "index.json").is_file():
-            raise UnpackError(f"{layout[0]} is not an OCI image layout")
-        _, manifest, config = await asyncio.to_thread(source.image_for_platform, layout[1], platform)
+            raise UnpackError(f"{layout.directory} is not an OCI image layout")
+        _, manifest, config = await asyncio.to_thread(source.image_for_platform, layout.tag, platform)
         blob_path = source.blob_path
     else:
         try:
