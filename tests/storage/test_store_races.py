@@ -88,7 +88,9 @@ async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_pat
         digest = (await pusher.manifests.put(repo, f"a{trial}", manifest, OCI_MANIFEST)).digest
 
         async def retag():
-            await asyncio.sleep(rng.uniform(0, 0.004))
+            # a longer head start for the delete now and then, so that both
+            # orders (and everything between) happen in every run
+            await asyncio.sleep(rng.uniform(0, 0.012))
             await pusher.manifests.put(repo, f"b{trial}", manifest, OCI_MANIFEST)
 
         async def delete():
