@@ -13,12 +13,12 @@ REF is a reference (pulled into the local store if it is not there) or
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 
+from puller.cli.common import fail, run_async
+from puller.errors import ClientError
 from puller.runtime.bundle import write_bundle
-from puller.runtime.errors import UnpackError
 from puller.runtime.options import ApplyOptions, UnpackLimits
 from puller.runtime.snapshots import SnapshotCache
 from puller.runtime.spec import RunSettings, Volume
@@ -69,24 +69,7 @@ def _prepare(args, store, cache, options, client_options, progress):
         with progress:
             return await prepare_image(args.reference, store=store, cache=cache, platform=args.platform,
                                        client_options=client_options, progress=progress, options=options)
-    try:
-        import uvloop
-        return uvloop.run(main())
-    except ImportError:
-        return asyncio.run(main())
-
-
-def _fail(exc: BaseException) -> int:
-    text = str(exc).strip()
-    message = text.splitlines()[0] if text else type(exc).__name__
-    print(f"dockyard: error: {message}", file=sys.stderr)
-    return 1
-
-
-def _expected_errors() -> tuple:
-    # the client's own failure types (its CLI keeps its list private)
-    from puller.errors import ClientError
-    return (UnpackError, ClientError, OSError)
+    return run_async(main)
 
 
 def cmd_unpack(args) -> int:
@@ -94,8 +77,8 @@ def cmd_unpack(args) -> int:
         store, cache, options, client_options, progress = _setup(args)
         layers, config = _prepare(args, store, cache, options, client_options, progress)
         bundle = write_bundle(args.directory, layers, config, cache=cache, options=options)
-    except _expected_errors() as exc:
-        return _fail(exc)
+    except ClientError as exc:  # the runtime's errors and its OSErrors included
+        return fail(exc)
     if not args.quiet:
         print(f"{args.reference}: unpacked {len(layers)} layers into {bundle}")
     return 0
@@ -117,8 +100,8 @@ def cmd_run(args) -> int:
         layers, config = _prepare(args, store, cache, options, client_options, progress)
         return run_container(layers, config, settings, cache=cache, runtime=runtime, name=args.name,
                              remove=args.rm, options=options)
-    except _expected_errors() as exc:
-        return _fail(exc)
+    except ClientError as exc:  # the runtime's errors and its OSErrors included
+        return fail(exc)
 
 
 def register(subparsers) -> None:

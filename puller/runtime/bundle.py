@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from puller.runtime.apply import apply_layer
-from puller.runtime.errors import UnpackError
+from puller.runtime.errors import UnpackError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
 from puller.runtime.spec import RunSettings, runtime_config, write_bundle_files
@@ -69,6 +69,7 @@ def build_rootfs(layers: Sequence[Layer], rootfs: Path, *, cache: SnapshotCache 
         materialize(cache.ensure(layers, options), rootfs)
 
 
+@os_errors_mapped
 def write_bundle(bundle_dir: str | os.PathLike, layers: Sequence[Layer], image_config: dict, *,
                  cache: SnapshotCache | None, settings: RunSettings | None = None,
                  options: ApplyOptions | None = None, container_id: str | None = None) -> Path:

@@ -10,11 +10,18 @@ line for the user.
           +-- CorruptLayer            a truncated or invalid compressed stream or tar archive
           +-- ConfigError             the image config cannot become a runtime config
           +-- RunError                the container could not be started
+
+An OSError (a full disk, a directory we may not write) leaves the runtime's
+entry points (prepare_image, write_bundle, run_container, SnapshotCache) as
+an UnpackError with the same one line, through `os_errors_mapped`.
 """
 
 from __future__ import annotations
 
-from puller.errors import ClientError
+import functools
+import inspect
+
+from puller.errors import ClientError, one_line
 
 
 class UnpackError(ClientError):
@@ -52,3 +59,24 @@ class ConfigError(UnpackError):
 
 class RunError(UnpackError):
     """The container could not be started (one line for the user)."""
+
+
+def os_errors_mapped(fn):
+    """Decorate a runtime entry point (a function or a coroutine function):
+    an OSError it raises leaves it as an UnpackError saying the same line."""
+    if inspect.iscoroutinefunction(fn):
+        @functools.wraps(fn)
+        async def mapped_async(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except OSError as exc:
+                raise UnpackError(one_line(exc)) from exc
+        return mapped_async
+
+    @functools.wraps(fn)
+    def mapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            raise UnpackError(one_line(exc)) from exc
+    return mapped

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from puller.runtime.errors import UnpackError
+from puller.runtime.errors import UnpackError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
 from storage.oci.content import parse_manifest
@@ -99,6 +99,7 @@ class _LayerPipeline:
                     raise result
 
 
+@os_errors_mapped
 async def prepare_image(ref: str, *, store, cache: SnapshotCache | None, platform: str | None = None,
                         client_options=None, progress=None, options: ApplyOptions | None = None,
                         pull_if_missing: bool = True) -> tuple[list[Layer], dict]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from puller.runtime.errors import RunError
+from puller.runtime.errors import RunError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
 from puller.runtime.spec import RunSettings, runtime_config, write_bundle_files
@@ -118,6 +118,7 @@ def remove_bundle(bundle: Path) -> None:
 # ---- run -----------------------------------------------------------------------------------------
 
 
+@os_errors_mapped
 def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSettings, *,
                   cache: SnapshotCache, runtime: Runtime, name: str | None = None, remove: bool = False,
                   options: ApplyOptions | None = None, use_overlay: bool | None = None) -> int:

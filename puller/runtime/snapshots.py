@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Sequence
 
 from puller.runtime.apply import apply_layer
-from puller.runtime.errors import UnpackError
+from puller.runtime.errors import UnpackError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.stage import StagedLayer, apply_staged, stage_layer
 from puller.runtime.tree import new_trees_here
@@ -114,6 +114,7 @@ def _run_cp(args: list[str]) -> None:
 class SnapshotCache:
     """The chain-ID snapshot cache under root (see the module docstring)."""
 
+    @os_errors_mapped
     def __init__(self, root: str | os.PathLike):
         self.root = _private_dir(Path(root))
         self.snapshots = _private_dir(self.root / "snapshots")
