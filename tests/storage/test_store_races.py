@@ -1,7 +1,7 @@
 """The content store under concurrent requests: what a blob file holds,
 and tags against deletes by digest. Storage calls are delayed at random
-(a wrapper over the real filesystem driver) so interleavings that a quiet
-machine rarely produces happen in every run."""
+(a wrapper over a real driver, each registered one in turn) so
+interleavings that a quiet machine rarely produces happen in every run."""
 
 from __future__ import annotations
 
@@ -66,15 +66,13 @@ async def test_a_tampered_copy_in_place_is_replaced_by_the_next_verified_push(tm
     assert b"".join([c async for c in store.blobs.read(digest)]) == good
 
 
-@pytest.mark.filesystem_only("its check that both orders happened is tuned to the default "
-                              "filesystem driver's timing (with fsync off the delete nearly always wins)")
-async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_path):
+async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(driver_space):
     """Re-tagging a manifest while it is deleted by digest, from two
     "workers": afterwards every listed tag resolves. (Distribution 2.8 left
     a tag naming nothing in about 1 of 6 such races.)"""
     rng = random.Random(8)
-    pusher = ContentStore(JitteryDriver(FilesystemDriver(str(tmp_path)), rng))
-    deleter = ContentStore(JitteryDriver(FilesystemDriver(str(tmp_path)), rng))
+    pusher = ContentStore(JitteryDriver(await driver_space.open(), rng))
+    deleter = ContentStore(JitteryDriver(await driver_space.open(), rng))
     repo = "race/tags"
     config, layer = b'{"os":"linux"}', b"layer"
     await pusher.uploads.put(repo, sha256(config), body(config))
@@ -100,7 +98,7 @@ async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(tmp_pat
         await asyncio.gather(retag(), delete())
         tags = (await deleter.manifests.tags(repo)).items
         for tag in tags:
-            fresh = ContentStore(FilesystemDriver(str(tmp_path)))   # no cache of this process's pushes
+            fresh = ContentStore(await driver_space.open())   # no cache of this process's pushes
             assert (await fresh.manifests.get(repo, tag)).digest, tag
         outcomes["tag-wins" if f"b{trial}" in tags else "delete-wins"] += 1
         assert f"a{trial}" not in tags                   # the delete always removes the old tag
