@@ -8,7 +8,6 @@ of one upload to a different process on purpose.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import signal
@@ -19,12 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.launch import launch_dockyard
+from tests.support.content import sha256_digest as digest_of
 
 pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def child_pids(pid: int) -> set[int]:

@@ -29,19 +29,11 @@ from storage.filesystem import TEMP_PREFIX
 from storage.oci.digests import EMPTY_DIGEST
 from storage.oci.media import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from storage.store import ContentStore, StoreLimits
+from tests.support.content import chunks as body, sha256_digest as sha256
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar+gzip"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def body(*parts: bytes):
-    for part in parts:
-        yield part
 
 
 # `store`, `other_worker`, `open_store` and `root`: tests/storage/conftest.py.

@@ -6,7 +6,6 @@ interleavings that a quiet machine rarely produces happen in every run."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 
@@ -16,18 +15,10 @@ from storage import layout
 from storage.filesystem import FilesystemDriver
 from storage.oci.media import OCI_MANIFEST
 from storage.store import ContentStore
+from tests.support.content import chunks as body, sha256_digest as sha256
 
 CONFIG_TYPE = "application/vnd.oci.image.config.v1+json"
 LAYER_TYPE = "application/vnd.oci.image.layer.v1.tar"
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def body(*parts: bytes):
-    for part in parts:
-        yield part
 
 
 class JitteryDriver:

@@ -4,7 +4,6 @@ the whole upload back; a record that no longer matches the upload is ignored."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
@@ -12,15 +11,7 @@ import pytest
 import storage.uploads as uploads_module
 from storage import layout
 from storage.oci.errors import DigestInvalid
-
-
-def sha256(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-async def body(*parts: bytes):
-    for part in parts:
-        yield part
+from tests.support.content import chunks as body, sha256_digest as sha256
 
 
 @pytest.fixture

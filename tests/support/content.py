@@ -190,3 +190,9 @@ def write_oci_layout(directory: str | Path, layers: Sequence[bytes] | None = Non
     writer.tag(tag, descriptor)
     writer.close()
     return LayoutImage(Path(directory), tag, descriptor, tuple(sha256_digest(layer) for layer in layers))
+
+
+async def chunks(*parts: bytes):
+    """parts as the async iterator of byte chunks a request body is read as."""
+    for part in parts:
+        yield part
