@@ -15,19 +15,10 @@ from puller.client.http import ClientOptions, DigestMismatchError, ManifestError
 from puller.transfer.pull import pull
 from puller.store import LocalStore
 
-from tests.client.fakeregistry import FakeRegistry, cdn_app, digest, start_app
+from tests.client.fakeregistry import cdn_app, digest, start_app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OPTIONS = ClientOptions(retries=3)
-
-
-@pytest.fixture
-async def fake():
-    registry = FakeRegistry()
-    runner, host = await start_app(registry.app())
-    registry.host = host
-    yield registry
-    await runner.cleanup()
 
 
 def blobs_dir(store: LocalStore) -> list[str]:

@@ -36,15 +36,6 @@ OPTIONS = ClientOptions(retries=3, docker_config="/nonexistent-dockyard")
 ALICE = Credentials("alice", "s3cret")
 
 
-@pytest.fixture
-async def fake():
-    registry = FakeRegistry()
-    runner, host = await start_app(registry.app())
-    registry.host = host
-    yield registry
-    await runner.cleanup()
-
-
 def leftovers(store: LocalStore, *manifests: dict) -> list[str]:
     """What a pull left in ingest/ and blobs/, but for the (complete,
     verified) blobs of `manifests` and the store's own index lock file."""
