@@ -107,8 +107,7 @@ class Settings:
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
         return StoreLimits(max_manifest_bytes=self.limits.max_manifest_bytes,
-                           allow_sparse_manifests=self.validation.allow_sparse_manifests,
-                           referrers_max_entries=self.limits.referrers_max_entries)
+                           allow_sparse_manifests=self.validation.allow_sparse_manifests)
 
     def validate(self) -> "Settings":
         if not 0 <= self.http.port <= 65535:

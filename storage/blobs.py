@@ -34,8 +34,6 @@ class StoreLimits:
     # accept manifests whose layers or index children were never pushed
     # (mirrors of a subset, non-distributable layers); off, as Distribution
     allow_sparse_manifests: bool = False
-    # most referrer descriptors read for one answer
-    referrers_max_entries: int = 1000
 
 
 class Blobs:
