@@ -49,6 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="worker processes sharing the port (default 1)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error", "critical"))
     p.add_argument("--access-log", action="store_true", default=None, help="log every request")
+    p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
     p.set_defaults(func=serve_command)
 
 
@@ -66,17 +68,48 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["storage"] = {"driver": "filesystem", "root": os.path.abspath(args.storage)}
     if getattr(args, "log_level", None):
         out["log"] = {"level": args.log_level}
+    tls = {key: os.path.abspath(getattr(args, f"tls_{key}")) for key in ("cert", "key")
+           if getattr(args, f"tls_{key}", None)}
+    if tls:
+        out["tls"] = tls
     return out
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """What a plain-HTTP, unauthenticated registry on a non-loopback address
+    exposes, or None."""
+    if settings.tls.enabled or _is_loopback(settings.http.host):
+        return None
+    return (f"warning: serving plain HTTP without authentication on {settings.http.host}: "
+            "anyone who can reach the port may pull, push and delete; "
+            "set tls.cert/tls.key (--tls-cert/--tls-key)")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def serve_command(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(getattr(args, "config", None), overrides=_overrides(args))
+        from registry.tls import server_context
+
+        server_context(settings.tls)    # unreadable or mismatched files: one line, exit 2
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log.level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = exposure_warning(settings)
+    if warning:
+        print(f"dockyard serve: {warning}", file=sys.stderr, flush=True)
     if settings.storage.driver == "filesystem":
         try:
             os.makedirs(settings.storage.root, exist_ok=True)
@@ -86,7 +119,7 @@ def serve_command(args: argparse.Namespace) -> int:
             return 2
     try:
         if settings.http.workers == 1:
-            return _run_worker(settings, reuse_port=False, announce=_announce)
+            return _run_worker(settings, reuse_port=False, announce=_announcer(settings))
         return _supervise(settings)
     except OSError as exc:
         print(f"dockyard serve: cannot listen on {settings.http.host}:{settings.http.port}: "
@@ -97,9 +130,14 @@ def serve_command(args: argparse.Namespace) -> int:
         return 2
 
 
-def _announce(host: str, port: int) -> None:
-    shown = f"[{host}]" if ":" in host else host
-    print(f"listening on http://{shown}:{port}", flush=True)
+def _announcer(settings: Settings) -> Callable[[str, int], None]:
+    scheme = "https" if settings.tls.enabled else "http"
+
+    def announce(host: str, port: int) -> None:
+        shown = f"[{host}]" if ":" in host else host
+        print(f"listening on {scheme}://{shown}:{port}", flush=True)
+
+    return announce
 
 
 # ---- one worker ---------------------------------------------------------------
@@ -130,6 +168,9 @@ async def _serve(settings: Settings, reuse_port: bool,
     # the CPU-bound default (cores + 4) allows.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="dockyard-io"))
+    from registry.tls import certificate_watcher, server_context
+
+    ssl_context = server_context(settings.tls)
     app = create_app(settings)
     access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
     runner = web.AppRunner(app, access_log=access_log, handle_signals=False,
@@ -137,7 +178,7 @@ async def _serve(settings: Settings, reuse_port: bool,
     await runner.setup()
     try:
         site = web.TCPSite(runner, settings.http.host, settings.http.port,
-                           reuse_port=reuse_port or None, backlog=1024)
+                           reuse_port=reuse_port or None, backlog=1024, ssl_context=ssl_context)
         await site.start()
         port = settings.http.port
         server = getattr(site, "_server", None)
@@ -148,7 +189,8 @@ async def _serve(settings: Settings, reuse_port: bool,
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         announce(settings.http.host, port)
-        await stop.wait()
+        async with certificate_watcher(ssl_context, settings.tls):
+            await stop.wait()
     finally:
         await runner.cleanup()
 
@@ -269,7 +311,7 @@ def _supervise(settings: Settings) -> int:
                     print(f"dockyard serve: worker {slot} did not start listening within "
                           f"{_READY_TIMEOUT:.0f}s", file=sys.stderr)
                     return 1
-        _announce(settings.http.host, port)
+        _announcer(settings)(settings.http.host, port)
         quick_deaths = 0
         while not stopping:
             sentinels = {proc.sentinel: slot for slot, (proc, _) in workers.procs.items()}

@@ -24,6 +24,10 @@ underscores, under the prefix DOCKYARD_:
     uploads.max_age             DOCKYARD_UPLOADS_MAX_AGE
     uploads.purge_interval      DOCKYARD_UPLOADS_PURGE_INTERVAL
     validation.allow_sparse_manifests  DOCKYARD_VALIDATION_ALLOW_SPARSE_MANIFESTS
+    tls.cert                    DOCKYARD_TLS_CERT
+    tls.key                     DOCKYARD_TLS_KEY
+    tls.client_ca               DOCKYARD_TLS_CLIENT_CA
+    tls.reload_interval         DOCKYARD_TLS_RELOAD_INTERVAL
     log.level                   DOCKYARD_LOG_LEVEL
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
@@ -96,6 +100,20 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    cert: str = ""                 # PEM certificate chain; with key, serve HTTPS
+    key: str = ""                  # PEM private key
+    client_ca: str = ""            # PEM CA bundle: every client must show a certificate it signed
+    # Seconds between looks at cert and key for renewed files (ACME and
+    # cert-manager rotate them); 0: never. A renewal needs no restart.
+    reload_interval: int = 30
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert)
+
+
+@dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -103,6 +121,7 @@ class Settings:
     uploads: UploadsSettings = field(default_factory=UploadsSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -118,6 +137,12 @@ class Settings:
             raise SettingsError(f"http.send_timeout must be at least 1 second, got {self.http.send_timeout}")
         if self.http.body_timeout < 1:
             raise SettingsError(f"http.body_timeout must be at least 1 second, got {self.http.body_timeout}")
+        if bool(self.tls.cert) != bool(self.tls.key):
+            raise SettingsError("tls.cert and tls.key must be set together")
+        if self.tls.client_ca and not self.tls.cert:
+            raise SettingsError("tls.client_ca needs tls.cert and tls.key")
+        if self.tls.reload_interval < 0:
+            raise SettingsError("tls.reload_interval must be 0 (never) or more seconds")
         try:
             self.storage.check()
         except StorageConfigError as exc:

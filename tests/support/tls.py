@@ -91,9 +91,11 @@ class CertificateAuthority:
         self.cert_path.write_bytes(_cert_pem(self.cert))
         (self.dir / "ca.key").write_bytes(_key_pem(self._key))
 
-    def issue(self, names: Sequence[str] = LOOPBACK_NAMES, *, stem: str = "server") -> ServerFiles:
-        """A server certificate for these host names and IP addresses, written
-        as <stem>.crt (leaf, then this authority) and <stem>.key."""
+    def issue(self, names: Sequence[str] = LOOPBACK_NAMES, *, stem: str = "server",
+              client: bool = False) -> ServerFiles:
+        """A server certificate for these host names and IP addresses (a
+        client certificate with client=True), written as <stem>.crt (leaf,
+        then this authority) and <stem>.key."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
         ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -110,7 +112,8 @@ class CertificateAuthority:
                                          content_commitment=False, data_encipherment=False,
                                          key_agreement=False, key_cert_sign=False, crl_sign=False,
                                          encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                                  else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                            critical=False)
