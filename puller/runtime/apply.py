@@ -166,15 +166,21 @@ class LayerApplier:
             if self.options.shared_inodes:
                 self.created_inodes.add(entry.staged_ino)
             return
+        ino = self.write_file(name, parent, entry, reader)
+        if self.options.shared_inodes:
+            self.created_inodes.add(ino)
+
+    def write_file(self, name: str, dirfd: int, entry: Entry, reader: Reader) -> int:
+        """Create name in dirfd (never through a link, never over a file),
+        write the entry's data and attributes; its inode number."""
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600, dir_fd=parent)
+                     0o600, dir_fd=dirfd)
         try:
             if entry.size:
                 reader.copy_to(fd, entry.size)
             self.set_fd_attrs(fd, entry)
             os.utime(fd, ns=(to_ns(entry.mtime),) * 2)
-            if self.options.shared_inodes:
-                self.created_inodes.add(os.fstat(fd).st_ino)
+            return os.fstat(fd).st_ino
         finally:
             os.close(fd)
 

@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from puller.runtime.apply import WHITEOUT, LayerApplier, to_ns, verify_diff_id
+from puller.runtime.apply import WHITEOUT, LayerApplier, verify_diff_id
 from puller.runtime.confine import ConfinedTree
 from puller.runtime.errors import UnpackError
 from puller.runtime.options import ApplyOptions, LayerStats
@@ -56,18 +56,11 @@ def stage_layer(blob_path: str | os.PathLike, media_type: str, expected_diff_id:
                     reader.skip(entry.size)  # a whiteout's (meaningless) data
                 else:
                     name = str(len(entries))
-                    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                 0o600, dir_fd=dirfd)
                     try:
-                        if entry.size:
-                            reader.copy_to(fd, entry.size)
-                        attrs.set_fd_attrs(fd, entry)
-                        os.utime(fd, ns=(to_ns(entry.mtime),) * 2)
-                        entry.staged, entry.staged_ino = name, os.fstat(fd).st_ino
+                        entry.staged_ino = attrs.write_file(name, dirfd, entry, reader)
                     except OSError as exc:
                         raise UnpackError(f"cannot apply {entry.name!r}: {exc.strerror or exc}") from None
-                    finally:
-                        os.close(fd)
+                    entry.staged = name
             entries.append(entry)
         reader.drain()
     finally:

@@ -21,7 +21,7 @@ import pytest
 from registry.app import create_app
 from registry.settings import HttpSettings, settings_for_tests
 from storage.filesystem import FilesystemDriver
-from tests.support.rawhttp import RawRequest, answer_started, close_with_reset
+from tests.support.rawhttp import RawRequest, answer_started, close_with_reset, read_until_closed
 from tests.support.registry_http import http_request, push_blob
 
 BIG = 32 << 20
@@ -183,12 +183,8 @@ def test_stalled_upload_body_is_closed_and_keeps_what_came(start_dockyard):
                       close=False, body=b"abc").sock
     try:
         t0 = time.monotonic()
-        answer = b""
         try:
-            while data := sock.recv(65536):
-                answer += data
-        except ConnectionResetError:
-            pass
+            answer = read_until_closed(sock)
         except socket.timeout:
             pytest.fail("the connection stayed open")
         closed_after = time.monotonic() - t0
