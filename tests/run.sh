@@ -10,6 +10,7 @@ DEBIAN_PACKAGES=(
   docker.io podman skopeo umoci runc crun docker-registry wrk busybox-static
   debootstrap zstd pigz uidmap fuse-overlayfs slirp4netns iptables
   containernetworking-plugins ca-certificates git file curl python3-venv
+  apache2-utils
 )
 
 missing_packages() {
