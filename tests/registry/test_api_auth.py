@@ -311,6 +311,15 @@ async def test_a_mount_without_pull_on_the_source_is_an_ordinary_upload(reg):
     resp = await reg.post("/v2/public/x/blobs/uploads/", params={"mount": layer, "from": "team-a/app"},
                           headers=builder)
     assert resp.status == 201
+    # the challenge of a mount names both scopes; a token without the
+    # source's pull that the policy would grant is asked to come back with it
+    resp = await reg.post("/v2/public/y/blobs/uploads/", params={"mount": layer, "from": "team-a/app"})
+    assert challenge_of(resp)["scope"] == "repository:public/y:pull,push repository:team-a/app:pull"
+    narrow = await reg.bearer("builder", "repository:public/y:pull,push")
+    resp = await reg.post("/v2/public/y/blobs/uploads/", params={"mount": layer, "from": "team-a/app"},
+                          headers=narrow)
+    await refused(resp, 401, "UNAUTHORIZED")
+    assert challenge_of(resp)["error"] == "insufficient_scope"
 
 
 async def test_the_catalog_needs_its_scope_and_lists_only_what_the_caller_may_pull(reg):
