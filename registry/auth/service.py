@@ -32,6 +32,9 @@ from storage.oci.errors import NameInvalid, OciError, TooManyRequests, Unauthori
 from storage.oci.names import validate_name
 
 _JSON = "application/json"
+# Scopes one token request may ask for: a push asks for two or three; a
+# request for thousands would only make a token too big to send back.
+MAX_SCOPES = 64
 
 
 class TokenRequestInvalid(OciError):
@@ -63,6 +66,12 @@ class TokenService:
             granted.append(Scope(scope.type, scope.name, actions))
         return granted
 
+    def _asked(self, texts: Sequence[str]) -> list[Scope]:
+        asked = parse_scopes(texts)
+        if len(asked) > MAX_SCOPES:
+            raise TokenRequestInvalid(f"at most {MAX_SCOPES} scopes in one token request")
+        return asked
+
     def _check_service(self, service: str | None) -> None:
         if service and service != self.service:
             raise TokenRequestInvalid(f"this token service issues tokens for {self.service!r} only")
@@ -91,7 +100,7 @@ class TokenService:
     async def get_token(self, request: web.Request) -> web.Response:
         query = request.query
         self._check_service(query.get("service"))
-        asked = parse_scopes(query.getall("scope", []))
+        asked = self._asked(query.getall("scope", []))
         headers = request.headers.getall("Authorization", [])
         if len(headers) > 1:
             raise self._unauthorized("more than one Authorization header")
@@ -116,7 +125,7 @@ class TokenService:
             raise TokenRequestInvalid("the token form must be application/x-www-form-urlencoded")
         form = await request.post()
         self._check_service(_field(form, "service"))
-        asked = parse_scopes([_field(form, "scope") or ""])
+        asked = self._asked([_field(form, "scope") or ""])
         grant_type = _field(form, "grant_type")
         refresh = None
         if grant_type == "password":

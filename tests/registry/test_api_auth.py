@@ -196,6 +196,15 @@ async def test_a_token_for_another_service_is_not_issued(reg):
     assert (await resp.json())["error"] == "invalid_request"
 
 
+async def test_a_token_request_for_too_many_scopes_is_refused(reg):
+    form = {"grant_type": "password", "username": "builder", "password": USERS["builder"],
+            "service": "dockyard", "scope": " ".join(f"repository:team-a/r{i}:pull" for i in range(65))}
+    resp = await reg.post("/auth/token", data=form)
+    assert resp.status == 400 and (await resp.json())["error"] == "invalid_request"
+    resp = await reg.post("/auth/token", data={**form, "scope": form["scope"].rsplit(" ", 1)[0]})
+    assert resp.status == 200 and len(access_of((await resp.json())["access_token"])) == 64
+
+
 async def test_oauth2_password_and_refresh_grants(reg):
     form = {"grant_type": "password", "username": "builder", "password": USERS["builder"],
             "service": "dockyard", "client_id": "test", "access_type": "offline",
