@@ -7,6 +7,7 @@
     tests.support.rawhttp    HTTP/1.1 by hand over a socket: pieces, pauses, raw bytes
     tests.support.tls        a throwaway certificate authority and server certificates
     tests.support.tokens     a Docker token issuer (JWTs) and its token endpoint
+    tests.support.secure_registry  Dockyard with TLS and token auth where Docker verifies it (::1, certs.d)
     tests.support.drivers    the registry of storage drivers every storage test runs over
 
 Nothing here imports the client (`puller`); what a module needs from the
