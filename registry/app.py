@@ -13,6 +13,9 @@ from typing import Any, AsyncIterator
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from registry.auth.gate import auth_middleware
+from registry.auth.runtime import AUTH, AuthRuntime, auth_context
+from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
 from registry.routes import add_routes
@@ -37,15 +40,19 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, auth_middleware],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
     app[SETTINGS] = settings
+    app[AUTH] = runtime = AuthRuntime(settings)
     app.cleanup_ctx.append(_store_context(settings, driver))
+    app.cleanup_ctx.append(auth_context(runtime))
     app.cleanup_ctx.append(_upload_purger(settings))
     app.on_shutdown.append(_stop_waiting_sends)
     add_routes(app)
+    if runtime.issues_tokens:
+        app.add_subapp("/auth/", token_app(lambda: runtime.service))
     return app
 
 

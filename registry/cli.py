@@ -51,6 +51,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--access-log", action="store_true", default=None, help="log every request")
     p.add_argument("--tls-cert", metavar="FILE", help="PEM certificate chain: serve HTTPS (with --tls-key)")
     p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert")
+    p.add_argument("--auth", choices=("none", "htpasswd", "token"),
+                   help="none (default), htpasswd (Basic, bcrypt) or token (Bearer, built-in token service)")
+    p.add_argument("--htpasswd", metavar="FILE", help="users: bcrypt entries as `htpasswd -B` writes them")
+    p.add_argument("--policy", metavar="FILE", help="YAML access policy (default: users may do everything)")
     p.set_defaults(func=serve_command)
 
 
@@ -72,17 +76,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
            if getattr(args, f"tls_{key}", None)}
     if tls:
         out["tls"] = tls
+    auth: dict[str, Any] = {}
+    if getattr(args, "auth", None):
+        auth["mode"] = args.auth
+    for key in ("htpasswd", "policy"):
+        if getattr(args, key, None):
+            auth[key] = os.path.abspath(getattr(args, key))
+    if auth:
+        out["auth"] = auth
     return out
 
 
 def exposure_warning(settings: Settings) -> str | None:
-    """What a plain-HTTP, unauthenticated registry on a non-loopback address
-    exposes, or None."""
-    if settings.tls.enabled or _is_loopback(settings.http.host):
+    """What a registry on a non-loopback address exposes without TLS or
+    without auth, or None."""
+    host = settings.http.host
+    if _is_loopback(host):
         return None
-    return (f"warning: serving plain HTTP without authentication on {settings.http.host}: "
-            "anyone who can reach the port may pull, push and delete; "
-            "set tls.cert/tls.key (--tls-cert/--tls-key)")
+    tls, auth = settings.tls.enabled, settings.auth.enabled
+    if not tls and not auth:
+        return (f"warning: serving plain HTTP without authentication on {host}: "
+                "anyone who can reach the port may pull, push and delete; "
+                "set tls.cert/tls.key (--tls-cert/--tls-key) and auth.mode (--auth)")
+    if not auth:
+        return (f"warning: serving without authentication on {host}: anyone who can reach the "
+                "port may pull, push and delete; set auth.mode (--auth htpasswd|token)")
+    if not tls:
+        return (f"warning: serving plain HTTP on {host}: passwords and tokens cross the network "
+                "unencrypted; set tls.cert/tls.key (--tls-cert/--tls-key)")
+    return None
 
 
 def _is_loopback(host: str) -> bool:
@@ -102,11 +124,15 @@ def serve_command(args: argparse.Namespace) -> int:
         from registry.tls import server_context
 
         server_context(settings.tls)    # unreadable or mismatched files: one line, exit 2
+        from registry.auth.runtime import prepare_signing_key
+
+        prepare_signing_key(settings)   # made once, before workers fork: one key signs for all
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log.level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until a loop takes it (re-reads auth files)
     warning = exposure_warning(settings)
     if warning:
         print(f"dockyard serve: {warning}", file=sys.stderr, flush=True)
@@ -188,6 +214,10 @@ async def _serve(settings: Settings, reuse_port: bool,
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        from registry.auth.runtime import AUTH
+
+        auth = app[AUTH]
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(auth.reload()))
         announce(settings.http.host, port)
         async with certificate_watcher(ssl_context, settings.tls):
             await stop.wait()
@@ -217,6 +247,7 @@ def _worker_main(settings: Settings, ready: Any, parent_pid: int) -> None:
     # installed: put the defaults back before letting a pending SIGTERM in.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the group: the parent decides
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop takes it: re-read auth files
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     _die_with_parent()
     if os.getppid() != parent_pid:      # the parent died before prctl took effect
@@ -264,6 +295,14 @@ class _Workers:
         self.procs[slot] = (proc, time.monotonic())
         return ready
 
+    def signal_all(self, signum: int) -> None:
+        for proc, _ in self.procs.values():
+            if proc.is_alive():
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
     def stop_all(self) -> None:
         for proc, _ in self.procs.values():
             if proc.is_alive():
@@ -295,6 +334,8 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, on_signal)
 
     workers = _Workers(settings)
+    # SIGHUP: every worker re-reads the auth files
+    signal.signal(signal.SIGHUP, lambda signum, frame: workers.signal_all(signal.SIGHUP))
     try:
         events = [workers.start(slot) for slot in range(settings.http.workers)]
         deadline = time.monotonic() + _READY_TIMEOUT

@@ -8,6 +8,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from registry.auth.gate import caller_of
 from registry.protocol import JSON, OCI_FILTERS_HEADER, absolute, next_link, parse_page_size
 from registry.state import SETTINGS, STORE
 from storage.oci.errors import NameUnknown
@@ -56,10 +57,14 @@ async def catalog(request: web.Request) -> web.Response:
     if n == 0:
         return _json({"repositories": []})
     page = await request.app[STORE].catalog.repositories(n, last)
+    caller = caller_of(request)
+    # Only what the caller may pull is listed; the page may come out short,
+    # and the Link still continues after the last repository looked at.
+    shown = page.items if caller.sees_everything else [r for r in page.items if caller.may_see(r)]
     headers = None
     if page.has_more and page.items:
         headers = {"Link": next_link(absolute(request, "/v2/_catalog"), n, page.items[-1])}
-    return _json({"repositories": page.items}, headers)
+    return _json({"repositories": shown}, headers)
 
 
 async def referrers(request: web.Request) -> web.Response:

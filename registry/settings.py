@@ -28,6 +28,9 @@ underscores, under the prefix DOCKYARD_:
     tls.key                     DOCKYARD_TLS_KEY
     tls.client_ca               DOCKYARD_TLS_CLIENT_CA
     tls.reload_interval         DOCKYARD_TLS_RELOAD_INTERVAL
+    auth.mode                   DOCKYARD_AUTH_MODE
+    auth.htpasswd               DOCKYARD_AUTH_HTPASSWD       (and every auth.* key)
+    auth.token.realm            DOCKYARD_AUTH_TOKEN_REALM    (and every auth.token.* key)
     log.level                   DOCKYARD_LOG_LEVEL
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
@@ -113,6 +116,53 @@ class TlsSettings:
         return bool(self.cert)
 
 
+AUTH_MODES = ("none", "htpasswd", "token")
+SIGNING_ALGORITHMS = ("ES256", "RS256", "EdDSA")
+
+
+@dataclass(frozen=True)
+class TokenAuthSettings:
+    # Absolute URL of the token endpoint clients are sent to. Empty: this
+    # server's own /auth/token, on the scheme and host the client used.
+    realm: str = ""
+    service: str = "dockyard"      # the audience (`aud`) tokens are for
+    issuer: str = "dockyard"       # the `iss` of tokens (ours, and what a token must carry)
+    # Run the built-in token service (users from auth.htpasswd, access from
+    # auth.policy). false: only verify tokens of the issuer at auth.token.realm.
+    issue: bool = True
+    key: str = ""                  # PEM signing key; empty: <storage root>/auth/signing-key.pem, made on first start
+    algorithm: str = "ES256"       # of a generated key: ES256, RS256 or EdDSA
+    lifetime: int = 300            # seconds an issued access token lives (never under 60)
+    refresh_lifetime: int = 90 * 24 * 3600   # seconds a refresh (identity) token lives
+    # Tokens claiming a longer life than this are refused, whoever signed them.
+    max_lifetime: int = 3600
+    # More keys whose tokens are accepted, comma-separated files: PEM public
+    # keys, certificate bundles, JWKS documents (a rotated-out key, an external issuer).
+    trusted_keys: str = ""
+    jwks_url: str = ""             # an external issuer's JWKS, fetched at start and every jwks_refresh seconds
+    jwks_refresh: int = 300
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mode: str = "none"             # none | htpasswd (Basic) | token (Bearer, built-in issuer)
+    htpasswd: str = ""             # bcrypt entries, as `htpasswd -B` writes them
+    policy: str = ""               # YAML access policy; empty: every user may do everything
+    # Seconds between looks at the htpasswd and policy files for changes
+    # (SIGHUP re-reads at once); a removed user loses access on the next look.
+    reload_interval: int = 1
+    basic_realm: str = "Dockyard"
+    # Failed logins from one address: slowed down, then refused for lockout seconds.
+    max_failures: int = 10
+    failure_window: int = 60
+    lockout: int = 300
+    token: TokenAuthSettings = field(default_factory=TokenAuthSettings)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 @dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -122,6 +172,7 @@ class Settings:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     log: LogSettings = field(default_factory=LogSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -143,6 +194,7 @@ class Settings:
             raise SettingsError("tls.client_ca needs tls.cert and tls.key")
         if self.tls.reload_interval < 0:
             raise SettingsError("tls.reload_interval must be 0 (never) or more seconds")
+        self._validate_auth()
         try:
             self.storage.check()
         except StorageConfigError as exc:
@@ -160,6 +212,42 @@ class Settings:
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
         return self
+
+    def _validate_auth(self) -> None:
+        auth, token = self.auth, self.auth.token
+        if auth.mode not in AUTH_MODES:
+            raise SettingsError(f"auth.mode must be one of {', '.join(AUTH_MODES)}, got {auth.mode!r}")
+        if auth.mode == "htpasswd" and not auth.htpasswd:
+            raise SettingsError("auth.mode htpasswd needs auth.htpasswd (a file of bcrypt entries)")
+        if auth.reload_interval < 0:
+            raise SettingsError("auth.reload_interval must be 0 (only on SIGHUP) or more seconds")
+        if auth.max_failures < 1 or auth.failure_window < 1 or auth.lockout < 0:
+            raise SettingsError("auth.max_failures and auth.failure_window must be at least 1, auth.lockout 0 or more")
+        if token.algorithm not in SIGNING_ALGORITHMS:
+            raise SettingsError(f"auth.token.algorithm must be one of {', '.join(SIGNING_ALGORITHMS)}, "
+                                f"got {token.algorithm!r}")
+        if token.lifetime < 60:
+            raise SettingsError("auth.token.lifetime must be at least 60 seconds (token.md: never less)")
+        if token.max_lifetime < token.lifetime:
+            raise SettingsError("auth.token.max_lifetime must be at least auth.token.lifetime")
+        if token.refresh_lifetime < 60:
+            raise SettingsError("auth.token.refresh_lifetime must be at least 60 seconds")
+        if token.jwks_refresh < 10:
+            raise SettingsError("auth.token.jwks_refresh must be at least 10 seconds")
+        if auth.mode == "token" and not token.issue:
+            if not token.realm:
+                raise SettingsError("auth.token.issue false needs auth.token.realm (the external issuer's URL)")
+            if not (token.trusted_keys or token.jwks_url):
+                raise SettingsError("auth.token.issue false needs auth.token.trusted_keys or auth.token.jwks_url")
+        for name, url in (("realm", token.realm), ("jwks_url", token.jwks_url)):
+            if url and not url.startswith(("https://", "http://")):
+                raise SettingsError(f"auth.token.{name} must be an http(s) URL, got {url!r}")
+
+    def signing_key_path(self) -> str:
+        """Where the built-in issuer's key is (or will be made)."""
+        if self.auth.token.key:
+            return self.auth.token.key
+        return os.path.join(self.storage.root or default_storage_root(), "auth", "signing-key.pem")
 
 
 # ---- loading ----------------------------------------------------------------

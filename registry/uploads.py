@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from registry.auth.gate import EVERYONE, caller_of
 from registry.errors import ContentRangeInvalid, with_headers
 from registry.protocol import (DIGEST_HEADER, UPLOAD_UUID_HEADER, absolute, blob_path,
                                body_chunks, has_body, parse_content_range, range_header,
@@ -65,9 +66,11 @@ async def start_upload(request: web.Request) -> web.Response:
                 from_repo = ""  # never matches: fall back to an ordinary upload
         info = None
         if from_repo != "":
-            # Without `from`, only repositories the caller may read are
-            # searched: with auth off that is every one.
-            info = await store.blobs.mount(name, mount, from_repo, readable=None)
+            # Only a repository the caller may pull from is mounted from
+            # (Zot CVE-2024-39897); without `from`, only those are searched.
+            caller = caller_of(request)
+            readable = None if caller is EVERYONE else caller.may_pull
+            info = await store.blobs.mount(name, mount, from_repo, readable=readable)
         if info is not None:
             return _created_response(request, name, info)
         # Not mountable: an ordinary upload session (202), as the spec allows.

@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 
 from registry.cli import exposure_warning
-from registry.settings import HttpSettings, Settings, TlsSettings
+from registry.settings import AuthSettings, HttpSettings, Settings, TlsSettings
 from tests.support import REPO_ROOT
 from tests.support.content import sha256_digest
 from tests.support.launch import ServerProcess, dockyard_command, free_port
@@ -152,10 +152,14 @@ def test_unusable_tls_settings_are_one_line_and_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 
-def test_plain_http_on_a_public_address_warns():
+def test_a_public_address_without_tls_or_auth_warns():
     exposed = Settings(http=HttpSettings(host="0.0.0.0"))
     assert "plain HTTP without authentication on 0.0.0.0" in exposure_warning(exposed)
     assert exposure_warning(Settings(http=HttpSettings(host="127.0.0.1"))) is None
     assert exposure_warning(Settings(http=HttpSettings(host="::1"))) is None
-    assert exposure_warning(Settings(http=HttpSettings(host="0.0.0.0"),
-                                     tls=TlsSettings(cert="c.pem", key="k.pem"))) is None
+    public, tls = HttpSettings(host="0.0.0.0"), TlsSettings(cert="c.pem", key="k.pem")
+    token = AuthSettings(mode="token")
+    assert "without authentication on 0.0.0.0: anyone who can reach the port may pull, push and delete" \
+        in exposure_warning(Settings(http=public, tls=tls))
+    assert "passwords and tokens cross the network unencrypted" in exposure_warning(Settings(http=public, auth=token))
+    assert exposure_warning(Settings(http=public, tls=tls, auth=token)) is None

@@ -14,7 +14,7 @@ import select
 import socket
 import struct
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 Address = str | tuple[str, int | str]
 Response = tuple[int, dict[str, str], bytes]
@@ -45,14 +45,24 @@ def connect(address: Address, *, timeout: float = 15.0, rcvbuf: int | None = Non
     return sock
 
 
-def request_head(method: str, path: str, host: str, headers: Mapping[str, str] | None = None,
+Headers = Mapping[str, str] | Sequence[tuple[str, str]]
+
+
+def _pairs(headers: Headers | None) -> list[tuple[str, str]]:
+    if headers is None:
+        return []
+    return list(headers.items()) if isinstance(headers, Mapping) else list(headers)
+
+
+def request_head(method: str, path: str, host: str, headers: Headers | None = None,
                  *, close: bool = True) -> bytes:
     """Request line and headers, up to and including the blank line. The
-    path is sent exactly as given (no normalisation, no quoting)."""
+    path is sent exactly as given (no normalisation, no quoting); pairs
+    may repeat a header."""
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
     if close:
         lines.append("Connection: close")
-    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    lines += [f"{name}: {value}" for name, value in _pairs(headers)]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -174,13 +184,16 @@ def exchange(address: Address, payload: bytes, timeout: float = 10.0) -> bytes:
 
 
 async def raw_request(address: Address, method: str, path: str,
-                      headers: Mapping[str, str] | None = None, body: bytes = b"",
+                      headers: Headers | None = None, body: bytes = b"",
                       timeout: float = 10.0) -> Response:
     """The same from a coroutine: one request exactly as written, read to the end."""
     host, port = split_address(address)
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        head = request_head(method, path, host, {"Content-Length": str(len(body)), **(headers or {})})
+        given = _pairs(headers)
+        if not any(name.lower() == "content-length" for name, _ in given):
+            given.insert(0, ("Content-Length", str(len(body))))
+        head = request_head(method, path, host, given)
         writer.write(head + body)
         await writer.drain()
         raw = await asyncio.wait_for(reader.read(), timeout)
