@@ -48,6 +48,7 @@ from puller.errors import AuthError, LoginExpired, TransportError
 MIN_TOKEN_SECONDS = 60
 MAX_TOKEN_SECONDS = 86400
 MAX_ANSWER = 64 * 1024
+MAX_RETRY_AFTER = 10.0         # seconds: a token server asking for a longer wait is answered at once
 CLIENT_ID = "dockyard"          # OAuth2 client_id: not registered anywhere, for the server's audit
 
 
@@ -138,6 +139,18 @@ def _error_of(body: bytes) -> tuple[str | None, str]:
         message = description if isinstance(description, str) and description else answer["error"]
         return answer["error"], message.strip().splitlines()[0][:200] if message.strip() else ""
     return None, policy.registry_error(body)[1]
+
+
+def _locked_out(response) -> bool:
+    """A 429 that says to come back later than a retry would: a token server
+    refusing logins from this address after failed ones. Retrying only delays
+    the line that says so."""
+    if response.status != 429:
+        return False
+    try:
+        return float(response.headers.get("Retry-After") or 0) > MAX_RETRY_AFTER
+    except ValueError:
+        return True             # an HTTP date: minutes away, not seconds
 
 
 class BearerTokens:
@@ -232,7 +245,8 @@ class BearerTokens:
                     data = await response.read(MAX_ANSWER)
                 finally:
                     response.release()
-                if response.status in policy.RETRYABLE_STATUS and attempt < self.retries:
+                if response.status in policy.RETRYABLE_STATUS and attempt < self.retries \
+                        and not _locked_out(response):
                     await asyncio.sleep(policy.backoff(attempt))
                     continue
                 return response.status, data
