@@ -552,6 +552,28 @@ async def test_real_login_as_a_reader_gets_only_pull(token_dockyard, cli, tmp_pa
     one_error_line(err)
 
 
+async def test_real_lockout_is_one_line_at_once(token_dockyard, cli):
+    """After too many wrong passwords the token server answers 429 with a
+    Retry-After of minutes: login says so at once instead of retrying."""
+    registry = token_dockyard
+    host = registry.host
+    cli.secrets.update(USERS.values())
+    for attempt in range(30):
+        code, out, err = await cli.login(host, "builder", f"wrong-{attempt}")
+        assert code == 1
+        if "too many failed logins" in err:
+            break
+    else:
+        pytest.fail("no lockout after 30 wrong passwords")
+    started = time.monotonic()
+    code, out, err = await cli.login(host, "builder", USERS["builder"])
+    assert code == 1 and out == ""
+    line = one_error_line(err)
+    assert "429" in line and "too many failed logins" in line, line
+    assert time.monotonic() - started < 5, "the lockout answer was retried"
+    assert not cli.config_path.exists()
+
+
 @pytest.mark.interop
 async def test_docker_and_dockyard_share_identity_tokens(token_dockyard, dockerd, cli, tmp_path):
     """`docker login` -> dockyard pulls with docker's identity token; `dockyard
