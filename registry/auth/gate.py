@@ -31,7 +31,8 @@ from registry.auth.directory import Directory
 from registry.auth.scopes import CATALOG, REGISTRY, REPOSITORY, REPOSITORY_ACTIONS, WILDCARD
 from registry.auth.tokens import AccessToken, TokenError, TokenVerifier
 from registry.errors import with_headers
-from storage.oci.errors import Denied, Unauthorized
+from storage.oci.errors import Denied, NameInvalid, Unauthorized
+from storage.oci.names import validate_name
 
 log = logging.getLogger("dockyard.auth")
 
@@ -231,6 +232,11 @@ class Gate:
     async def admit(self, request: web.Request, action: str) -> Caller:
         repository = request.match_info.get("name") if action not in (BASE, CATALOG_ACTION) else None
         scope = needed_scope(action, repository) if action != BASE else None
+        source = mount_source(request) if action == PUSH else None
+        if source is not None:
+            # a mount also reads its source: the challenge asks for both, so
+            # the client's token can carry both (as Distribution's does)
+            scope = f"{scope} {needed_scope(PULL, source)}"
         caller = await self.identify(request, scope)
         if caller is None:
             raise self.unauthorized(request, "authentication required", scope)
@@ -243,9 +249,16 @@ class Gate:
                 return caller
             return self._refuse(request, caller, scope, None, action)
         assert repository is not None
-        if action in caller.actions_for(repository):
-            return caller
-        return self._refuse(request, caller, scope, repository, action)
+        if action not in caller.actions_for(repository):
+            return self._refuse(request, caller, scope, repository, action)
+        if source is not None and self.mode == "token" and not caller.may_pull(source) \
+                and caller.policy_allows(source, PULL):
+            # another token would carry pull on the source: ask for it. When
+            # the policy refuses it, the handler answers with a plain upload
+            # session and reveals nothing of the source (Zot CVE-2024-39897).
+            raise self.unauthorized(request, "the token does not grant pull on the mount source",
+                                    scope, "insufficient_scope")
+        return caller
 
     def _refuse(self, request: web.Request, caller: Caller, scope: str | None,
                 repository: str | None, action: str) -> Caller:
@@ -258,6 +271,20 @@ class Gate:
             raise self.unauthorized(request, "the token does not grant this access", scope,
                                     "insufficient_scope", detail)
         raise Denied("requested access to the resource is denied", detail)
+
+
+def mount_source(request: web.Request) -> str | None:
+    """The `from` repository of a cross-repository mount (POST ...?mount=&from=)."""
+    if request.method != "POST" or "mount" not in request.query:
+        return None
+    source = request.query.get("from")
+    if not source:
+        return None
+    try:
+        validate_name(source)
+    except NameInvalid:
+        return None
+    return source
 
 
 def parse_basic(header: str) -> tuple[str | None, str]:

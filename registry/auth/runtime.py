@@ -123,7 +123,7 @@ def _signing_key(settings: Settings):
     try:
         return load_or_create_signing_key(path, settings.auth.token.algorithm)
     except KeyFileError as exc:
-        raise SettingsError(str(exc)) from None
+        raise SettingsError(f"auth.token.key (the signing key): {exc}") from None
 
 
 def prepare_signing_key(settings: Settings) -> None:

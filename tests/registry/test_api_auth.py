@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import pytest
 
@@ -310,6 +311,15 @@ async def test_a_mount_without_pull_on_the_source_is_an_ordinary_upload(reg):
     resp = await reg.post("/v2/public/x/blobs/uploads/", params={"mount": layer, "from": "team-a/app"},
                           headers=builder)
     assert resp.status == 201
+    # the challenge of a mount names both scopes; a token without the
+    # source's pull that the policy would grant is asked to come back with it
+    resp = await reg.post("/v2/public/y/blobs/uploads/", params={"mount": layer, "from": "team-a/app"})
+    assert challenge_of(resp)["scope"] == "repository:public/y:pull,push repository:team-a/app:pull"
+    narrow = await reg.bearer("builder", "repository:public/y:pull,push")
+    resp = await reg.post("/v2/public/y/blobs/uploads/", params={"mount": layer, "from": "team-a/app"},
+                          headers=narrow)
+    await refused(resp, 401, "UNAUTHORIZED")
+    assert challenge_of(resp)["error"] == "insufficient_scope"
 
 
 async def test_the_catalog_needs_its_scope_and_lists_only_what_the_caller_may_pull(reg):
@@ -504,3 +514,69 @@ async def test_the_file_watcher_notices_a_policy_change(make_authed, tmp_path):
             break
     else:
         pytest.fail("the policy change was not noticed within 4 s")
+
+
+# ---- behind another token server (auth.token.issue false) ---------------------------------
+
+async def test_tokens_of_an_external_issuer_are_trusted_by_its_certificate_bundle(aiohttp_client, tmp_path):
+    from tests.support.tokens import TokenServer, serve_token_server
+
+    async with serve_token_server(tmp_path) as tokens:
+        token = TokenAuthSettings(issue=False, realm=tokens.realm, issuer=TokenServer.ISSUER,
+                                  service=TokenServer.SERVICE, trusted_keys=str(tokens.issuer.bundle))
+        settings = settings_for_tests(tmp_path / "storage", auth=AuthSettings(mode="token", token=token))
+        reg = Registry(await aiohttp_client(create_app(settings)))
+        resp = await reg.get("/v2/team-b/app/tags/list")
+        assert challenge_of(resp)["realm"] == tokens.realm
+        assert challenge_of(resp)["service"] == TokenServer.SERVICE
+        assert (await reg.get("/auth/token")).status == 404, "no built-in issuer when issue is false"
+        granted = tokens.issuer.issue("alice", [{"type": "repository", "name": "team-b/app",
+                                                 "actions": ["pull", "push"]}])
+        headers = {"Authorization": bearer(granted)}
+        data = b"external"
+        resp = await reg.post("/v2/team-b/app/blobs/uploads/", params={"digest": sha256_digest(data)},
+                              data=data, headers=headers)
+        assert resp.status == 201
+        # what that issuer did not grant stays closed, and another signer is not trusted
+        resp = await reg.get("/v2/team-c/app/tags/list", headers=headers)
+        assert challenge_of(resp)["error"] == "insufficient_scope"
+        from tests.support.tokens import TokenIssuer
+
+        (tmp_path / "stranger").mkdir()
+        stranger = TokenIssuer(tmp_path / "stranger", service=TokenServer.SERVICE, issuer=TokenServer.ISSUER)
+        forged = stranger.issue("alice", [{"type": "repository", "name": "team-b/app", "actions": ["pull"]}])
+        resp = await reg.get(f"/v2/team-b/app/blobs/{sha256_digest(data)}", headers={"Authorization": bearer(forged)})
+        assert challenge_of(resp)["error"] == "invalid_token"
+
+
+async def test_tokens_of_an_external_issuer_are_trusted_by_its_jwks_url(aiohttp_client, tmp_path):
+    import jwt
+    from aiohttp import web
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from registry.auth.keys import public_jwk, verification_key
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    trusted = verification_key(key.public_key())
+    async def jwks(request):
+        return web.json_response({"keys": [public_jwk(key.public_key(), "issuer-key-1", "ES256")]})
+
+    jwks_app = web.Application()
+    jwks_app.router.add_get("/jwks", jwks)
+    jwks_server = await aiohttp_client(jwks_app)
+    url = f"http://{jwks_server.server.host}:{jwks_server.server.port}/jwks"
+    token = TokenAuthSettings(issue=False, realm="https://auth.example.test/token", issuer="corp",
+                              service="registry", jwks_url=url)
+    settings = settings_for_tests(tmp_path / "storage", auth=AuthSettings(mode="token", token=token))
+    reg = Registry(await aiohttp_client(create_app(settings)))
+    now = int(time.time())
+    claims = {"iss": "corp", "sub": "ci", "aud": "registry", "exp": now + 300, "nbf": now, "iat": now,
+              "jti": "j1", "access": [{"type": "repository", "name": "corp/app", "actions": ["pull"]}]}
+    for kid in ("issuer-key-1", trusted.kid):
+        signed = jwt.encode(claims, key, algorithm="ES256", headers={"kid": kid})
+        resp = await reg.get("/v2/corp/app/tags/list", headers={"Authorization": bearer(signed)})
+        await refused(resp, 404, "NAME_UNKNOWN")      # in: the repository does not exist
+    other = ec.generate_private_key(ec.SECP256R1())
+    forged = jwt.encode(claims, other, algorithm="ES256", headers={"kid": "issuer-key-1"})
+    resp = await reg.get("/v2/corp/app/tags/list", headers={"Authorization": bearer(forged)})
+    assert challenge_of(resp)["error"] == "invalid_token"
