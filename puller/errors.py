@@ -5,7 +5,8 @@ as `dockyard: error: ...`, so a command catches ClientError and nothing else.
     ClientError
     ├── ReferenceError          a reference, tag, digest or platform outside the grammar (also a ValueError)
     ├── AuthError               401/403, a refused realm or redirect, a bad token answer
-    │   └── LoginRequired           anonymous, and the registry wants credentials
+    │   ├── LoginRequired           anonymous, and the registry wants credentials
+    │   └── LoginExpired            the identity token saved at login is refused (revoked, expired)
     ├── CredentialError         stored credentials unreadable or unwritable (config.json, a helper)
     ├── NotFoundError           404: manifest, blob or repository
     ├── ManifestError           a document not to be used: too big, digest mismatch, unsupported
@@ -52,6 +53,17 @@ class LoginRequired(AuthError):
 
     def __init__(self, host: str):
         super().__init__(f"authentication required by {host}: run 'dockyard login {host}'")
+        self.host = host
+
+
+class LoginExpired(AuthError):
+    """The token server refused the identity token `dockyard login` saved:
+    revoked (the password changed, the user was removed) or expired."""
+
+    def __init__(self, host: str, reason: str = ""):
+        why = f" ({reason})" if reason else ""
+        super().__init__(f"authentication to {host} failed: the saved login was refused{why}; "
+                         f"run 'dockyard login {host}' again")
         self.host = host
 
 

@@ -128,7 +128,18 @@ def _registry_of(text: str) -> str:
     return text
 
 
+def _usage_error(args, message: str) -> int:
+    """A login/logout usage error: one line, exit 1 (and the JSON error with --json)."""
+    print_error(message)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": message}))
+    return 1
+
+
 def cmd_login(args) -> int:
+    """As `docker login`: against a token registry the password is exchanged
+    for an identity token when the server issues one, and that is saved
+    (with the user name, without the password); else the password is."""
     import asyncio
 
     from puller.client.auth import Credentials, DockerConfig
@@ -138,26 +149,39 @@ def cmd_login(args) -> int:
     api_host = "registry-1.docker.io" if registry == "docker.io" else registry
     username = args.username
     if args.password_stdin:
+        if args.password is not None:
+            return _usage_error(args, "--password and --password-stdin are mutually exclusive")
+        if not username:
+            return _usage_error(args, "--password-stdin needs --username")
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = args.password
+        if password is not None and not args.quiet:
+            print("warning: a password on the command line is visible to other users; use --password-stdin",
+                  file=sys.stderr)
     if not username:
         if not sys.stdin.isatty():
-            print_error("--username is required")
-            return 1
-        username = input("Username: ")
+            return _usage_error(args, "--username is required")
+        username = input("Username: ").strip()
     if password is None:
         password = getpass.getpass("Password: ")
+    if not username:
+        return _usage_error(args, "a user name is required")
+    if not password:
+        # an empty password would fall back to an anonymous token and "succeed"
+        return _usage_error(args, "a password is required")
     creds = Credentials(username, password)
     options = ClientOptions(plain_http=args.plain_http, insecure=args.insecure, ca_file=args.ca_file,
                             credentials=((registry, creds), (api_host, creds)))
 
     async def main() -> int:
         async with RegistryClient(options) as client:
-            await client.check_login(api_host)
-        where = await asyncio.to_thread(DockerConfig().store, registry, creds)
-        if not args.quiet:
-            print(f"Login Succeeded (credentials saved in {where})")
+            saved = await client.check_login(api_host)
+        where = await asyncio.to_thread(DockerConfig().store, registry, saved)
+        kind = "identity token" if saved.identity_token else "password"
+        emit(args, {"registry": registry, "username": username, "saved": kind.replace(" ", "_"),
+                    "location": where},
+             f"Login Succeeded ({kind} saved in {where})")
         return 0
     return run_command(main, args)
 
@@ -169,8 +193,9 @@ def cmd_logout(args) -> int:
     try:
         found = DockerConfig().erase(registry)
     except ClientError as exc:
-        return fail(exc)
-    print(f"Removing login credentials for {registry}" if found else f"Not logged in to {registry}")
+        return fail(exc, json_output=args.json)
+    emit(args, {"registry": registry, "removed": found},
+         f"Removing login credentials for {registry}" if found else f"Not logged in to {registry}")
     return 0
 
 
@@ -238,14 +263,15 @@ def register(subparsers) -> None:
     p.add_argument("-u", "--username")
     p.add_argument("-p", "--password")
     p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.add_argument("--plain-http", action="store_true")
-    p.add_argument("--insecure", action="store_true")
-    p.add_argument("--ca-file", metavar="FILE")
+    p.add_argument("--plain-http", action="store_true", help="talk plain HTTP (no TLS) to the registry")
+    p.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
+    p.add_argument("--ca-file", metavar="FILE", help="trust the CA certificates in FILE")
+    add_output_flags(p)
     p.set_defaults(func=cmd_login)
 
-    p = subparsers.add_parser("logout", help="forget the credentials of a registry")
-    p.add_argument("registry", nargs="?")
+    p = subparsers.add_parser("logout", help="forget the credentials of a registry (config.json and helpers)")
+    p.add_argument("registry", nargs="?", help="registry host (default Docker Hub)")
+    add_output_flags(p)
     p.set_defaults(func=cmd_logout)
 
     p = subparsers.add_parser("inspect", help="show an image's manifest and config (local store or --remote)")

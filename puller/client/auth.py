@@ -9,7 +9,13 @@
   `~/.docker/config.json`): `auths[host].auth` (base64 "user:pass") or
   `identitytoken`, `credsStore` and `credHelpers` through
   `docker-credential-<helper> get|store|erase`. A user who ran `docker login`
-  is already logged in here, and `dockyard login` writes what docker reads.
+  is already logged in here, and `dockyard login` writes what docker reads:
+  `{"auth": base64("user:pass")}`, or with an identity token (an OAuth2
+  refresh token a token server issued at login) `{"auth": base64("user:"),
+  "identitytoken": "..."}` - no password; through a helper, the secret
+  (user name `<token>` for an identity token) goes to the helper and the
+  entry in config.json stays empty. The repr of Credentials shows neither
+  password nor token.
 - `check_realm(realm, host, registry_base)`: where a token request, which
   carries the credentials, may go (HTTPS; plain HTTP only to a plain
   loopback registry's own host).
@@ -170,8 +176,8 @@ def merge_scopes(scopes: list[Scope]) -> list[Scope]:
 @dataclass(frozen=True)
 class Credentials:
     username: str | None = None
-    password: str | None = None
-    identity_token: str | None = None     # OAuth2 refresh token
+    password: str | None = field(default=None, repr=False)
+    identity_token: str | None = field(default=None, repr=False)     # OAuth2 refresh token
 
     @property
     def anonymous(self) -> bool:
@@ -280,7 +286,9 @@ class DockerConfig:
             data.setdefault("auths", {})[key] = {}
             self.save(data)
             return f"credential helper docker-credential-{helper}"
-        entry = {"auth": base64.b64encode(f"{creds.username or ''}:{creds.password or ''}".encode()).decode()}
+        entry = {}
+        if creds.username or creds.password:        # as docker's encodeAuth: nothing for neither
+            entry["auth"] = base64.b64encode(f"{creds.username or ''}:{creds.password or ''}".encode()).decode()
         if creds.identity_token:
             entry["identitytoken"] = creds.identity_token
         data.setdefault("auths", {})[key] = entry
@@ -288,23 +296,35 @@ class DockerConfig:
         return str(self.path)
 
     def erase(self, registry: str) -> bool:
+        """Forget the registry's credentials: every entry of `auths` naming
+        it (`host`, `https://host/v1/`, ...), whatever it holds (a password,
+        an identity token), and what a credential helper keeps under any of
+        those keys. True when something was removed. A helper that fails
+        (other than "not found") is a CredentialError, raised after the
+        entries in config.json are gone: the secret may still be in the helper."""
         data = self.load()
         key = config_key(registry)
-        helper = self.helper_for(registry, data)
-        found = False
-        if helper:
-            try:
-                _helper_run(helper, "erase", key)
-                found = True
-            except CredentialError:
-                pass
         auths = data.get("auths") or {}
-        for name in list(auths):
-            if name == key or _normalise_key(name) == _normalise_key(key):
-                del auths[name]
+        names = [name for name in auths if name == key or _normalise_key(name) == _normalise_key(key)]
+        found = bool(names)
+        failure: CredentialError | None = None
+        for name in dict.fromkeys([key, *names]):
+            helper = self.helper_for(name, data)
+            if not helper:
+                continue
+            try:
+                _helper_run(helper, "erase", name)
                 found = True
-        if found:
+            except CredentialError as exc:
+                if not _not_found(exc):
+                    failure = failure or exc
+        for name in names:
+            del auths[name]
+        if names:
             self.save(data)
+        if failure is not None:
+            raise CredentialError(f"could not erase the credentials of {registry} from the credential helper: "
+                                  f"{failure}")
         return found
 
 
@@ -322,11 +342,16 @@ def _helper_run(helper: str, action: str, stdin: str) -> str:
     return proc.stdout.decode()
 
 
+def _not_found(exc: CredentialError) -> bool:
+    # docker-credential-helpers' ErrCredentialsNotFound: "credentials not found in native keychain"
+    return "credentials not found" in str(exc).lower()
+
+
 def _helper_get(helper: str, key: str) -> Credentials | None:
     try:
         out = _helper_run(helper, "get", key)
     except CredentialError as exc:
-        if "credentials not found" in str(exc).lower():
+        if _not_found(exc):
             return None
         raise
     try:

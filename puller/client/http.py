@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from urllib.parse import urlencode, urljoin, urlsplit
 
 from puller.client import policy
-from puller.client.auth import Scope, challenges_from_headers, merge_scopes, parse_scope_list
+from puller.client.auth import Credentials, Scope, challenges_from_headers, merge_scopes, parse_scope_list
 from puller.client.endpoints import Endpoint, Endpoints
 from puller.client.options import ClientOptions
 from puller.client.reference import Reference
@@ -123,16 +123,20 @@ class RegistryClient:
     async def endpoint(self, host: str) -> Endpoint:
         return await self._endpoints.get(host)
 
+    def _bearer_tokens(self):
+        """The token flow (puller.client.tokens.BearerTokens), made on first use:
+        only a registry that wants tokens pays for its import."""
+        if self._tokens is None:
+            from puller.client.tokens import BearerTokens
+            self._tokens = BearerTokens(lambda: self.transport, self.options.retries)
+        return self._tokens
+
     async def _authorization(self, host: str, endpoint: Endpoint, scopes: list[Scope],
                              force: bool = False) -> str | None:
         for challenge in endpoint.challenges:
             if challenge.scheme == "bearer" and challenge.realm:
-                if self._tokens is None:
-                    # only a registry that wants tokens pays for the flow's import
-                    from puller.client.tokens import BearerTokens
-                    self._tokens = BearerTokens(lambda: self.transport, self.options.retries)
-                return "Bearer " + await self._tokens.token(host, endpoint.base, challenge, scopes,
-                                                            endpoint.credentials, force)
+                return "Bearer " + await self._bearer_tokens().token(host, endpoint.base, challenge, scopes,
+                                                                     endpoint.credentials, force)
         for challenge in endpoint.challenges:
             if challenge.scheme == "basic" and not endpoint.credentials.anonymous:
                 return endpoint.credentials.basic_header()
@@ -378,14 +382,29 @@ class RegistryClient:
             if response.status not in (201, 204):
                 raise await self.error_for(response, what)
 
-    async def check_login(self, host: str) -> None:
-        """Verify the credentials of `host` (Basic: GET /v2/; Bearer: get a token)."""
+    async def check_login(self, host: str) -> Credentials:
+        """Log in to `host` with its credentials as `docker login` does, and
+        return what to save. Basic: GET /v2/ must answer 200, and the
+        credentials are saved as given. Bearer: the password is exchanged for
+        a token with offline access (BearerTokens.login), which GET /v2/ must
+        then accept; when the token server issued a refresh token, that is
+        the identity token saved with the user name, in place of the password.
+        A registry that asks for nothing: the credentials as given."""
         endpoint = await self.endpoint(host)
+        creds = endpoint.credentials
         if not endpoint.challenges:
-            return
+            return creds
+        identity = None
+        for challenge in endpoint.challenges:
+            if challenge.scheme == "bearer" and challenge.realm:
+                identity = await self._bearer_tokens().login(host, endpoint.base, challenge, creds)
+                break
         async with self.request("GET", host, "/v2/", scopes=[]) as response:
             if response.status != 200:
                 raise await self.error_for(response, f"login to {host}")
+        if identity:
+            return Credentials(creds.username, None, identity)
+        return creds
 
 
 async def read_document(response: Response, limit: int, what: str) -> bytes:

@@ -4,6 +4,7 @@ it expires.
 
     tokens = BearerTokens(transport_getter, retries)
     value = await tokens.token(host, registry_base, challenge, scopes, credentials, force=False)
+    identity = await tokens.login(host, registry_base, challenge, credentials)   # refresh token or None
 
 With credentials, the OAuth2 form is POSTed first (password or refresh
 token grant), falling back to GET with Basic on 404/405, as Docker does;
@@ -11,6 +12,16 @@ anonymous clients GET. Tokens are cached per (realm, service, scopes,
 account) and one fetch per key runs at a time. The realm is checked
 (puller.client.auth.check_realm) before anything is sent to it, and its
 answer (token_from_response) before it is used.
+
+Login asks for offline access, as `docker login` does: the POST form says
+access_type=offline (with an empty scope), the GET fallback
+offline_token=true and client_id. A refresh token in the answer is the
+identity token saved in place of the password; later requests send it with
+grant_type=refresh_token. A refused refresh token is LoginExpired (log in
+again), a refused password "incorrect username or password".
+
+Neither a password nor a token ever goes into an error message: what a
+refusal says comes from the server's error fields.
 
 The token server is its own origin: the credentials (a Basic header, or a
 form carrying the password) go nowhere else, even when it redirects.
@@ -23,13 +34,13 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
 from puller.client import policy
 from puller.client.auth import ANONYMOUS, Challenge, Credentials, Scope, check_realm
 from puller.client.transport import Transport
-from puller.errors import AuthError, TransportError
+from puller.errors import AuthError, LoginExpired, TransportError
 
 # a token answer's expires_in is clamped to this range: the spec's default
 # and minimum, and a day (a longer-lived cache gains nothing, and an
@@ -37,11 +48,13 @@ from puller.errors import AuthError, TransportError
 MIN_TOKEN_SECONDS = 60
 MAX_TOKEN_SECONDS = 86400
 MAX_ANSWER = 64 * 1024
+MAX_RETRY_AFTER = 10.0         # seconds: a token server asking for a longer wait is answered at once
+CLIENT_ID = "dockyard"          # OAuth2 client_id: not registered anywhere, for the server's audit
 
 
 @dataclass
 class Token:
-    value: str
+    value: str = field(repr=False)
     expires_at: float
 
     def valid(self, now: float | None = None) -> bool:
@@ -102,6 +115,44 @@ def token_from_response(body, now: float | None = None, where: str = "token serv
     return Token(value=value, expires_at=now + token_lifetime(body.get("expires_in")) - TokenCache.MARGIN)
 
 
+def refresh_token_from_response(body, where: str = "token server") -> str | None:
+    """The refresh (identity) token of a token server's decoded JSON answer,
+    or None when it carries none; checked like an access token, since it goes
+    into a form and into Docker's config."""
+    value = body.get("refresh_token") if isinstance(body, dict) else None
+    if value is None or value == "":
+        return None
+    if not _usable_token(value):
+        raise AuthError(f"{where} answered a refresh token that is not a printable string")
+    return value
+
+
+def _error_of(body: bytes) -> tuple[str | None, str]:
+    """(OAuth2 error code, message) of a token server's error answer: the
+    OAuth2 fields (RFC 6749 5.2) or the OCI errors list."""
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        description = answer.get("error_description")
+        message = description if isinstance(description, str) and description else answer["error"]
+        return answer["error"], message.strip().splitlines()[0][:200] if message.strip() else ""
+    return None, policy.registry_error(body)[1]
+
+
+def _locked_out(response) -> bool:
+    """A 429 that says to come back later than a retry would: a token server
+    refusing logins from this address after failed ones. Retrying only delays
+    the line that says so."""
+    if response.status != 429:
+        return False
+    try:
+        return float(response.headers.get("Retry-After") or 0) > MAX_RETRY_AFTER
+    except ValueError:
+        return True             # an HTTP date: minutes away, not seconds
+
+
 class BearerTokens:
     """Fetches and caches the tokens of one client."""
 
@@ -129,20 +180,35 @@ class BearerTokens:
                 cached = self.cache.get(key)
                 if cached:
                     return cached.value
-            token = await self._fetch(host, realm, service, scopes, creds)
+            token, _ = await self._fetch(host, realm, service, scopes, creds)
             self.cache.put(key, token)
             return token.value
 
+    async def login(self, host: str, registry_base: str, challenge: Challenge, creds: Credentials) -> str | None:
+        """Exchange `creds` (a user name and password) for a token for no
+        scope with offline access, as `docker login` does: the refresh token
+        the server answers with (the identity token to save), or None when it
+        issues none. The access token is cached, so a request for no scope
+        (GET /v2/) right after uses it."""
+        realm = challenge.realm
+        check_realm(realm, host, registry_base)
+        service = challenge.params.get("service")
+        token, refresh = await self._fetch(host, realm, service, [], creds, offline=True)
+        self.cache.put(TokenCache.key(realm, service, [], creds.username or creds.identity_token), token)
+        return refresh
+
     async def _fetch(self, host: str, realm: str, service: str | None, scopes: list[Scope],
-                     creds: Credentials) -> Token:
+                     creds: Credentials, offline: bool = False) -> tuple[Token, str | None]:
+        """A token and the answer's refresh token (None if it has none)."""
         scope_strings = [str(s) for s in scopes]
-        if creds.identity_token or (creds.username and creds.password):
-            form = {"client_id": "dockyard", "access_type": "online"}
+        refreshing = bool(creds.identity_token)
+        if refreshing or (creds.username and creds.password):
+            form = {"client_id": CLIENT_ID, "access_type": "offline" if offline and not refreshing else "online"}
             if service:
                 form["service"] = service
-            if scope_strings:
-                form["scope"] = " ".join(scope_strings)
-            if creds.identity_token:
+            if scope_strings or offline:
+                form["scope"] = " ".join(scope_strings)     # empty at login, as docker sends it
+            if refreshing:
                 form.update(grant_type="refresh_token", refresh_token=creds.identity_token)
             else:
                 form.update(grant_type="password", username=creds.username, password=creds.password)
@@ -150,7 +216,7 @@ class BearerTokens:
                 "POST", realm, body=urlencode(form).encode(), secret_body=True,
                 headers={"Content-Type": "application/x-www-form-urlencoded"})
             if status not in (404, 405):
-                return self._result(host, status, body)
+                return self._result(host, status, body, refreshing=refreshing)
             if not (creds.username and creds.password):
                 creds = ANONYMOUS
         params: list[tuple[str, str]] = []
@@ -161,6 +227,8 @@ class BearerTokens:
         if creds.username:
             params.append(("account", creds.username))
             basic = creds.basic_header()
+            if offline:
+                params += [("offline_token", "true"), ("client_id", CLIENT_ID)]
         url = realm + ("&" if "?" in realm else "?") + urlencode(params) if params else realm
         status, body = await self._request("GET", url, auth=basic)
         return self._result(host, status, body)
@@ -177,7 +245,8 @@ class BearerTokens:
                     data = await response.read(MAX_ANSWER)
                 finally:
                     response.release()
-                if response.status in policy.RETRYABLE_STATUS and attempt < self.retries:
+                if response.status in policy.RETRYABLE_STATUS and attempt < self.retries \
+                        and not _locked_out(response):
                     await asyncio.sleep(policy.backoff(attempt))
                     continue
                 return response.status, data
@@ -189,15 +258,19 @@ class BearerTokens:
         raise TransportError("token server unreachable")  # pragma: no cover
 
     @staticmethod
-    def _result(host: str, status: int, body: bytes) -> Token:
-        if status in (401, 403):
-            raise AuthError(f"authentication to {host} failed: incorrect username or password")
+    def _result(host: str, status: int, body: bytes, refreshing: bool = False) -> tuple[Token, str | None]:
         if status != 200:
-            _, message = policy.registry_error(body)
+            error, message = _error_of(body)
+            # RFC 6749 5.2 answers a bad grant with 400 invalid_grant; token.md with 401
+            if status in (401, 403) or error == "invalid_grant":
+                if refreshing:
+                    raise LoginExpired(host, message)
+                raise AuthError(f"authentication to {host} failed: incorrect username or password")
             raise AuthError(f"token server for {host} answered {status}: {message}".rstrip(": "))
         try:
             # lenient about NaN and Infinity here: token_from_response clamps expires_in
             answer = json.loads(body)
         except (ValueError, RecursionError) as exc:
             raise AuthError(f"token server for {host} answered something that is not JSON") from exc
-        return token_from_response(answer, where=f"token server for {host}")
+        where = f"token server for {host}"
+        return token_from_response(answer, where=where), refresh_token_from_response(answer, where)
