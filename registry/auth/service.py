@@ -76,9 +76,13 @@ class TokenService:
         if service and service != self.service:
             raise TokenRequestInvalid(f"this token service issues tokens for {self.service!r} only")
 
-    def _unauthorized(self, message: str) -> Unauthorized:
-        return with_headers(Unauthorized(message),
+    def _unauthorized(self, message: str, kind: type[Unauthorized] = Unauthorized) -> Unauthorized:
+        # every 401 names how to authenticate (RFC 7235 3.1), the OAuth2 form's too
+        return with_headers(kind(message),
                             {"WWW-Authenticate": f'Basic realm="{self.basic_realm}",charset="UTF-8"'})
+
+    def _invalid_grant(self, message: str) -> Unauthorized:
+        return self._unauthorized(message, InvalidGrant)
 
     def _answer(self, issued: IssuedToken, granted: Sequence[Scope], refresh: str | None) -> web.Response:
         body = {"token": issued.token, "access_token": issued.token,
@@ -132,7 +136,7 @@ class TokenService:
             username, password = _field(form, "username"), _field(form, "password")
             if not username or password is None or not await self.directory.check_password(
                     username, password, request.remote or ""):
-                raise _invalid_grant("incorrect username or password")
+                raise self._invalid_grant("incorrect username or password")
             user = username
             if _field(form, "access_type") == "offline":
                 refresh = self._refresh_for(user)
@@ -141,10 +145,10 @@ class TokenService:
             try:
                 user, binding = self.issuer.verify_refresh(presented)
             except TokenError:
-                raise _invalid_grant("the refresh token is not valid") from None
+                raise self._invalid_grant("the refresh token is not valid") from None
             if not user or binding != (self.directory.fingerprint(user) or "") or \
                     not self.directory.exists(user):
-                raise _invalid_grant("the refresh token is no longer valid")
+                raise self._invalid_grant("the refresh token is no longer valid")
             refresh = presented        # oauth.md: the same refresh token, not a new one
         else:
             raise TokenRequestInvalid("grant_type must be password or refresh_token")
@@ -160,8 +164,6 @@ class InvalidGrant(Unauthorized):
     """Bad password or refresh token in the OAuth2 form (401, RFC 6749 5.2)."""
 
 
-def _invalid_grant(message: str) -> InvalidGrant:
-    return InvalidGrant(message)
 
 
 # OAuth2's error field (RFC 6749 5.2) beside the OCI errors list docker prints

@@ -233,6 +233,7 @@ async def test_oauth2_password_and_refresh_grants(reg):
     resp = await reg.post("/auth/token", data={**form, "password": "wrong"})
     assert resp.status == 401
     assert (await resp.json())["error"] == "invalid_grant"
+    assert resp.headers["WWW-Authenticate"].startswith("Basic realm=")
 
     resp = await reg.post("/auth/token", data={"grant_type": "refresh_token", "service": "dockyard",
                                                "refresh_token": body["access_token"]})
