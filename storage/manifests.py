@@ -179,7 +179,7 @@ class Manifests:
         return PutManifestResult(digest, parsed.subject)
 
     async def _link_revision(self, repo: str, digest: str, size: int,
-                             parsed: _ParsedManifest) -> None:
+                             parsed: _Pushed) -> None:
         descriptor = {"mediaType": parsed.media_type, "digest": digest, "size": size}
         await self.driver.put_content(layout.manifest_revision_link(repo, digest),
                                       json.dumps(descriptor).encode())

@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import gzip
 import http.client
-import io
 import ipaddress
 import json
 import re
 import ssl
-import tarfile
 import urllib.error
 import uuid
 from dataclasses import dataclass
@@ -35,8 +33,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.auth import EXAMPLE_POLICY, USERS, access_of, claims_of
-from tests.support.content import OCI_LAYER_GZIP, LayoutImage, gzip_bytes, sha256_digest, write_oci_layout
-from tests.support.peers import build_busybox_image, busybox_path, require_module, run
+from tests.support.content import OCI_LAYER_GZIP, LayoutImage, sha256_digest, write_oci_layout
+from tests.support.peers import build_busybox_image, busybox_layer, require_module, run
 from tests.support.secure_registry import (DockerClient, SecureRegistry, docker_client, resolved_addresses,
                                            secure_dockyard)
 
@@ -85,24 +83,7 @@ def built(docker_cli) -> tuple[str, str]:
 
 def runnable_layer(hello: str) -> bytes:
     """A gzip layer with a static busybox, /bin/sh and /bin/cat, and /hello.txt."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        directory = tarfile.TarInfo("bin")
-        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(directory)
-        data = Path(busybox_path()).read_bytes()
-        binary = tarfile.TarInfo("bin/busybox")
-        binary.size, binary.mode = len(data), 0o755
-        tar.addfile(binary, io.BytesIO(data))
-        for applet in ("sh", "cat"):
-            link = tarfile.TarInfo(f"bin/{applet}")
-            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(link)
-        text = f"{hello}\n".encode()
-        hello_file = tarfile.TarInfo("hello.txt")
-        hello_file.size, hello_file.mode = len(text), 0o644
-        tar.addfile(hello_file, io.BytesIO(text))
-    return gzip_bytes(buf.getvalue())
+    return busybox_layer(("sh", "cat"), {"hello.txt": f"{hello}\n".encode()})
 
 
 @dataclass(frozen=True)

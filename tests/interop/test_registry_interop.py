@@ -23,7 +23,7 @@ import pytest
 from tests.support.content import (DOCKER_LIST, DOCKER_MANIFEST, MANIFEST_ACCEPT, OCI_EMPTY, OCI_INDEX,
                                    OCI_LAYER_GZIP, OCI_MANIFEST, OciLayoutWriter, gzip_bytes,
                                    random_tar_layer, sha256_digest, write_oci_layout)
-from tests.support.peers import build_busybox_image, busybox_path, require_module
+from tests.support.peers import build_busybox_image, busybox_layer, require_module
 from tests.support.registry_http import http_request, push_blob, put_manifest
 
 pytestmark = pytest.mark.interop
@@ -67,26 +67,6 @@ def leftover_uploads(root: Path, *repos: str) -> list[Path]:
     areas = [d for d in root.rglob("_uploads") if d.is_dir()
              and any(str(d).endswith(f"/{repo}/_uploads") for repo in repos)]
     return [p for d in areas for p in d.iterdir()]
-
-
-def busybox_layer() -> bytes:
-    """A gzip layer with /bin/busybox and /bin/sh -> busybox: a runnable image."""
-    import io
-    import tarfile
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        d = tarfile.TarInfo("bin")
-        d.type, d.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(d)
-        data = Path(busybox_path()).read_bytes()
-        f = tarfile.TarInfo("bin/busybox")
-        f.size, f.mode = len(data), 0o755
-        tar.addfile(f, io.BytesIO(data))
-        for applet in ("sh", "cat", "echo", "uname"):
-            link = tarfile.TarInfo(f"bin/{applet}")
-            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(link)
-    return gzip_bytes(buf.getvalue())
 
 
 def manifest_of(registry, repo: str, reference: str) -> tuple[str, dict]:

@@ -81,6 +81,35 @@ def busybox_path() -> str:
     raise AssertionError("unreachable")
 
 
+def busybox_layer(applets: Sequence[str] = ("sh", "cat", "echo", "uname"),
+                  files: Mapping[str, bytes] | None = None) -> bytes:
+    """A gzip layer with a static /bin/busybox, /bin/APPLET -> busybox for
+    each applet, and `files` ({path: bytes}, mode 0644): a runnable image."""
+    import io
+    import tarfile
+
+    from tests.support.content import gzip_bytes
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        directory = tarfile.TarInfo("bin")
+        directory.type, directory.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(directory)
+        data = Path(busybox_path()).read_bytes()
+        binary = tarfile.TarInfo("bin/busybox")
+        binary.size, binary.mode = len(data), 0o755
+        tar.addfile(binary, io.BytesIO(data))
+        for applet in applets:
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        for path, content in (files or {}).items():
+            entry = tarfile.TarInfo(path)
+            entry.size, entry.mode = len(content), 0o644
+            tar.addfile(entry, io.BytesIO(content))
+    return gzip_bytes(buf.getvalue())
+
+
 def run(argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 300,
         check: bool = True, input: bytes | None = None, cwd: str | Path | None = None
         ) -> subprocess.CompletedProcess:
