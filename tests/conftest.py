@@ -1,6 +1,6 @@
 """Fixtures shared by every test folder: registries (Dockyard, CNCF
-Distribution) on loopback, a private Docker daemon, podman and skopeo, and
-storage over every registered driver.
+Distribution) on loopback, a private Docker daemon, podman and skopeo, a
+Ceph S3 gateway, and storage over every registered driver.
 
 Fixture names are a contract for the other rooms' tests: add, do not rename.
 The code behind them lives in `tests.support`.
@@ -14,12 +14,13 @@ from typing import Callable
 
 import pytest
 
+from tests.support.ceph import CephS3, shared_ceph
 from tests.support.drivers import DriverSpace, driver_kind, driver_names
 from tests.support.launch import RegistryServer, launch_distribution, launch_dockyard
 from tests.support.peers import (DockerDaemon, Podman, Skopeo, interop_required, make_podman, make_skopeo,
                                  start_docker_daemon, stop_docker_daemon)
 
-__all__ = ["DockerDaemon", "Podman", "Skopeo"]
+__all__ = ["CephS3", "DockerDaemon", "Podman", "Skopeo"]
 
 
 # ---- registries ---------------------------------------------------------------
@@ -105,6 +106,28 @@ async def driver_space(storage_driver_name, driver_scratch) -> DriverSpace:
     space = DriverSpace(driver_kind(storage_driver_name), driver_scratch)
     yield space
     await space.destroy()
+
+
+# ---- a Ceph S3 gateway ------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def _ceph_s3_session(tmp_path_factory):
+    """Where the session's Ceph cluster lives if something starts it (the
+    `ceph_s3` fixture or the "s3-ceph" storage driver), and its stop at the
+    end of the session. Starts nothing by itself."""
+    shared_ceph.configure(lambda: tmp_path_factory.mktemp("ceph-s3"))
+    yield
+    shared_ceph.stop()
+
+
+@pytest.fixture(scope="session")
+def ceph_s3(_ceph_s3_session) -> CephS3:
+    """The session's Ceph RADOS Gateway on loopback, started on first use:
+    `.endpoint`, `.access_key`, `.secret_key`, `.region`, `.client()` (boto3),
+    `.create_bucket(name)`; `shared_ceph.bucket` exists. Shared by many
+    tests (and the "s3-ceph" driver): use buckets or keys unique to your test,
+    and start a private cluster (tests.support.ceph.start_ceph_s3) to pause it."""
+    return shared_ceph.get()
 
 
 # ---- docker ---------------------------------------------------------------------

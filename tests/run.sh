@@ -2,7 +2,8 @@
 # The test command: installs the peer tools and the package, then runs pytest.
 #   bash tests/run.sh [pytest args...]      (default: the whole suite)
 # As root on Debian 12 it installs the Debian peers (docker, podman, skopeo,
-# CNCF Distribution, umoci, runc/crun, wrk, busybox-static, ...) when missing.
+# CNCF Distribution, umoci, runc/crun, wrk, busybox-static, Ceph's S3
+# gateway, ...) when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ DEBIAN_PACKAGES=(
   debootstrap zstd pigz uidmap fuse-overlayfs slirp4netns iptables
   containernetworking-plugins ca-certificates git file curl python3-venv
   apache2-utils
+  ceph-mon ceph-osd radosgw ceph-common
 )
 
 missing_packages() {

@@ -1,10 +1,11 @@
 """The test support itself: launchers that take settings files, the
-throwaway CA, the token issuer and the raw HTTP helpers, against real
-processes on loopback."""
+throwaway CA, the token issuer, the raw HTTP helpers and the Ceph S3
+gateway, against real processes on loopback."""
 
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import pytest
 import yaml
@@ -112,3 +113,85 @@ def test_raw_request_in_pieces(start_dockyard):
     assert (status, headers["range"]) == (202, f"0-{len(body) - 1}")
     answer = rawhttp.exchange(server.host, b"NOT HTTP\r\n\r\n")
     assert rawhttp.parse_response(answer)[0] == 400
+
+
+@pytest.mark.interop
+def test_ceph_s3_launcher(tmp_path):
+    """A real S3 on loopback: signatures checked (moto checks none), presigned
+    URLs, the 5 MiB minimum part, conditional PUT; the gateway paused and
+    resumed; stop() leaves nothing running."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    from tests.support.ceph import MiB, processes_under, start_ceph_s3
+
+    def refusal(call) -> tuple[str, int]:
+        with pytest.raises(ClientError) as refused:
+            call()
+        return refused.value.response["Error"]["Code"], refused.value.response["ResponseMetadata"]["HTTPStatusCode"]
+
+    directory = tmp_path / "ceph"
+    with start_ceph_s3(directory, buckets=["launcher"]) as ceph:
+        pids = ceph.pids()
+        assert set(pids) == {"mon", "osd", "rgw"}
+        assert sorted(processes_under(directory)) == sorted(pids.values())
+        listening = ceph.listening()
+        assert ("127.0.0.1", ceph.port) in listening["rgw"] and ("127.0.0.1", ceph.mon_port) in listening["mon"]
+        assert {host for addresses in listening.values() for host, _ in addresses} == {"127.0.0.1"}
+        assert ceph.endpoint == f"http://127.0.0.1:{ceph.port}" and ceph.region == "us-east-1"
+
+        s3 = ceph.client()
+        s3.put_object(Bucket="launcher", Key="greeting", Body=b"hello")
+        assert s3.get_object(Bucket="launcher", Key="greeting")["Body"].read() == b"hello"
+        ceph.create_bucket("second")
+        ceph.create_bucket("second")                    # ours already: a no-op
+        assert {b["Name"] for b in s3.list_buckets()["Buckets"]} == {"launcher", "second"}
+
+        wrong_key = ceph.client(secret_key=ceph.secret_key[::-1])
+        assert refusal(lambda: wrong_key.get_object(Bucket="launcher", Key="greeting")) == \
+            ("SignatureDoesNotMatch", 403)
+
+        url = s3.generate_presigned_url("get_object", Params={"Bucket": "launcher", "Key": "greeting"},
+                                        ExpiresIn=300)
+        assert http_request("GET", url).body == b"hello"
+        last = url[-1]
+        for tampered in (url[:-1] + ("0" if last != "0" else "1"),         # the signature
+                         url.replace("/launcher/greeting?", "/launcher/other?")):   # the key it signs
+            answer = http_request("GET", tampered)
+            assert answer.status == 403 and b"<Code>SignatureDoesNotMatch</Code>" in answer.body, answer
+
+        upload = s3.create_multipart_upload(Bucket="launcher", Key="parts")["UploadId"]
+        parts = [{"PartNumber": number,
+                  "ETag": s3.upload_part(Bucket="launcher", Key="parts", UploadId=upload, PartNumber=number,
+                                         Body=bytes([number]) * size)["ETag"]}
+                 for number, size in ((1, MiB), (2, 10))]
+        assert refusal(lambda: s3.complete_multipart_upload(
+            Bucket="launcher", Key="parts", UploadId=upload, MultipartUpload={"Parts": parts})) == \
+            ("EntityTooSmall", 400)
+        s3.abort_multipart_upload(Bucket="launcher", Key="parts", UploadId=upload)
+
+        assert refusal(lambda: s3.put_object(Bucket="launcher", Key="greeting", Body=b"other",
+                                             IfNoneMatch="*")) == ("PreconditionFailed", 412)
+        assert s3.get_object(Bucket="launcher", Key="greeting")["Body"].read() == b"hello"
+        s3.put_object(Bucket="launcher", Key="fresh", Body=b"new", IfNoneMatch="*")
+
+        quick = ceph.client(connect_timeout=1, read_timeout=1)
+        for how, failure in (("freeze", ReadTimeoutError), ("down", EndpointConnectionError)):
+            ceph.pause(how)
+            with pytest.raises(failure):
+                quick.get_object(Bucket="launcher", Key="greeting")
+            ceph.resume()
+            assert quick.get_object(Bucket="launcher", Key="greeting")["Body"].read() == b"hello"
+        pids = ceph.pids()          # radosgw was started again
+        ceph.pause("freeze")        # stop() ends a frozen gateway too
+    assert processes_under(directory) == []
+    assert not [pid for pid in pids.values() if Path(f"/proc/{pid}").exists()]
+    assert "--- rgw.out ---" in ceph.log() and "client.rgw.log" in ceph.log()
+
+
+@pytest.mark.interop
+def test_ceph_s3_session_cluster(ceph_s3):
+    """The session's cluster: one, with its bucket, whoever asks first."""
+    from tests.support.ceph import shared_ceph
+
+    assert shared_ceph.get() is ceph_s3
+    assert ceph_s3.client().head_bucket(Bucket=shared_ceph.bucket)["ResponseMetadata"]["HTTPStatusCode"] == 200
