@@ -187,6 +187,8 @@ def _settings(directory: Path, *, fsid: str, mon_port: int, port: int, store: st
             "rgw enable usage log": "false",
             "rgw enable ops log": "false",
             "rgw dynamic resharding": "false",
+            # no lifecycle worker: it sleeps 5 s at a time, which a stopping gateway waits out
+            "rgw enable lc threads": "false",
             # deleted objects' data is reclaimed within a minute, not after two hours
             "rgw gc obj min wait": 30,
             "rgw gc processor period": 30,
@@ -445,7 +447,9 @@ class CephS3:
             for name in ("rgw", "osd", "mon"):
                 process = self._daemons.get(name)
                 if process is not None:
+                    began = time.monotonic()
                     process.stop()
+                    self.timings[f"stop {name}"] = time.monotonic() - began
             self.timings["stop"] = time.monotonic() - started
             _LIVE.discard(self)
 
