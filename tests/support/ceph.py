@@ -20,7 +20,8 @@ file (settings, monitor store, OSD data, sockets, logs) under `directory`:
 
 Inside the cluster authentication is off (no cephx keys to make); S3 requests
 are still authenticated against the one gateway user's keys. There is no
-ceph-mgr: nothing the gateway does needs one. `stop()` ends exactly these
+ceph-mgr: nothing the gateway does needs one, and no lifecycle worker (rules
+are stored, never applied). `stop()` ends exactly these
 processes, by process group, and nothing of the cluster is left running.
 
 Start and memory, measured on 2 cores: memstore about 2.2 s to a created
@@ -160,6 +161,7 @@ def _settings(directory: Path, *, fsid: str, mon_port: int, port: int, store: st
             # the gateway's first start creates its pools one map change at a time:
             # propose changes every 0.1 s instead of every second
             "paxos propose interval": 0.1,
+            # a small machine: fewer messenger and OSD worker threads
             "ms async op threads": 2,
         },
         "mon": {
@@ -172,6 +174,7 @@ def _settings(directory: Path, *, fsid: str, mon_port: int, port: int, store: st
             "bluestore block path": d / "osd" / "block.$id",
             "bluestore block create": "true",
             "bluestore block size": capacity,
+            # a fixed cache, not one grown towards the 4 GiB osd_memory_target
             "bluestore cache autotune": "false",
             "bluestore cache size": 128 * MiB,
             "osd op num shards": 2,
@@ -183,6 +186,8 @@ def _settings(directory: Path, *, fsid: str, mon_port: int, port: int, store: st
             "rgw data": d / "rgw",
             # tcp_nodelay: without it every GET and LIST answer waits ~40 ms for a delayed ACK
             "rgw frontends": f"beast endpoint=127.0.0.1:{port} tcp_nodelay=1",
+            # 32 requests at a time (not 512 threads); no usage or ops logs, no
+            # background resharding of bucket indexes
             "rgw thread pool size": 32,
             "rgw enable usage log": "false",
             "rgw enable ops log": "false",
