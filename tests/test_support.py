@@ -174,6 +174,11 @@ def test_ceph_s3_launcher(tmp_path):
         assert s3.get_object(Bucket="launcher", Key="greeting")["Body"].read() == b"hello"
         s3.put_object(Bucket="launcher", Key="fresh", Body=b"new", IfNoneMatch="*")
 
+        s3.put_object(Bucket="launcher", Key="infrequent", Body=b"ia", StorageClass="STANDARD_IA")
+        assert s3.head_object(Bucket="launcher", Key="infrequent")["StorageClass"] == "STANDARD_IA"
+        assert refusal(lambda: s3.put_object(Bucket="launcher", Key="cold", Body=b"g", StorageClass="GLACIER")) == \
+            ("InvalidArgument", 400)
+
         quick = ceph.client(connect_timeout=1, read_timeout=1)
         for how, failure in (("freeze", ReadTimeoutError), ("down", EndpointConnectionError)):
             ceph.pause(how)

@@ -59,6 +59,17 @@ driver must tolerate is marked *):
   and CopyObject (they overwrite). Conditional GETs answer 304 and 412.
 - checksums: a wrong Content-MD5 is 400 BadDigest; *x-amz-checksum-* headers
   are accepted unchecked; boto3's default request checksums work.
+- *DeleteObjects racing a PUT of the same key can answer 200 with that key
+  in Errors, Code "UnknownError" (DeleteObject alone does not).
+- storage classes: STANDARD and STANDARD_IA (which the launcher defines);
+  any other is 400 InvalidArgument.
+- *encryption: SSE-S3 (AES256) over plain HTTP is 400 InvalidRequest (with
+  "rgw crypt require ssl" off it is accepted and silently not applied: 16.2
+  has no SSE-S3). SSE-KMS works with the "testing" key backend
+  (settings={"client.rgw": {"rgw crypt s3 kms backend": "testing", "rgw crypt
+  s3 kms encryption keys": "KEYID=BASE64-256-BIT-KEY", "rgw crypt require
+  ssl": "false"}}), except that CopyObject of an encrypted object is 501
+  NotImplemented.
 
 `shared_ceph` is the test session's one cluster, started on first use (the
 `ceph_s3` fixture and the "s3-ceph" storage driver both take it from there).
@@ -78,7 +89,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from tests.support.launch import ServerProcess, free_port, http_status
 from tests.support.peers import missing_peer
@@ -98,6 +109,9 @@ ACCESS_KEY = "DOCKYARDCEPHTESTKEY1"
 SECRET_KEY = "dockyard/ceph/test/secret/key/not/a/secret"
 REGION = "us-east-1"                # no LocationConstraint: the default zonegroup takes the bucket
 S3_USER = "dockyard"
+# Storage classes the gateway accepts besides STANDARD (all in the one data
+# pool); any other class is refused with 400 InvalidArgument.
+STORAGE_CLASSES = ("STANDARD_IA",)
 
 STORES = ("memstore", "bluestore")
 MiB = 1 << 20
@@ -479,7 +493,8 @@ def _stop_leftovers() -> None:
 
 
 def start_ceph_s3(directory: Path, *, port: int | None = None, buckets: Sequence[str] = (),
-                  store: str = "memstore", capacity: int = 2 * GiB, timeout: float = 120) -> CephS3:
+                  store: str = "memstore", capacity: int = 2 * GiB,
+                  settings: Mapping[str, Mapping[str, object]] | None = None, timeout: float = 120) -> CephS3:
     """Start a fresh single-node Ceph cluster with its S3 gateway on
     127.0.0.1:`port` (default: a free port), everything under `directory`
     (made if missing; it must be empty), one S3 user (`ACCESS_KEY`,
@@ -487,6 +502,8 @@ def start_ceph_s3(directory: Path, *, port: int | None = None, buckets: Sequence
 
     `store`: "memstore" (objects in the OSD's memory; the fastest start) or
     "bluestore" (a sparse file under `directory`); `capacity` bounds either.
+    `settings`: more ceph.conf options by section ({"client.rgw": {"debug rgw":
+    20}}), laid over the launcher's own.
     Skips (or fails, DOCKYARD_REQUIRE_INTEROP=1) the calling test when Ceph is
     not installed; RuntimeError, with the logs, when it does not start.
     """
@@ -508,8 +525,10 @@ def start_ceph_s3(directory: Path, *, port: int | None = None, buckets: Sequence
 
     cluster = CephS3(directory, port=port, mon_port=mon_port, store=store, programs=programs)
     fsid = str(uuid.uuid4())
-    cluster.conf.write_text(_render(_settings(directory, fsid=fsid, mon_port=mon_port, port=port,
-                                              store=store, capacity=capacity)))
+    conf = _settings(directory, fsid=fsid, mon_port=mon_port, port=port, store=store, capacity=capacity)
+    for section, options in (settings or {}).items():
+        conf.setdefault(section, {}).update(options)
+    cluster.conf.write_text(_render(conf))
     _LIVE.add(cluster)
     clock = time.monotonic()
 
@@ -539,14 +558,22 @@ def start_ceph_s3(directory: Path, *, port: int | None = None, buckets: Sequence
         cluster._tool("ceph-osd", "--mkfs", "-i", "0", "--osd-uuid", osd_uuid)
         step("osd mkfs")
         cluster._daemon("osd", "ceph-osd", "-i", "0")
-        # radosgw waits for the OSD by itself: its first request to a pool blocks until it is up
+        # The gateway's zone, user and storage classes, made before it starts
+        # (radosgw-admin makes the default zone; it waits for the OSD to be up).
+        admin = ("radosgw-admin", "-n", "client.admin")
+        cluster._tool(*admin, "user", "create", f"--uid={S3_USER}", f"--display-name={S3_USER}",
+                      f"--access-key={ACCESS_KEY}", f"--secret-key={SECRET_KEY}", timeout=timeout)
+        step("osd start+user")
+        for storage_class in STORAGE_CLASSES:
+            cluster._tool(*admin, "zonegroup", "placement", "add", "--rgw-zonegroup=default",
+                          "--placement-id=default-placement", f"--storage-class={storage_class}")
+            cluster._tool(*admin, "zone", "placement", "add", "--rgw-zone=default",
+                          "--placement-id=default-placement", f"--storage-class={storage_class}",
+                          "--data-pool=default.rgw.buckets.data")
+        step("storage classes")
         cluster._daemon("rgw", "radosgw", "-n", "client.rgw")
         cluster._wait(f"radosgw on {cluster.endpoint}", cluster._answers, timeout)
-        step("osd+rgw start")
-        cluster._tool("radosgw-admin", "-n", "client.admin", "user", "create", f"--uid={S3_USER}",
-                      f"--display-name={S3_USER}", f"--access-key={ACCESS_KEY}",
-                      f"--secret-key={SECRET_KEY}")
-        step("user create")
+        step("rgw start")
         for bucket in buckets:
             cluster.create_bucket(bucket)
         step("buckets")
