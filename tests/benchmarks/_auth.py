@@ -72,12 +72,35 @@ class HttpsRegistryServer(launch.RegistryServer):
         return f"https://{self.host}"
 
 
+def group_cpu_seconds(leader: int) -> float:
+    """User + system CPU seconds of every live process in the process group
+    `leader` leads (a server and its workers: ServerProcess starts each in a
+    session of its own), threads included."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue                # gone meanwhile
+        # after the command: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        if int(fields[2]) == leader:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One variant of one registry, as a client reaches it."""
     url: str                        # http://HOST:PORT or https://HOST:PORT
     headers: tuple[str, ...] = ()   # "Authorization: Bearer ..." on the Bearer variants
     cacert: Path | None = None      # https: the CA to trust
+    pid: int | None = None          # the server's process group, for its CPU time
+
+    def cpu_seconds(self) -> float:
+        return group_cpu_seconds(self.pid) if self.pid else 0.0
 
     @property
     def tls(self) -> bool:
@@ -242,10 +265,10 @@ class AuthTargets:
         header = (f"Authorization: {bearer(token)}",)
         ca = self.tls.ca_cert
         self.endpoints[label] = {
-            PLAIN: Endpoint(plain.url),
-            BEARER: Endpoint(bearer_http.url, header),
-            PLAIN_TLS: Endpoint(plain_tls.url, (), ca),
-            BEARER_TLS: Endpoint(bearer_tls.url, header, ca),
+            PLAIN: Endpoint(plain.url, pid=plain.server.pid),
+            BEARER: Endpoint(bearer_http.url, header, pid=bearer_http.server.pid),
+            PLAIN_TLS: Endpoint(plain_tls.url, (), ca, pid=plain_tls.server.pid),
+            BEARER_TLS: Endpoint(bearer_tls.url, header, ca, pid=bearer_tls.server.pid),
         }
         self.expires_at[label] = float(claims_of(token)["exp"])
 
