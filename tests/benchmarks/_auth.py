@@ -169,6 +169,7 @@ class AuthTargets:
         self.endpoints: dict[str, dict[str, Endpoint]] = {}
         self.token_urls: dict[str, str] = {}       # Dockyard label -> its /auth/token URL (own issuer)
         self.expires_at: dict[str, float] = {}     # label -> its token's exp
+        self.token_chars: dict[str, int] = {}      # label -> its token's length (x5c makes it long)
         self._checked = False
 
     # ---- set-up --------------------------------------------------------------------
@@ -271,6 +272,7 @@ class AuthTargets:
             BEARER_TLS: Endpoint(bearer_tls.url, header, ca, pid=bearer_tls.server.pid),
         }
         self.expires_at[label] = float(claims_of(token)["exp"])
+        self.token_chars[label] = len(token)
 
     # ---- tokens ----------------------------------------------------------------------
 
@@ -337,7 +339,8 @@ class AuthTargets:
             "test issuer (RS256, issuer certificate in x5c, rootcertbundle), token signed by that issuer "
             "directly.",
             f"Tokens live {TOKEN_LIFETIME}s (Dockyard auth.token.lifetime = max_lifetime = {TOKEN_LIFETIME}); "
-            "one token per registry for the whole run.",
+            "one token per registry for the whole run; their lengths (every request carries one): "
+            + ", ".join(f"{label} {n:,} chars" for label, n in self.token_chars.items()) + ".",
             "TLS rows: one EC P-256 certificate from a throwaway CA for both; curl --http1.1 (Distribution "
             "would offer curl HTTP/2); wrk is HTTP/1.1.",
             "Each registry's four variants are separate processes on the same storage root.",
