@@ -198,6 +198,35 @@ class S3Calls:
         self.prefix = settings.key_prefix
         self.pool = ThreadPoolExecutor(max_workers=settings.max_connections, thread_name_prefix="dockyard-s3")
         self.client = client if client is not None else make_client(settings, client_config(settings))
+        self._writing: dict[str, list[asyncio.Event]] = {}
+
+    # ---- writers open in this process ------------------------------------------
+    def writing(self, path: str) -> asyncio.Event:
+        """Mark a writer of path as open: until `done_writing()`, a stat or
+        read of path in this process waits for it (a little: `settled`)."""
+        event = asyncio.Event()
+        self._writing.setdefault(path, []).append(event)
+        return event
+
+    def done_writing(self, path: str, event: asyncio.Event) -> None:
+        event.set()
+        waiting = self._writing.get(path, [])
+        if event in waiting:
+            waiting.remove(event)
+        if not waiting:
+            self._writing.pop(path, None)
+
+    async def settled(self, path: str, timeout: float = 1.0) -> None:
+        """Wait up to `timeout` for writers of path open in this process.
+        What a writer keeps reaches the bucket when it commits or closes,
+        not as it comes (as on a filesystem): a status asked right after a
+        client broke off a chunk, before the request noticed, must still
+        see what the request's writer keeps. A writer still receiving a
+        long chunk is not waited for longer: then the answer is what was
+        committed, as another replica would answer."""
+        waiting = self._writing.get(path)
+        if waiting:
+            await asyncio.wait([asyncio.ensure_future(e.wait()) for e in list(waiting)], timeout=timeout)
 
     # ---- keys ----------------------------------------------------------------
     def key(self, path: str) -> str:

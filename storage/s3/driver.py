@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, AsyncIterator, Sequence
 
@@ -17,7 +18,7 @@ from storage.s3.client import (DIR_MARKER, Conflict, ObjectInfo, S3Calls, client
 
 log = logging.getLogger("dockyard.storage.s3")
 
-BATCH = 16                 # concurrent requests of one stat_many / get_many / abort pass
+BATCH = 8                  # concurrent requests of one stat_many / get_many / abort pass (more only starve the event loop of the GIL: botocore is CPU-heavy)
 DELETE_BATCH = 1000        # keys per DeleteObjects (S3's limit)
 _READ_RETRIES = 2          # a body read broken off is resumed this often (from where it broke)
 
@@ -107,6 +108,7 @@ class S3Driver(StorageDriver):
     async def get_content(self, path: str) -> bytes:
         self.check_path(path)
         key = self._calls.key(path)
+        await self._calls.settled(path)
         for _ in range(3):
             response, info = await self._get(path, key)
             if info.pending:
@@ -143,6 +145,7 @@ class S3Driver(StorageDriver):
         if offset < 0 or (length is not None and length < 0):
             raise InvalidOffset(path, offset)
         end = None if length is None else offset + length      # exclusive
+        await self._calls.settled(path)
         if length == 0:
             info = await self._calls.head(path, key)
             if info is None:
@@ -230,6 +233,7 @@ class S3Driver(StorageDriver):
         self.check_path(path)
         if path == "/":
             return FileInfo(path="/", size=0, mtime=0.0, is_dir=True)
+        await self._calls.settled(path)
         info = await self._calls.head(path)
         if info is not None:
             return FileInfo(path=path, size=info.size, mtime=info.mtime, is_dir=False)
@@ -308,52 +312,61 @@ class S3Driver(StorageDriver):
         self.check_path(path)
         if path == "/":
             raise InvalidPath(path, "cannot delete the root")
-        key = self._calls.key(path)
-        info = await self._calls.head(path, key)
-        if info is not None:
-            if info.pending:
-                await self._calls.abort(path, key, info.upload_id)
-            await self._calls.call("delete_object", path, Key=key)
-        else:
-            await self._delete_tree(path)
-        await self._keep_parent(path)
-
-    async def _delete_tree(self, path: str) -> None:
-        prefix = self._calls.dir_prefix(path)
-        keys = [o["Key"] for o in await self._calls.all_keys(prefix, path)]
-        if not any(not is_lock_key(k) for k in keys):
+        key, prefix = self._calls.key(path), self._calls.dir_prefix(path)
+        # A file, a directory (a prefix), or, as S3 allows, both: one round trip asks.
+        info, objects = await asyncio.gather(self._calls.head(path, key), self._calls.all_keys(prefix, path))
+        keys = [o["Key"] for o in objects]
+        if info is None and all(is_lock_key(k) for k in keys):
             if keys:
                 await self._delete_keys(path, keys)          # a dead holder's lock, alone
             raise PathNotFound(path)
+        jobs = [self._keep_parent(path)]
+        if info is not None:
+            jobs.append(self._delete_file(path, key, info))
+        if keys:
+            jobs.append(self._delete_tree(path, prefix, keys))
+        await asyncio.gather(*jobs)
+
+    async def _delete_file(self, path: str, key: str, info: ObjectInfo) -> None:
+        if info.pending:
+            await self._calls.abort(path, key, info.upload_id)
+        await self._calls.call("delete_object", path, Key=key)
+
+    async def _delete_tree(self, path: str, prefix: str, keys: list[str]) -> None:
+        # Locks last: a request waiting for the lock of a session being
+        # deleted finds it held, then gone together with its directory,
+        # never a lock it could take on half a session.
+        held = [k for k in keys if is_lock_key(k)]
+        await asyncio.gather(self._abort_uploads(prefix, path),
+                             self._delete_keys(path, [k for k in keys if not is_lock_key(k)]))
+        if held:
+            await self._delete_keys(path, held)
+
+    async def _abort_uploads(self, prefix: str, path: str) -> None:
         uploads = await self._calls.multipart_uploads(prefix, path)
         await multipart.bounded_gather((self._calls.abort(path, u["Key"], u["UploadId"]) for u in uploads), BATCH)
-        # Ordinary objects first, hidden ones (locks) last: a request waiting
-        # for the lock of a session being deleted finds it held, then gone
-        # together with its directory, never a fresh lock on half a session.
-        keys.sort(key=lambda k: is_hidden_name(k.rsplit("/", 1)[-1]))
-        await self._delete_keys(path, keys)
 
     async def _delete_keys(self, path: str, keys: list[str]) -> None:
-        for start in range(0, len(keys), DELETE_BATCH):
-            batch = keys[start:start + DELETE_BATCH]
+        async def batch(chunk: list[str]) -> None:
             response = await self._calls.call("delete_objects", path, Delete={
-                "Objects": [{"Key": k} for k in batch], "Quiet": True})
+                "Objects": [{"Key": k} for k in chunk], "Quiet": True})
             errors = [e for e in response.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
             if errors:
                 first = errors[0]
                 raise StorageError(f"S3 could not delete {len(errors)} objects under {path}: "
                                    f"{first.get('Code')}: {one_line(first.get('Message', ''))}")
 
+        await multipart.bounded_gather((batch(keys[i:i + DELETE_BATCH]) for i in range(0, len(keys), DELETE_BATCH)),
+                                       4)
+
     async def _keep_parent(self, path: str) -> None:
-        """A directory emptied by a delete stays, listed empty, as on a
-        filesystem: a hidden marker object keeps its prefix."""
+        """A directory a delete empties stays, listed empty, as on a
+        filesystem: a hidden marker object keeps its prefix (written with
+        every delete: a PUT beside the delete costs no round trip, a look
+        whether the directory is empty would)."""
         parent = path.rsplit("/", 1)[0] or "/"
-        if parent == "/":
-            return
-        prefix = self._calls.dir_prefix(parent)
-        response = await self._calls.call("list_objects_v2", parent, Prefix=prefix, MaxKeys=1)
-        if not response.get("KeyCount") and not response.get("Contents"):
-            await self._calls.call("put_object", parent, Key=prefix + DIR_MARKER, Body=b"",
+        if parent != "/":
+            await self._calls.call("put_object", parent, Key=self._calls.marker_key(parent), Body=b"",
                                    **self._calls.encryption_args())
 
     # ---- direct access ---------------------------------------------------------------------

@@ -25,9 +25,11 @@ matter. Conditional PUTs (If-None-Match: * and If-Match) are what AWS S3
 (since 2024), Ceph RGW and moto all support.
 
 A lock never creates its directory: PathNotFound unless some object other
-than a lock lives under the directory's prefix, checked before the PUT and
-again after it (the directory may go meanwhile: then the lock is removed
-again and PathNotFound raised).
+than a lock lives under the directory's prefix, checked right after the
+PUT that took it (the directory may be gone, or go meanwhile: then the lock
+object is removed again before PathNotFound is raised, so a directory that
+is not there never stays visible). A lock still held in a directory being
+deleted is refused (None) until the delete removes it, last.
 """
 
 from __future__ import annotations
@@ -144,8 +146,6 @@ async def try_lock(calls: S3Calls, path: str, *, lease: float, renew: float, hel
     parent = path.rsplit("/", 1)[0] or "/"
     prefix = calls.dir_prefix(parent)
     check_dir = parent != "/"
-    if check_dir and not await calls.has_content(prefix, path):
-        raise PathNotFound(path)
     token = secrets.token_hex(16)
     body, metadata = _lock_body(token, lease)
     extra = calls.encryption_args()

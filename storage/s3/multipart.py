@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Iterable
 
@@ -64,9 +65,10 @@ def max_object_size(base: int) -> int:
     return sum(part_size_for(n, base) for n in range(1, MAX_PARTS + 1, PARTS_PER_STEP)) * PARTS_PER_STEP
 
 
-def copy_pieces(size: int, piece: int = COPY_PIECE) -> list[tuple[int, int]]:
+def copy_pieces(size: int, piece: int | None = None) -> list[tuple[int, int]]:
     """(start, length) ranges of about equal size, each at most `piece`
-    bytes: the UploadPartCopy requests that copy `size` bytes."""
+    bytes (COPY_PIECE): the UploadPartCopy requests that copy `size` bytes."""
+    piece = piece or COPY_PIECE
     count = max(1, -(-size // piece))
     step, extra = divmod(size, count)
     out, start = [], 0
@@ -222,6 +224,12 @@ class S3Writer(FileWriter):
         self._failed: BaseException | None = None
         self._failed_parts: set[int] = set()
         self._closed = False
+        self._open_marker = calls.writing(path)
+        # a writer dropped without commit, close or cancel stops counting as open
+        weakref.finalize(self, calls.done_writing, path, self._open_marker)
+
+    def _done(self) -> None:
+        self._calls.done_writing(self._path, self._open_marker)
 
     @classmethod
     async def open(cls, calls: S3Calls, path: str, append: bool, base: int) -> "S3Writer":
@@ -281,15 +289,18 @@ class S3Writer(FileWriter):
     async def commit(self) -> None:
         self._require_open()
         self._closed = True
-        await self._settle()
-        if self._failed is not None:
-            await self._abandon()
-            raise self._failed
         try:
-            await self._persist(None, bytes(self._buf))
-        except BaseException:
-            await self._abandon()
-            raise
+            await self._settle()
+            if self._failed is not None:
+                await self._abandon()
+                raise self._failed
+            try:
+                await self._persist(None, bytes(self._buf))
+            except BaseException:
+                await self._abandon()
+                raise
+        finally:
+            self._done()
 
     async def close(self) -> None:
         """Keep what was written: after a failed part, the whole parts before
@@ -298,6 +309,12 @@ class S3Writer(FileWriter):
         if self._closed:
             return
         self._closed = True
+        try:
+            await self._close()
+        finally:
+            self._done()
+
+    async def _close(self) -> None:
         await self._settle()
         parts, tail = list(self._parts.values()), bytes(self._buf)
         if self._failed is not None:
@@ -318,14 +335,17 @@ class S3Writer(FileWriter):
 
     async def cancel(self) -> None:
         self._closed = True
-        await self._settle()
-        self._buf = bytearray()
-        for upload_id in {self._upload_id, self._stale_upload} - {None}:
-            await self._calls.abort(self._path, self._key, upload_id)
         try:
-            await self._calls.call("delete_object", self._path, Key=self._key)
-        except PathNotFound:
-            pass
+            await self._settle()
+            self._buf = bytearray()
+            for upload_id in {self._upload_id, self._stale_upload} - {None}:
+                await self._calls.abort(self._path, self._key, upload_id)
+            try:
+                await self._calls.call("delete_object", self._path, Key=self._key)
+            except PathNotFound:
+                pass
+        finally:
+            self._done()
 
     # ---- internals ---------------------------------------------------------
     def _require_open(self) -> None:

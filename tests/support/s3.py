@@ -12,9 +12,9 @@ track of fails the test as a leftover.
 `endpoint` may be a URL or a callable returning one, so a server is only
 started when a test first uses it; the bucket is created then if missing.
 
-`moto_endpoint()` is such a callable: a moto server (`moto_server` from the
-venv) on 127.0.0.1 and a free port, started once for the test session and
-stopped when it ends. moto checks no signatures at all and ignores some
+`moto_endpoint()` is such a callable: moto's S3 server (moto[server] from
+the venv, its S3 backend served directly) on 127.0.0.1 and a free port,
+started once for the test session and stopped when it ends. moto checks no signatures at all and ignores some
 conditions (see tests/storage/test_s3_driver.py); a real S3 (Ceph RGW)
 registers the same way.
 """
@@ -30,13 +30,13 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Callable
 
 from storage.config import MIB, S3Settings
 from storage.driver import PathNotFound
-from tests.support.drivers import register_driver
 
 Endpoint = str | Callable[[], str]
 
@@ -168,6 +168,8 @@ def register_s3(name: str, endpoint: Endpoint, access_key: str, secret_key: str,
                 **options) -> S3Target:
     """Register an S3 endpoint and bucket as storage driver `name` (see the
     module docstring); options: part_size, and S3Driver keyword arguments."""
+    from tests.support.drivers import register_driver    # which imports this module to register s3-moto
+
     target = S3Target(endpoint, access_key, secret_key, bucket, region, **options)
     register_driver(name, target.factory, target.cleanup, stored=target.stored)
     _TARGETS[name] = target
@@ -191,27 +193,45 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# moto's S3 backend served on its own: moto_server's dispatcher looks up the
+# service of every request among all of moto's (a third of its time per
+# request), and werkzeug's HTTP/1.0 handler closes every connection.
+_MOTO_SERVER = """
+import logging, sys
+from werkzeug.serving import WSGIRequestHandler, run_simple
+from moto.moto_server.werkzeug_app import create_backend_app
+
+class KeepAlive(WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_request(self, *args, **kwargs):
+        pass
+
+logging.getLogger("werkzeug").setLevel(logging.ERROR)
+run_simple("127.0.0.1", int(sys.argv[1]), create_backend_app("s3"), threaded=True, request_handler=KeepAlive)
+"""
+
+
 def moto_endpoint() -> str:
-    """The URL of this test session's moto server, started on first call."""
+    """The URL of this test session's moto S3 server, started on first call."""
     with _MOTO_LOCK:
         if "url" not in _MOTO:
-            exe = Path(sys.executable).with_name("moto_server")
-            if not exe.exists():
-                raise RuntimeError(f"moto_server not found next to {sys.executable} (pip install 'moto[server]')")
             port = _free_port()
             log = tempfile.NamedTemporaryFile(prefix="dockyard-moto-", suffix=".log", delete=False)
-            proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+            proc = subprocess.Popen([sys.executable, "-c", _MOTO_SERVER, str(port)], stdin=subprocess.DEVNULL,
+                                    stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 30
             while True:
                 try:
-                    urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+                    urllib.request.urlopen(url, timeout=1).close()     # ListBuckets
                     break
+                except urllib.error.HTTPError:
+                    break                                             # answering
                 except OSError:
                     if proc.poll() is not None or time.monotonic() > deadline:
                         proc.kill()
-                        raise RuntimeError(f"moto_server did not start (log: {log.name})") from None
+                        raise RuntimeError(f"the moto S3 server did not start (log: {log.name})") from None
                     time.sleep(0.05)
             _MOTO.update(url=url, proc=proc, log=log.name)
             atexit.register(_stop_moto)

@@ -1,0 +1,475 @@
+"""What only the S3 driver has: multipart uploads and their state in the
+bucket, the part-size rule, lease locks, presigned URLs, the start-up
+check, tolerance of Ceph's answers, and its settings.
+
+They run on every registered S3 endpoint (tests.support.s3: "s3-moto", and
+a real Ceph RGW where one is registered), each test on a prefix of its own
+that must be empty afterwards: no object AND no multipart upload left. The
+requests the driver makes are counted with botocore's own event hooks on
+the driver's client; nothing in the driver is mocked.
+
+moto checks no signatures and ignores the If-Match conditions of
+CompleteMultipartUpload and CopyObject, and gives every multipart upload
+the same Initiated time (2010): what these tests prove about signatures,
+presigned URLs and conditional completes, only the Ceph run proves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from storage.config import MIB, S3Settings, StorageConfigError, StorageSettings
+from storage.driver import PathNotFound
+from storage.s3 import S3Driver, max_object_size, part_size_for
+from storage.s3 import multipart
+from storage.s3.client import META_UPLOAD, quoted
+from storage.store import ContentStore
+from tests.support.content import chunks, sha256_digest
+from tests.support.drivers import DriverSpace, driver_kind, driver_names
+from tests.support.s3 import s3_target
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _s3_kinds() -> list[str]:
+    names = []
+    for name in driver_names():
+        try:
+            s3_target(name)
+        except KeyError:
+            continue
+        names.append(name)
+    return names
+
+
+S3_KINDS = _s3_kinds()
+pytestmark = pytest.mark.skipif(not S3_KINDS, reason="no S3 storage driver registered (tests.support.s3)")
+
+
+@pytest.fixture(params=S3_KINDS or ["none"])
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def target(kind):
+    return s3_target(kind)
+
+
+@pytest.fixture
+async def space(kind, driver_scratch):
+    """A prefix of this test's; afterwards it must hold no object and no upload."""
+    space = DriverSpace(driver_kind(kind), driver_scratch)
+    yield space
+    await space.destroy()
+
+
+@pytest.fixture
+async def driver(space) -> S3Driver:
+    return await space.open()
+
+
+class Requests:
+    """The S3 operations a driver's client sends, with their keys (a botocore event hook)."""
+
+    def __init__(self, driver: S3Driver):
+        self.sent: list[tuple[str, str | None]] = []
+        driver.client.meta.events.register("before-parameter-build.s3", self._record)
+
+    def _record(self, params, model, **kwargs) -> None:
+        self.sent.append((model.name, params.get("Key")))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.sent]
+
+    def clear(self) -> None:
+        self.sent.clear()
+
+
+def uploads_under(target, prefix: str) -> list[dict]:
+    return target.uploads(prefix)
+
+
+async def read_all(driver, path: str) -> bytes:
+    return b"".join([c async for c in driver.reader(path)])
+
+
+# ---- the part-size rule (pure) ---------------------------------------------------
+
+def test_part_size_doubles_every_thousand_parts_and_never_runs_out_below_5_tib():
+    base = 16 * MIB
+    assert [part_size_for(n, base) for n in (1, 1000, 1001, 2000, 2001, 3001)] == [
+        16 * MIB, 16 * MIB, 32 * MIB, 32 * MIB, 64 * MIB, 128 * MIB]
+    assert (part_size_for(7001, base), part_size_for(8001, base), part_size_for(9001, base)) == (
+        2 << 30, 4 << 30, 5 << 30)                          # 16 MiB * 2**8, then the last thousand at 5 GiB
+    assert part_size_for(1001, 5 << 30) == 5 << 30          # never above S3's largest part
+    assert all(part_size_for(n, 5 * MIB) == 5 << 30 for n in (9001, 9500, 10_000))
+    for n in (0, 10_001):
+        with pytest.raises(ValueError):
+            part_size_for(n, base)
+    five_tib = 5 << 40
+    for b in (5 * MIB, 8 * MIB, 16 * MIB, 64 * MIB, 5 << 30):
+        sizes = [part_size_for(n, b) for n in range(1, 10_001)]
+        assert sizes == sorted(sizes) and max(sizes) <= 5 << 30 and min(sizes) >= 5 * MIB
+        assert max_object_size(b) == sum(sizes) >= five_tib, b
+    assert max_object_size(16 * MIB) >= 12 << 40            # 12.7 TiB with the default base
+
+
+def test_copy_pieces_cover_the_object_within_part_limits():
+    for size in (5 * MIB, 5 << 30, (5 << 30) + 1, 5 << 40, 123_456_789_012):
+        pieces = multipart.copy_pieces(size)
+        assert sum(n for _, n in pieces) == size
+        assert all(start == sum(n for _, n in pieces[:i]) for i, (start, _) in enumerate(pieces))
+        assert all(5 * MIB <= n <= multipart.COPY_PIECE for _, n in pieces) and len(pieces) <= 10_000
+
+
+def test_etags_are_compared_quoted():
+    """Ceph answers UploadPartCopy with an unquoted ETag; AWS quotes it."""
+    assert quoted('abc') == quoted('"abc"') == '"abc"'
+    assert quoted("") == ""
+
+
+# ---- settings ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(part_size=4 * MIB), "storage.s3.part_size"),
+    (dict(part_size=(5 << 30) + 1), "storage.s3.part_size"),
+    (dict(addressing_style="dns"), "storage.s3.addressing_style"),
+    (dict(sse="kms"), "storage.s3.sse"),
+    (dict(sse_kms_key_id="key-1"), "storage.s3.sse_kms_key_id"),
+    (dict(storage_class="GLACIER"), "storage.s3.storage_class"),
+    (dict(storage_class="standard ia"), "storage.s3.storage_class"),
+    (dict(presign_expires=0), "storage.s3.presign_expires"),
+    (dict(presign_expires=8 * 24 * 3600), "storage.s3.presign_expires"),
+    (dict(endpoint_url="localhost:9000"), "storage.s3.endpoint_url"),
+    (dict(access_key_id="AKIA"), "storage.s3.access_key_id"),
+    (dict(prefix="a/../b"), "storage.s3.prefix"),
+    (dict(bucket=""), "storage.s3.bucket"),
+    (dict(max_connections=0), "storage.s3.max_connections"),
+])
+def test_s3_settings_are_checked_with_one_line_naming_the_key(overrides, key):
+    values = dict(bucket="b") | overrides
+    with pytest.raises(StorageConfigError) as err:
+        StorageSettings(driver="s3", s3=S3Settings(**values)).check()
+    message = str(err.value)
+    assert key in message and "\n" not in message
+    assert "AKIA" not in message or key == "storage.s3.access_key_id"
+
+
+def test_s3_settings_defaults_and_resolution():
+    s = S3Settings(bucket="b")
+    StorageSettings(driver="s3", s3=s).check()
+    assert (s.part_size, s.addressing_style, s.resolved_addressing_style) == (16 * MIB, "auto", "auto")
+    assert S3Settings(bucket="b", endpoint_url="http://ceph:7480").resolved_addressing_style == "path"
+    assert S3Settings(bucket="b", endpoint_url="http://x", addressing_style="virtual").resolved_addressing_style == "virtual"
+    assert [S3Settings(bucket="b", prefix=p).key_prefix for p in ("", "/", "a", "/a/b/", "a/b")] == [
+        "", "", "a/", "a/b/", "a/b/"]
+    StorageSettings(driver="filesystem", s3=S3Settings(part_size=1)).check()   # only checked when used
+
+
+# ---- writes: one PUT below a part, multipart above, state in the bucket ------------
+
+async def test_a_blob_smaller_than_a_part_is_one_put_object(driver):
+    requests = Requests(driver)
+    w = await driver.writer("/up/data")
+    for _ in range(4):
+        await w.write(os.urandom(MIB))                   # 4 MiB: under the 5 MiB part
+    await w.commit()
+    assert [n for n in requests.names() if n != "HeadObject"] == ["PutObject"]
+    assert (await driver.stat("/up/data")).size == 4 * MIB
+
+    # The same through the content store: a monolithic push of a small blob.
+    store = ContentStore(driver)
+    blob = os.urandom(3 * MIB)
+    requests.clear()
+    await store.uploads.put("small/blob", sha256_digest(blob),
+                            chunks(*(blob[i:i + MIB // 4] for i in range(0, len(blob), MIB // 4))))
+    names = requests.names()
+    assert not {"CreateMultipartUpload", "UploadPart", "UploadPartCopy", "CompleteMultipartUpload"} & set(names)
+    data_puts = [k for n, k in requests.sent if n == "PutObject" and k.endswith("/data")]
+    assert len(data_puts) == 2                           # the session's empty start, then the bytes: one PUT
+    assert b"".join([c async for c in store.blobs.read(sha256_digest(blob))]) == blob
+
+
+async def test_multipart_upload_continued_by_another_replica(space, target):
+    """Two replicas (driver instances) append to one file in turns, each
+    through a writer of its own, as the registry does per PATCH: full parts
+    go to one multipart upload, the tail under a part waits in the bucket,
+    and the file reads back whole once complete."""
+    a, b = await space.open(), await space.open()
+    pieces = [os.urandom(7 * MIB), os.urandom(9 * MIB), os.urandom(2 * MIB), os.urandom(3 * MIB)]
+    replicas = [a, b, a, b]
+    expected = b""
+    for replica, piece in zip(replicas, pieces):
+        w = await replica.writer("/s/data", append=True)
+        assert w.size == len(expected)
+        await w.write(piece[:MIB])
+        await w.write(piece[MIB:])
+        await w.commit()
+        expected += piece
+        for other in (a, b):
+            assert (await other.stat("/s/data")).size == len(expected)
+
+    key = target.settings(space.prefix).key_prefix + "s/data"
+    head = target.client.head_object(Bucket=target.bucket, Key=key)
+    upload_id = head["Metadata"][META_UPLOAD]                # pending: the state is the object
+    [upload] = uploads_under(target, space.prefix)
+    assert upload["UploadId"] == upload_id
+    parts = target.client.list_parts(Bucket=target.bucket, Key=key, UploadId=upload_id)["Parts"]
+    assert [p["Size"] for p in parts] == [5 * MIB] * 4        # 20 MiB in parts
+    state = target.client.get_object(Bucket=target.bucket, Key=key)["Body"].read()
+    assert state.endswith(expected[20 * MIB:]) and len(expected) - 20 * MIB == MIB   # the tail, in the bucket
+
+    assert await b.get_content("/s/data") == expected       # the first read completes it
+    assert uploads_under(target, space.prefix) == []
+    assert META_UPLOAD not in target.client.head_object(Bucket=target.bucket, Key=key)["Metadata"]
+    assert await read_all(a, "/s/data") == expected
+
+
+async def test_chunked_push_alternating_replicas_with_chunks_under_a_part(space):
+    """PATCH chunks of 3 MiB (under S3's 5 MiB part) alternate between two
+    content stores; the other one finishes: the digest matches, the blob
+    is whole, and no upload is left."""
+    one, two = ContentStore(await space.open()), ContentStore(await space.open())
+    blob = os.urandom(17 * MIB + 12345)
+    digest = sha256_digest(blob)
+    status = await one.uploads.start("chunked/repo")
+    step = 3 * MIB
+    for i, at in enumerate(range(0, len(blob), step)):
+        store = (one, two)[i % 2]
+        status = await store.uploads.append("chunked/repo", status.upload_id, chunks(blob[at:at + step]), start=at)
+        assert status.offset == min(at + step, len(blob))
+    info = await (two, one)[i % 2].uploads.finish("chunked/repo", status.upload_id, digest)
+    assert info.size == len(blob)
+    fresh = ContentStore(await space.open())
+    assert b"".join([c async for c in fresh.blobs.read(digest)]) == blob
+
+
+async def test_a_whole_object_of_a_part_or_more_is_continued_on_the_server(driver, target, space):
+    big = os.urandom(6 * MIB)
+    await driver.put_content("/c/data", big)
+    requests = Requests(driver)
+    w = await driver.writer("/c/data", append=True)
+    await w.write(b"tail")
+    await w.commit()
+    assert "UploadPartCopy" in requests.names()
+    assert ("GetObject", target.settings(space.prefix).key_prefix + "c/data") not in requests.sent
+    assert (await driver.stat("/c/data")).size == len(big) + 4
+    assert await driver.get_content("/c/data") == big + b"tail"
+
+
+async def test_cancel_aborts_the_upload_and_leaves_nothing(space, target):
+    driver = await space.open()
+    w = await driver.writer("/x/data")
+    await w.write(os.urandom(12 * MIB))                    # two parts sent
+    assert len(uploads_under(target, space.prefix)) == 1
+    await w.cancel()
+    assert uploads_under(target, space.prefix) == []
+    with pytest.raises(PathNotFound):
+        await driver.stat("/x/data")
+
+    # a pending file continued and then cancelled: upload and state both go
+    w = await driver.writer("/y/data")
+    await w.write(os.urandom(6 * MIB))
+    await w.commit()
+    w = await driver.writer("/y/data", append=True)
+    await w.write(b"more")
+    await w.cancel()
+    assert uploads_under(target, space.prefix) == [] and target.keys(space.prefix) == []
+
+
+async def test_deleting_a_directory_aborts_the_uploads_under_it(space, target):
+    driver = await space.open()
+    w = await driver.writer("/sess/data")
+    await w.write(os.urandom(6 * MIB))
+    await w.commit()                                        # pending: an upload with one part
+    assert len(uploads_under(target, space.prefix)) == 1
+    await driver.delete("/sess")
+    assert uploads_under(target, space.prefix) == []
+    w = await driver.writer("/file", append=True)
+    await w.write(os.urandom(6 * MIB))
+    await w.commit()
+    upload = uploads_under(target, space.prefix)[0]        # aborted behind the driver's back (Ceph then
+    target.client.abort_multipart_upload(Bucket=target.bucket, Key=upload["Key"],    # says NoSuchUpload)
+                                         UploadId=upload["UploadId"])
+    await driver.delete("/file")                            # still deletes the file
+    with pytest.raises(PathNotFound):
+        await driver.stat("/file")
+
+
+async def test_reclaim_aborts_an_upload_no_file_names(space, target):
+    driver = await space.open()
+    kept = await driver.writer("/kept/data")                # a pending file: its upload is its bytes
+    await kept.write(os.urandom(6 * MIB))
+    await kept.commit()
+    crashed = await driver.writer("/crashed/data")          # a writer that died after sending a part
+    await crashed.write(os.urandom(5 * MIB))
+    await crashed._settle()
+    assert len(uploads_under(target, space.prefix)) == 2
+    assert await driver.reclaim_leftovers(time.time() - 3600 * 24 * 365 * 100) == 0   # none that old
+    assert await driver.reclaim_leftovers(time.time() + 60) == 1
+    [left] = uploads_under(target, space.prefix)
+    assert left["Key"].endswith("/kept/data")
+    assert len(await driver.get_content("/kept/data")) == 6 * MIB
+
+
+# ---- server-side copies -------------------------------------------------------------
+
+async def test_move_above_the_single_copy_limit_is_a_multipart_copy(driver, monkeypatch):
+    """With the limits scaled down (5 GiB -> 6 MiB, 1 GiB pieces -> 6 MiB)
+    a 15 MiB move takes the path a 6 GiB one does: three 5 MiB pieces."""
+    monkeypatch.setattr(multipart, "S3_MAX_PART", 6 * MIB)
+    monkeypatch.setattr(multipart, "COPY_PIECE", 6 * MIB)
+    payload = os.urandom(15 * MIB)
+    await driver.put_content("/m/src", payload)
+    requests = Requests(driver)
+    await driver.move("/m/src", "/m/dst")
+    assert requests.names().count("UploadPartCopy") == 3 and "CopyObject" not in requests.names()
+    assert await driver.get_content("/m/dst") == payload
+    with pytest.raises(PathNotFound):
+        await driver.stat("/m/src")
+
+
+async def test_answers_as_ceph_gives_them_are_taken(driver):
+    """Ceph RGW answers CompleteMultipartUpload with an empty ETag and
+    UploadPartCopy with an unquoted one; the driver needs neither."""
+    def ceph_like(parsed, model, **kwargs):
+        if model.name == "CompleteMultipartUpload":
+            parsed["ETag"] = ""
+        elif model.name == "UploadPartCopy":
+            parsed["CopyPartResult"]["ETag"] = parsed["CopyPartResult"]["ETag"].strip('"')
+
+    driver.client.meta.events.register("after-call.s3", ceph_like)
+    first, more = os.urandom(6 * MIB), os.urandom(7 * MIB)
+    await driver.put_content("/q/data", first)
+    w = await driver.writer("/q/data", append=True)        # continued by a copy, then a part
+    await w.write(more)
+    await w.commit()
+    await driver.move("/q/data", "/q/moved")               # completed first, then copied
+    assert await driver.get_content("/q/moved") == first + more
+
+
+# ---- locks ----------------------------------------------------------------------
+
+_HOLDER = """
+import asyncio, json, sys
+from storage.config import S3Settings
+from storage.s3 import S3Driver
+
+async def main():
+    driver = S3Driver(S3Settings(**json.loads(sys.argv[1])), lock_lease=float(sys.argv[3]))
+    lock = await driver.try_lock(sys.argv[2])
+    print("held" if lock else "refused", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_lock_is_refused_while_renewed_and_taken_over_once_its_holder_dies(space, target):
+    """A holder in another process keeps the lock past its lease by
+    renewing it; SIGKILLed, it stops, and another driver takes the lock
+    over once the lease (shortened to 1 s) has run out."""
+    lease = 1.0
+    driver = await space.open()
+    await driver.put_content("/sess/data", b"")
+    settings = target.settings(space.prefix)
+    fields = {f: getattr(settings, f) for f in ("bucket", "region", "endpoint_url", "prefix", "access_key_id",
+                                                "secret_access_key", "addressing_style")}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, json.dumps(fields), "/sess/lock", str(lease)],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(holder.stdout.readline), 60)
+        assert line.strip() == "held"
+        other = S3Driver(settings, lock_lease=lease)
+        try:
+            assert await other.try_lock("/sess/lock") is None
+            await asyncio.sleep(lease + 2.5)                # past the lease: renewed meanwhile
+            assert await other.try_lock("/sess/lock") is None
+            holder.send_signal(signal.SIGKILL)
+            holder.wait(10)
+            died = time.monotonic()
+            lock = None
+            while lock is None and time.monotonic() - died < lease + 10:
+                lock = await other.try_lock("/sess/lock")
+                if lock is None:
+                    await asyncio.sleep(0.2)
+            assert lock is not None, "the dead holder's lock was never taken over"
+            assert await driver.try_lock("/sess/lock") is None        # and now held by the new holder
+            await lock.release()
+            again = await driver.try_lock("/sess/lock")
+            assert again is not None
+            await again.release()
+        finally:
+            await other.close()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+
+
+async def test_reclaim_removes_the_lock_of_a_dead_holder(space):
+    driver = await space.open()
+    holder = S3Driver(driver.settings, lock_lease=1.0)
+    await driver.put_content("/sess/data", b"")
+    lock = await holder.try_lock("/sess/lock")
+    assert lock is not None
+    await lock.abandon()                                    # dies: stops renewing, never releases
+    await holder.close()
+    await asyncio.sleep(3.2)
+    assert await driver.reclaim_leftovers(time.time() + 60) == 1
+    assert await driver.list("/sess") == ["/sess/data"]
+
+
+# ---- direct access ----------------------------------------------------------------
+
+async def test_presigned_url_fetch_returns_the_bytes(driver):
+    """moto accepts any signature, so this proves the URL names the object
+    and carries SigV4 query parameters; the Ceph run proves the signature."""
+    payload = os.urandom(100_000)
+    await driver.put_content("/blob/data", payload)
+    url = await driver.url_for("/blob/data", expires_in=300)
+    assert "X-Amz-Signature=" in url and "X-Amz-Expires=300" in url
+    assert "dockyard-test-secret" not in url
+
+    def fetch(url: str, method: str = "GET") -> tuple[int, bytes, dict]:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=30) as resp:
+            return resp.status, resp.read(), dict(resp.headers)
+
+    status, body, _ = await asyncio.to_thread(fetch, url)
+    assert (status, body) == (200, payload)
+    default = await driver.url_for("/blob/data")
+    assert f"X-Amz-Expires={driver.settings.presign_expires}" in default
+    status, _, headers = await asyncio.to_thread(fetch, await driver.url_for("/blob/data", "HEAD"), "HEAD")
+    assert status == 200 and int(headers["Content-Length"]) == len(payload)
+    assert await driver.url_for("/blob/data", "PUT") is None
+    assert await driver.open_local("/blob/data") is None
+
+
+# ---- the start-up check -------------------------------------------------------------
+
+async def test_start_up_check_names_the_problem_in_one_line(driver, target, space):
+    await driver.check()                                    # the bucket is there
+    base = target.settings(space.prefix)
+    missing = S3Driver(dataclasses.replace(base, bucket="no-such-bucket-dockyard"))
+    with pytest.raises(StorageConfigError, match=r"storage\.s3\.bucket: no bucket 'no-such-bucket-dockyard'"):
+        await missing.check()
+    await missing.close()
+    unreachable = S3Driver(dataclasses.replace(base, endpoint_url="http://127.0.0.1:9"))
+    started = time.monotonic()
+    with pytest.raises(StorageConfigError, match=r"storage\.s3\.endpoint_url: cannot reach http://127\.0\.0\.1:9"):
+        await unreachable.check()
+    assert time.monotonic() - started < 30
+    await unreachable.close()
