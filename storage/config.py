@@ -56,7 +56,9 @@ class S3Settings:
     # doubles it every 1,000 parts (storage.s3 documents the rule), and a
     # blob smaller than one part is a single PUT.
     part_size: int = 16 * MIB
-    storage_class: str = ""        # empty: the bucket's default (STANDARD); e.g. STANDARD_IA
+    # Of objects of 128 KiB or more (blobs); empty: the bucket's default
+    # (STANDARD); e.g. STANDARD_IA, INTELLIGENT_TIERING, or a Ceph placement's class.
+    storage_class: str = ""
     sse: str = ""                  # server-side encryption: "", "AES256" or "aws:kms"
     sse_kms_key_id: str = ""       # with sse aws:kms: the key (empty: the account's default key)
     max_connections: int = 32      # HTTP connections to S3 (and threads making calls) per process

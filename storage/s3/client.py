@@ -35,6 +35,7 @@ META_HEADER = "dockyard-header"
 META_LEASE = "dockyard-lease"
 
 RETRY_ATTEMPTS = 5
+STORAGE_CLASS_MIN = 128 << 10     # smaller objects keep the bucket's default class
 
 
 class Conflict(StorageError):
@@ -263,10 +264,13 @@ class S3Calls:
     async def call(self, op: str, path: str, **params) -> dict:
         return await self.run(getattr(self.client, op), op=op, path=path, Bucket=self.bucket, **params)
 
-    def content_args(self) -> dict:
-        """Storage class and encryption of content objects."""
+    def content_args(self, size: int | None = None) -> dict:
+        """Storage class and encryption of an object of `size` bytes (None:
+        a multipart upload, 5 MiB at least). The storage class is for
+        objects of 128 KiB or more: the infrequent-access classes bill a
+        smaller one as 128 KiB, and links and tags are read all the time."""
         args = self.encryption_args()
-        if self.settings.storage_class:
+        if self.settings.storage_class and (size is None or size >= STORAGE_CLASS_MIN):
             args["StorageClass"] = self.settings.storage_class
         return args
 

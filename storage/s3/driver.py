@@ -122,8 +122,9 @@ class S3Driver(StorageDriver):
         self.check_path(path)
         if path == "/":
             raise InvalidPath(path, "cannot write the root")
-        await self._calls.call("put_object", path, Key=self._calls.key(path), Body=bytes(data),
-                               **self._calls.content_args())
+        data = bytes(data)
+        await self._calls.call("put_object", path, Key=self._calls.key(path), Body=data,
+                               **self._calls.content_args(len(data)))
 
     async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
         for p in paths:

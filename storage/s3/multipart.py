@@ -2,11 +2,13 @@
 bytes are still an open multipart upload ("pending"), the writer, the
 completion of a pending file, and server-side copies.
 
-A writer buffers one part in memory (for the request it serves, never
-between requests) and sends each full part as it fills, two in flight.
-What is left when it commits, less than a part, is the pending tail; it is
-stored in the bucket together with the upload's state, in the object at the
-file's own key:
+A writer fills one part at a time for the request it serves (in memory up
+to 64 MiB, in a temporary file beyond: parts grow to 5 GiB) and sends each
+full part as it fills, two in flight. What is left when it commits, less
+than a part, is the pending tail (a tail over 64 MiB goes up as a part of
+its own instead); it is stored in the bucket together with the upload's
+state, in the object at the file's own key, never in a process between
+requests:
 
     body      b"dockyard-s3-pending/1\\n" {"upload_id": ..., "parts": [[n, etag, size], ...]} b"\\n"
               then the tail bytes
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import weakref
 from dataclasses import dataclass
 from typing import Awaitable, Iterable
@@ -41,6 +44,8 @@ PARTS_PER_STEP = 1_000           # the part size doubles after every this many p
 MAX_OBJECT = 5 << 40             # S3's largest object (5 TiB)
 COPY_PIECE = 1 << 30             # a server-side copy moves up to this much per UploadPartCopy
 PARTS_IN_FLIGHT = 2              # part uploads of one writer running at once
+MEMORY_PART_MAX = 64 << 20       # a part being filled beyond this is spooled to a temporary file
+TAIL_IN_STATE_MAX = MEMORY_PART_MAX   # a tail beyond this goes up as a part of its own on commit
 COPIES_IN_FLIGHT = 8             # UploadPartCopy requests of one copy running at once
 STATE_MAGIC = b"dockyard-s3-pending/1\n"
 
@@ -180,7 +185,7 @@ async def copy_object(calls: S3Calls, src: str, src_key: str, info: ObjectInfo, 
     source = {"Bucket": calls.bucket, "Key": src_key}
     if info.size <= S3_MAX_PART:
         await calls.call("copy_object", src, Key=dst_key, CopySource=source, CopySourceIfMatch=info.etag,
-                         **calls.content_args())
+                         **calls.content_args(info.size))
         return
     upload_id = (await calls.call("create_multipart_upload", dst, Key=dst_key, **calls.content_args()))["UploadId"]
     try:
@@ -200,6 +205,49 @@ async def copy_object(calls: S3Calls, src: str, src_key: str, info: ObjectInfo, 
         raise
 
 
+class _PartBuffer:
+    """The bytes of the part being filled: in memory up to MEMORY_PART_MAX,
+    in a temporary file beyond (parts grow to 5 GiB: never in memory)."""
+
+    def __init__(self, initial: bytes = b""):
+        self._memory = bytearray(initial)
+        self._file = None
+        self.size = len(initial)
+
+    async def append(self, data: memoryview, calls: S3Calls) -> None:
+        if self._file is None and self.size + len(data) > MEMORY_PART_MAX:
+            self._file = await calls.run(tempfile.TemporaryFile, prefix="dockyard-s3-part-", op="spool")
+            await calls.run(self._file.write, bytes(self._memory), op="spool")
+            self._memory = bytearray()
+        if self._file is None:
+            self._memory += data
+        else:
+            await calls.run(self._file.write, bytes(data), op="spool")
+        self.size += len(data)
+
+    async def read(self, calls: S3Calls) -> bytes:
+        """The bytes (a tail: at most TAIL_IN_STATE_MAX)."""
+        if self._file is None:
+            return bytes(self._memory)
+        self._file.flush()
+        self._file.seek(0)
+        return await calls.run(self._file.read, op="spool")
+
+    def body(self):
+        """What a PUT sends: the bytes, or the file rewound."""
+        if self._file is None:
+            return bytes(self._memory)
+        self._file.flush()
+        self._file.seek(0)
+        return self._file
+
+    def close(self) -> None:
+        self._memory = bytearray()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
 class S3Writer(FileWriter):
     """See the module docstring. Opened by `S3Writer.open`."""
 
@@ -214,7 +262,7 @@ class S3Writer(FileWriter):
         self._copy_source = copy_source
         self._next = max(self._parts, default=len(self._copy_pieces)) + 1
         self._first_new = self._next
-        self._buf = bytearray(buffer)
+        self._buf = _PartBuffer(buffer)
         self._original = original               # the file's size when opened
         self._size = original
         self._condition = condition or {}
@@ -229,6 +277,7 @@ class S3Writer(FileWriter):
         weakref.finalize(self, calls.done_writing, path, self._open_marker)
 
     def _done(self) -> None:
+        self._buf.close()
         self._calls.done_writing(self._path, self._open_marker)
 
     @classmethod
@@ -250,7 +299,7 @@ class S3Writer(FileWriter):
                                condition={"IfMatch": etag}, dirty=False)
                 if info.size == 0:
                     return cls(calls, path, key, base, condition={"IfMatch": info.etag}, dirty=False)
-                if info.size < part_size_for(1, base):
+                if info.size < min(part_size_for(1, base), MEMORY_PART_MAX):
                     response = await calls.call("get_object", path, Key=key, IfMatch=info.etag)
                     data = await calls.run(response["Body"].read, op="get_object", path=path)
                     return cls(calls, path, key, base, original=len(data), buffer=data,
@@ -278,12 +327,12 @@ class S3Writer(FileWriter):
         while view:
             if self._next > MAX_PARTS:
                 raise StorageError(f"{self._path}: larger than S3's largest object (10,000 parts)")
-            room = part_size_for(self._next, self._base) - len(self._buf)
-            taken = view[:room]
-            self._buf += taken
+            target = part_size_for(self._next, self._base)
+            taken = view[:target - self._buf.size]
+            await self._buf.append(taken, self._calls)
             self._size += len(taken)
             view = view[len(taken):]
-            if len(self._buf) >= part_size_for(self._next, self._base):
+            if self._buf.size >= target:
                 await self._send_part()
 
     async def commit(self) -> None:
@@ -295,7 +344,7 @@ class S3Writer(FileWriter):
                 await self._abandon()
                 raise self._failed
             try:
-                await self._persist(None, bytes(self._buf))
+                await self._persist(None)
             except BaseException:
                 await self._abandon()
                 raise
@@ -316,19 +365,21 @@ class S3Writer(FileWriter):
 
     async def _close(self) -> None:
         await self._settle()
-        parts, tail = list(self._parts.values()), bytes(self._buf)
+        parts: list[Part] | None = None
         if self._failed is not None:
             kept = [p for p in parts if p.number < self._first_new]
             number = self._first_new
             while number in self._parts and number not in self._failed_parts:
                 kept.append(self._parts[number])
                 number += 1
-            parts, tail = kept, b""
+            parts = kept
+            self._buf.close()
+            self._buf = _PartBuffer()
             if sum(p.size for p in parts) < self._original or (not parts and not self._original):
                 await self._abandon()
                 return
         try:
-            await self._persist(parts, tail)
+            await self._persist(parts)
         except BaseException:
             await self._abandon()
             raise
@@ -337,7 +388,7 @@ class S3Writer(FileWriter):
         self._closed = True
         try:
             await self._settle()
-            self._buf = bytearray()
+            self._buf.close()
             for upload_id in {self._upload_id, self._stale_upload} - {None}:
                 await self._calls.abort(self._path, self._key, upload_id)
             try:
@@ -397,38 +448,51 @@ class S3Writer(FileWriter):
 
     async def _send_part(self) -> None:
         await self._ensure_upload()
-        number, data = self._next, bytes(self._buf)
+        number, buf = self._next, self._buf
         self._next += 1
-        self._buf = bytearray()
+        self._buf = _PartBuffer()
         while len(self._inflight) >= PARTS_IN_FLIGHT:
             await asyncio.wait(list(self._inflight.values()), return_when=asyncio.FIRST_COMPLETED)
             self._raise_failed()
-        self._inflight[number] = asyncio.ensure_future(self._upload_part(number, data))
+        self._inflight[number] = asyncio.ensure_future(self._upload_part(number, buf))
 
-    async def _upload_part(self, number: int, data: bytes) -> None:
+    async def _upload_part(self, number: int, buf: _PartBuffer) -> None:
         try:
             response = await self._calls.call("upload_part", self._path, Key=self._key,
-                                              UploadId=self._upload_id, PartNumber=number, Body=data)
+                                              UploadId=self._upload_id, PartNumber=number, Body=buf.body())
         except UploadGone as exc:
             # aborted under us (the file was deleted): its bytes are gone
             raise PathNotFound(self._path) from exc
-        self._parts[number] = Part(number, quoted(response.get("ETag")), len(data))
+        finally:
+            size = buf.size
+            buf.close()
+        self._parts[number] = Part(number, quoted(response.get("ETag")), size)
 
-    async def _persist(self, parts: list[Part] | None, tail: bytes) -> None:
+    async def _persist(self, parts: list[Part] | None) -> None:
         """Store the file: `parts` (None: every part there is) and the tail."""
         calls = self._calls
         if self._dirty:
             if self._upload_id is None and self._copy_source is None:
                 # Everything is here, less than a part: one PUT, no multipart upload.
-                await calls.call("put_object", self._path, Key=self._key, Body=tail, **self._condition,
-                                 **calls.content_args())
+                await calls.call("put_object", self._path, Key=self._key, Body=self._buf.body(),
+                                 **self._condition, **calls.content_args(self._buf.size))
             else:
                 await self._ensure_upload()        # a whole object continued by a small write
+                if self._buf.size > TAIL_IN_STATE_MAX:
+                    # A tail this big (parts past 64 MiB, blobs past 47 GiB at
+                    # the default size) is not rewritten with every commit:
+                    # it goes up as a part of its own, at least 64 MiB.
+                    number, buf = self._next, self._buf
+                    self._next += 1
+                    self._buf = _PartBuffer()
+                    await self._upload_part(number, buf)
                 chosen = list(self._parts.values()) if parts is None else parts
-                state = PendingState(self._upload_id, sorted(chosen, key=lambda p: p.number), tail)
+                state = PendingState(self._upload_id, sorted(chosen, key=lambda p: p.number),
+                                     await self._buf.read(calls))
                 body, metadata = state.encode()
                 await calls.call("put_object", self._path, Key=self._key, Body=body, Metadata=metadata,
                                  **self._condition, **calls.encryption_args())
+        self._buf.close()
         if self._stale_upload and self._stale_upload != self._upload_id:
             await calls.abort(self._path, self._key, self._stale_upload)
 

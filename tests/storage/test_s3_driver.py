@@ -85,10 +85,12 @@ class Requests:
 
     def __init__(self, driver: S3Driver):
         self.sent: list[tuple[str, str | None]] = []
+        self.params: list[tuple[str, dict]] = []
         driver.client.meta.events.register("before-parameter-build.s3", self._record)
 
     def _record(self, params, model, **kwargs) -> None:
         self.sent.append((model.name, params.get("Key")))
+        self.params.append((model.name, dict(params)))
 
     def names(self) -> list[str]:
         return [name for name, _ in self.sent]
@@ -269,6 +271,49 @@ async def test_a_whole_object_of_a_part_or_more_is_continued_on_the_server(drive
     assert await driver.get_content("/c/data") == big + b"tail"
 
 
+async def test_big_parts_are_spooled_to_disk_and_a_big_tail_is_a_part_of_its_own(space, target, monkeypatch):
+    """Parts past 64 MiB are filled in a temporary file, not in memory, and
+    a tail past 64 MiB goes up as a part on commit instead of into the
+    state object: scaled down here (2 MiB spooling, 6 MiB tails, 12 MiB parts)."""
+    monkeypatch.setattr(multipart, "MEMORY_PART_MAX", 2 * MIB)
+    monkeypatch.setattr(multipart, "TAIL_IN_STATE_MAX", 6 * MIB)
+    spooled = []
+    real = multipart._PartBuffer.append
+
+    async def watched(self, data, calls):
+        await real(self, data, calls)
+        if self._file is not None and not spooled:
+            spooled.append(self.size)
+
+    monkeypatch.setattr(multipart._PartBuffer, "append", watched)
+    settings = dataclasses.replace(target.settings(space.prefix), part_size=12 * MIB)
+    one, two = S3Driver(settings), S3Driver(settings)
+    try:
+        small = os.urandom(10 * MIB)                       # under a part: one PUT, from the file
+        w = await one.writer("/small")
+        await w.write(small)
+        await w.commit()
+        assert spooled and await two.get_content("/small") == small
+
+        first, more = os.urandom(20 * MIB), os.urandom(3 * MIB)
+        w = await one.writer("/big", append=True)
+        for at in range(0, len(first), MIB):
+            await w.write(first[at:at + MIB])
+        await w.commit()                                    # a 12 MiB part, and the 8 MiB tail as a part
+        key = settings.key_prefix + "big"
+        head = target.client.head_object(Bucket=target.bucket, Key=key)
+        parts = target.client.list_parts(Bucket=target.bucket, Key=key,
+                                         UploadId=head["Metadata"][META_UPLOAD])["Parts"]
+        assert [p["Size"] for p in parts] == [12 * MIB, 8 * MIB] and head["ContentLength"] < MIB
+        w = await two.writer("/big", append=True)           # goes on at part 3
+        await w.write(more)
+        await w.commit()
+        assert await one.get_content("/big") == first + more
+    finally:
+        await one.close()
+        await two.close()
+
+
 async def test_cancel_aborts_the_upload_and_leaves_nothing(space, target):
     driver = await space.open()
     w = await driver.writer("/x/data")
@@ -322,6 +367,34 @@ async def test_reclaim_aborts_an_upload_no_file_names(space, target):
     [left] = uploads_under(target, space.prefix)
     assert left["Key"].endswith("/kept/data")
     assert len(await driver.get_content("/kept/data")) == 6 * MIB
+
+
+async def test_storage_class_and_encryption_reach_every_write(space, target):
+    """The storage class on objects of 128 KiB or more (blobs, not links),
+    server-side encryption on every object the driver writes, its own
+    state and locks included (a bucket policy may refuse any other)."""
+    settings = dataclasses.replace(target.settings(space.prefix), storage_class="STANDARD_IA", sse="AES256")
+    driver = S3Driver(settings)
+    try:
+        requests = Requests(driver)
+        await driver.put_content("/c/link", b"sha256:abc")
+        await driver.put_content("/c/blob", os.urandom(200 << 10))
+        w = await driver.writer("/c/up", append=True)
+        await w.write(os.urandom(6 * MIB))
+        await w.commit()
+        lock = await driver.try_lock("/c/lock")
+        await lock.release()
+        await driver.move("/c/up", "/c/moved")
+        writes = [(n, p) for n, p in requests.params
+                  if n in ("PutObject", "CreateMultipartUpload", "CopyObject")]
+        assert {n for n, _ in writes} == {"PutObject", "CreateMultipartUpload", "CopyObject"}
+        assert all(p.get("ServerSideEncryption") == "AES256" for _, p in writes)
+        classes = {p["Key"].rsplit("/", 1)[-1]: p.get("StorageClass") for _, p in writes}
+        assert classes["link"] is None and classes["blob"] == "STANDARD_IA" and classes["moved"] == "STANDARD_IA"
+        head = target.client.head_object(Bucket=target.bucket, Key=settings.key_prefix + "c/moved")
+        assert head.get("ServerSideEncryption") == "AES256" and head.get("StorageClass") == "STANDARD_IA"
+    finally:
+        await driver.close()
 
 
 # ---- server-side copies -------------------------------------------------------------
