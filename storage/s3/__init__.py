@@ -29,7 +29,8 @@ of each request, possibly in another process each time) works like this:
 - less than one part in total: the bytes go up in one PutObject on commit,
   never a multipart upload (a small blob, a small chunk of a small upload:
   the file so far, under a part, is read back and rewritten whole);
-- more: each full part goes up as it fills (UploadPart, two in flight), and
+- more: each full part goes up as it fills (UploadPart, two in flight; a
+  part past 64 MiB is filled in a temporary file, not in memory), and
   commit stores the upload's state, the part list with ETags and sizes and
   the tail under a part, in the object at the file's key, with one
   conditional PUT (If-Match the state the writer continued). The bytes under
@@ -37,6 +38,10 @@ of each request, possibly in another process each time) works like this:
   writer, in any process, reads the state and continues the same multipart
   upload (storage.s3.multipart documents the format). `stat` answers the
   size from the state object's metadata (HEAD);
+- what a writer keeps reaches the bucket when it commits or closes, not as
+  it comes: a stat or read in the same process waits (up to a second) for a
+  writer of that path still open, so a status asked right after a client
+  broke off a chunk sees what the broken request kept;
 - a whole object of a part or more that is appended to again is continued
   on the server: a new multipart upload whose first parts are UploadPartCopy
   ranges of it;
@@ -65,11 +70,17 @@ once its holder stopped renewing it).
 Direct access: `url_for` presigns a GET (or HEAD) for
 `storage.s3.presign_expires` seconds; `open_local` is always None.
 
-Known differences from the filesystem driver: a directory emptied by a
-`move` of its last file disappears (only `delete` keeps it); `url_for`
-presigns without looking, so it must name a whole object (the content
-store only asks for blobs, which are); and S3 keys may hold a file and a
-directory of the same name at once, which this driver never creates.
+Storage class and encryption: `storage.s3.storage_class` on objects of 128
+KiB or more (blobs; links and tags keep the bucket's default),
+`storage.s3.sse` on every object the driver writes, its state and locks
+included.
+
+Known differences from the filesystem driver: a lock whose holder died is
+free once its lease runs out (10 s), not at once as with flock; a directory
+emptied by a `move` of its last file disappears (only `delete` keeps it);
+`url_for` presigns without looking, so it must name a whole object (the
+content store only asks for blobs, which are); and S3 keys may hold a file
+and a directory of the same name at once, which this driver never creates.
 """
 
 from storage.s3.driver import S3Driver

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import http.client
 import threading
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -98,6 +100,14 @@ def is_hidden_name(name: str) -> bool:
     return name.startswith(HIDDEN_PREFIX)
 
 
+def shown_endpoint(url: str) -> str:
+    """An endpoint URL fit for a message: no user:password@ part."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username or parts.password:
+        parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+    return urllib.parse.urlunsplit(parts)
+
+
 def one_line(text: str, limit: int = 200) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit] + "..."
@@ -132,8 +142,8 @@ def translate(exc: BaseException, op: str, path: str, bucket: str) -> BaseExcept
         return StorageError("no S3 credentials found (storage.s3.access_key_id or the AWS credential chain)")
     if isinstance(exc, BotoCoreError):
         return StorageError(f"S3 {op} of {path} failed: {type(exc).__name__}: {one_line(str(exc))}")
-    if isinstance(exc, (OSError, ValueError)) or type(exc).__module__.startswith("urllib3"):
-        # a body read broken off (urllib3 ProtocolError, IncompleteRead, ...)
+    if isinstance(exc, (OSError, http.client.HTTPException)) or type(exc).__module__.startswith("urllib3"):
+        # a body read broken off (urllib3 ProtocolError, IncompleteRead, ...), a full disk
         return StorageError(f"S3 {op} of {path} broke off: {type(exc).__name__}")
     return exc
 

@@ -14,7 +14,7 @@ from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath, Lo
                             StorageDriver, StorageError, StorageLock)
 from storage.s3 import locks, multipart
 from storage.s3.client import (DIR_MARKER, Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
-                               is_lock_key, make_client, object_info, one_line, utc_timestamp)
+                               is_lock_key, make_client, object_info, one_line, shown_endpoint, utc_timestamp)
 
 log = logging.getLogger("dockyard.storage.s3")
 
@@ -56,7 +56,7 @@ class S3Driver(StorageDriver):
         credentials are accepted. Asks once, without the long retries of the
         driver's own client, so a wrong setting fails start-up at once."""
         s = self.settings
-        where = s.endpoint_url or "AWS S3"
+        where = shown_endpoint(s.endpoint_url) if s.endpoint_url else "AWS S3"
 
         def head_bucket() -> None:
             client = make_client(s, client_config(s, attempts=2, connect_timeout=5, read_timeout=15))

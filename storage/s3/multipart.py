@@ -205,6 +205,12 @@ async def copy_object(calls: S3Calls, src: str, src_key: str, info: ObjectInfo, 
         raise
 
 
+def _write_all(file, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view):]
+
+
 class _PartBuffer:
     """The bytes of the part being filled: in memory up to MEMORY_PART_MAX,
     in a temporary file beyond (parts grow to 5 GiB: never in memory)."""
@@ -216,28 +222,28 @@ class _PartBuffer:
 
     async def append(self, data: memoryview, calls: S3Calls) -> None:
         if self._file is None and self.size + len(data) > MEMORY_PART_MAX:
-            self._file = await calls.run(tempfile.TemporaryFile, prefix="dockyard-s3-part-", op="spool")
-            await calls.run(self._file.write, bytes(self._memory), op="spool")
+            self._file = await calls.run(tempfile.TemporaryFile, buffering=0, prefix="dockyard-s3-part-",
+                                         op="spool")
+            await calls.run(_write_all, self._file, self._memory, op="spool")
             self._memory = bytearray()
         if self._file is None:
             self._memory += data
         else:
-            await calls.run(self._file.write, bytes(data), op="spool")
+            await calls.run(_write_all, self._file, bytes(data), op="spool")
         self.size += len(data)
 
     async def read(self, calls: S3Calls) -> bytes:
         """The bytes (a tail: at most TAIL_IN_STATE_MAX)."""
         if self._file is None:
             return bytes(self._memory)
-        self._file.flush()
         self._file.seek(0)
         return await calls.run(self._file.read, op="spool")
 
     def body(self):
-        """What a PUT sends: the bytes, or the file rewound."""
+        """What a PUT sends: the bytes as they are (no copy of up to 64 MiB
+        on the event loop), or the file rewound (unbuffered: nothing to flush)."""
         if self._file is None:
-            return bytes(self._memory)
-        self._file.flush()
+            return self._memory
         self._file.seek(0)
         return self._file
 

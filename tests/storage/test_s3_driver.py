@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -397,6 +398,97 @@ async def test_storage_class_and_encryption_reach_every_write(space, target):
         await driver.close()
 
 
+async def test_a_part_failing_once_is_sent_again(driver):
+    """An UploadPart answered 500 once (a botocore hook stands in for the
+    server's answer) is retried by the client's standard retries: the
+    upload completes with the right bytes."""
+    from botocore.awsrequest import AWSResponse
+
+    failed = []
+
+    class Raw:
+        def stream(self, **kwargs):
+            yield b""
+
+    def fail_first_part(request, **kwargs):
+        if "partNumber=2" in request.url and not failed:
+            failed.append(request.url)
+            return AWSResponse(request.url, 500, {}, Raw())
+        return None
+
+    driver.client.meta.events.register("before-send.s3.UploadPart", fail_first_part)
+    payload = os.urandom(11 * MIB)
+    w = await driver.writer("/r/data")
+    await w.write(payload)
+    await w.commit()
+    assert failed
+    assert await driver.get_content("/r/data") == payload
+
+
+_APPENDER = """
+import asyncio, json, sys
+from storage.config import S3Settings
+from storage.s3 import S3Driver
+from storage.store import ContentStore
+
+async def main():
+    store = ContentStore(S3Driver(S3Settings(**json.loads(sys.argv[1])), lock_lease=1.0))
+    repo, upload_id, start, size = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+
+    async def body():
+        for _ in range(size // (1 << 20)):
+            yield b"k" * (1 << 20)
+        print("sent", flush=True)
+        await asyncio.sleep(3600)              # the rest of the chunk never comes
+
+    await store.uploads.append(repo, upload_id, body(), start=start)
+
+asyncio.run(main())
+"""
+
+
+async def test_a_replica_killed_mid_chunk_leaves_a_session_another_finishes(space, target):
+    """A process appending a chunk is SIGKILLed after sending two parts of
+    it: the session still holds what was committed before, its lock is
+    taken over once the lease (1 s here) runs out, another replica finishes
+    the upload with the right digest, and the dead writer's multipart
+    upload goes with the session."""
+    settings = target.settings(space.prefix)
+    store = ContentStore(S3Driver(settings, lock_lease=1.0))
+    try:
+        head, tail = os.urandom(3 * MIB), os.urandom(4 * MIB)
+        status = await store.uploads.start("killed/repo")
+        await store.uploads.append("killed/repo", status.upload_id, chunks(head), start=0)
+        fields = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+        child = subprocess.Popen([sys.executable, "-c", _APPENDER, json.dumps(fields), "killed/repo",
+                                  status.upload_id, str(len(head)), str(12 * MIB)],
+                                 cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        try:
+            line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
+            assert line.strip() == "sent"
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(10)
+        assert len(uploads_under(target, space.prefix)) == 1      # the dead writer's parts
+        assert (await store.uploads.status("killed/repo", status.upload_id)).offset == len(head)
+        deadline = time.monotonic() + 15
+        while True:                                               # as a client retries a 409
+            try:
+                await store.uploads.append("killed/repo", status.upload_id, chunks(tail), start=len(head))
+                break
+            except Exception as exc:
+                assert type(exc).__name__ == "BlobUploadInvalid", exc
+                assert time.monotonic() < deadline, "the dead writer's lock was never taken over"
+                await asyncio.sleep(0.3)
+        info = await store.uploads.finish("killed/repo", status.upload_id, sha256_digest(head + tail))
+        assert info.size == len(head + tail)
+        assert b"".join([c async for c in store.blobs.read(info.digest)]) == head + tail
+        assert uploads_under(target, space.prefix) == []          # aborted with the session
+    finally:
+        await store.close()
+
+
 # ---- server-side copies -------------------------------------------------------------
 
 async def test_move_above_the_single_copy_limit_is_a_multipart_copy(driver, monkeypatch):
@@ -546,3 +638,113 @@ async def test_start_up_check_names_the_problem_in_one_line(driver, target, spac
         await unreachable.check()
     assert time.monotonic() - started < 30
     await unreachable.close()
+
+
+def _serve_env(settings: S3Settings, **overrides: str) -> dict[str, str]:
+    """DOCKYARD_STORAGE_S3_* for `dockyard serve`: the settings as a user
+    would give them."""
+    env = {"DOCKYARD_STORAGE_DRIVER": "s3"}
+    for field in dataclasses.fields(settings):
+        env[f"DOCKYARD_STORAGE_S3_{field.name.upper()}"] = str(getattr(settings, field.name))
+    env.update(overrides)
+    return env
+
+
+def test_serve_refuses_to_start_on_a_missing_bucket_in_one_line(target, space, tmp_path):
+    env = _serve_env(target.settings(space.prefix), DOCKYARD_STORAGE_S3_BUCKET="no-such-bucket-dockyard")
+    env["DOCKYARD_STORAGE_ROOT"] = str(tmp_path / "root")      # (--storage would mean the filesystem)
+    done = subprocess.run([sys.executable, "-m", "puller", "serve", "--host", "127.0.0.1", "--port", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **env})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("dockyard serve: storage.s3.bucket: no bucket 'no-such-bucket-dockyard'"), lines
+    assert "Traceback" not in done.stderr and "dockyard-test-secret" not in done.stderr
+
+
+def test_serve_on_s3_pushes_pulls_and_redirects_to_a_presigned_url(target, space, tmp_path):
+    """`dockyard serve` configured through the environment: a blob pushed in
+    two chunks is served back, and with storage.redirect a GET answers 307
+    to a presigned URL that gives the bytes (HEAD never redirects)."""
+    from tests.support.launch import launch_dockyard
+
+    blob = os.urandom(6 * MIB + 7)
+    digest = sha256_digest(blob)
+    for redirect in ("false", "true"):
+        env = _serve_env(target.settings(space.prefix), DOCKYARD_STORAGE_REDIRECT=redirect)
+        server = launch_dockyard(config={"storage": {"root": str(tmp_path / f"root-{redirect}")}}, env=env,
+                                 log_path=tmp_path / f"log-{redirect}")
+        try:
+            base = server.url
+
+            def request(method: str, url: str, data: bytes | None = None, headers: dict | None = None):
+                req = urllib.request.Request(url if url.startswith("http") else base + url, data=data,
+                                             method=method, headers=headers or {})
+
+                class NoRedirect(urllib.request.HTTPRedirectHandler):
+                    def redirect_request(self, *args, **kwargs):
+                        return None
+
+                try:
+                    with urllib.request.build_opener(NoRedirect).open(req, timeout=60) as resp:
+                        return resp.status, dict(resp.headers), resp.read()
+                except urllib.error.HTTPError as err:
+                    return err.code, dict(err.headers), err.read()
+
+            if redirect == "false":
+                status, headers, _ = request("POST", "/v2/s3/serve/blobs/uploads/")
+                assert status == 202, status
+                location = headers["Location"]
+                half = len(blob) // 2
+                status, headers, _ = request("PATCH", location, blob[:half], {
+                    "Content-Type": "application/octet-stream", "Content-Range": f"0-{half - 1}"})
+                assert status == 202
+                location = headers["Location"]
+                sep = "&" if "?" in location else "?"
+                status, _, _ = request("PUT", f"{location}{sep}digest={digest}", blob[half:], {
+                    "Content-Type": "application/octet-stream", "Content-Range": f"{half}-{len(blob) - 1}"})
+                assert status == 201
+                status, _, body = request("GET", f"/v2/s3/serve/blobs/{digest}")
+                assert (status, body) == (200, blob)
+            else:
+                status, headers, _ = request("GET", f"/v2/s3/serve/blobs/{digest}")
+                assert status == 307, status
+                status, _, body = request("GET", headers["Location"])   # from S3, not the registry
+                assert (status, body) == (200, blob)
+                status, headers, _ = request("HEAD", f"/v2/s3/serve/blobs/{digest}")
+                assert status == 200 and int(headers["Content-Length"]) == len(blob)
+        finally:
+            server.stop()
+
+
+async def test_backend_errors_are_one_line_storage_errors_without_secrets(target, space):
+    """NoSuchKey is PathNotFound; a missing bucket, an unreachable endpoint,
+    any other answer a StorageError of one line naming the path, with
+    neither key nor secret in it (`raise ... from` keeps the botocore error)."""
+    from storage.driver import StorageError
+    from storage.s3.client import client_config, make_client
+
+    base = target.settings(space.prefix)
+    missing = S3Driver(dataclasses.replace(base, bucket="no-such-bucket-dockyard"))
+    down = dataclasses.replace(base, endpoint_url="http://user:pw@127.0.0.1:9")
+    unreachable = S3Driver(down, client=make_client(down, client_config(down, attempts=1, connect_timeout=2)))
+    try:
+        for driver, expected in ((missing, "S3 bucket 'no-such-bucket-dockyard' does not exist"),
+                                 (unreachable, "S3 endpoint did not answer get_object of /a/b")):
+            with pytest.raises(StorageError) as err:
+                await driver.get_content("/a/b")
+            message = str(err.value)
+            assert not isinstance(err.value, PathNotFound)
+            assert expected in message and "\n" not in message and err.value.__cause__ is not None
+            for secret in (base.secret_access_key, base.access_key_id, "pw"):
+                assert secret not in message
+        assert "pw" not in str(await _check_message(unreachable))
+    finally:
+        await missing.close()
+        await unreachable.close()
+
+
+async def _check_message(driver) -> str:
+    with pytest.raises(StorageConfigError) as err:
+        await driver.check()
+    return str(err.value)
