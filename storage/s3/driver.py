@@ -13,7 +13,7 @@ from storage.config import S3Settings, StorageConfigError
 from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath, LocalFile, PathNotFound,
                             StorageDriver, StorageError, StorageLock)
 from storage.s3 import locks, multipart
-from storage.s3.client import (DIR_MARKER, Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
+from storage.s3.client import (Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
                                is_lock_key, make_client, object_info, one_line, shown_endpoint, utc_timestamp)
 
 log = logging.getLogger("dockyard.storage.s3")
