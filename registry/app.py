@@ -21,7 +21,7 @@ from registry.filesend import Waiting, make_pool
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
-from storage.config import StorageConfigError, open_driver
+from storage.config import StorageConfigError, check_driver, open_driver
 from storage.driver import StorageDriver
 from storage.store import ContentStore
 
@@ -109,9 +109,14 @@ def describe_client_error(exc: BaseException) -> str:
 def _store_context(settings: Settings, driver: StorageDriver | None):
     async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         own = driver is None
+        active = None
         try:
             active = open_driver(settings.storage) if own else driver
+            if own:
+                await check_driver(active)     # S3: bucket, credentials, endpoint
         except StorageConfigError as exc:
+            if own and active is not None:
+                await active.close()
             raise SettingsError(str(exc)) from None
         app[STORE] = ContentStore(active, settings.store_limits())
         app[FILE_SEND_POOL] = make_pool()

@@ -69,14 +69,14 @@ class Blobs:
             return BlobInfo(digest, data.size)
         raise self._unknown(repo, digest)
 
-    async def read(self, digest: str, offset: int = 0,
-                   length: int | None = None) -> AsyncIterator[bytes]:
+    async def read(self, digest: str, offset: int = 0, length: int | None = None,
+                   chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """Stream a blob's bytes from the global store. BlobUnknown if absent;
         the driver's InvalidOffset for an offset past the end (callers check
         ranges against stat first)."""
         self.check_digest(digest)
         try:
-            async for chunk in self.driver.reader(layout.blob_data(digest), offset, length):
+            async for chunk in self.driver.reader(layout.blob_data(digest), offset, length, chunk_size):
                 yield chunk
         except PathNotFound as exc:
             raise BlobUnknown(f"blob unknown: {digest}", {"digest": digest}) from exc

@@ -98,9 +98,13 @@ def _ms(value: str, unit: str) -> float:
 
 
 def wrk(url: str, *, threads: int = 2, connections: int = 32, seconds: int = 5,
-        headers: Sequence[str] = ()) -> WrkResult:
-    """Run wrk against url; requests/second plus the failures it saw."""
+        headers: Sequence[str] = (), timeout: int | None = None) -> WrkResult:
+    """Run wrk against url (http:// or https://; wrk checks no certificate);
+    requests/second plus the failures it saw. `timeout`: seconds before wrk
+    counts a request as timed out (its default is 2)."""
     argv = [need_tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if timeout is not None:
+        argv += ["--timeout", f"{timeout}s"]
     for header in headers:
         argv += ["-H", header]
     out = sh([*argv, url], timeout=seconds + 60)
@@ -122,10 +126,11 @@ def wrk(url: str, *, threads: int = 2, connections: int = 32, seconds: int = 5,
 
 # ---- blob downloads ------------------------------------------------------------------
 
-def curl_download(url: str, expected_size: int) -> float:
-    """Seconds to GET url into /dev/null; BenchError unless exactly expected_size bytes came."""
+def curl_download(url: str, expected_size: int, extra: Sequence[str] = ()) -> float:
+    """Seconds to GET url into /dev/null; BenchError unless exactly expected_size bytes came.
+    `extra`: more curl arguments (-H for a header, --cacert for https)."""
     out = sh([need_tool("curl"), "-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}",
-              url], timeout=120)
+              *extra, url], timeout=120)
     size, seconds = out.split()
     if int(float(size)) != expected_size:
         raise BenchError(f"{url}: got {size} bytes, expected {expected_size}")

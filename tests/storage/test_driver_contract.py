@@ -136,6 +136,32 @@ async def test_list_is_sorted_full_paths(driver):
     assert await driver.list("/dir/b") == ["/dir/b/inner"]
 
 
+async def test_listing_and_deleting_over_a_thousand_entries(driver):
+    """Object stores answer a listing 1,000 entries a page (and delete 1,000
+    keys a request): where pagination bugs live. A directory of 1,130
+    entries, files with subdirectories among them (so pages end on both),
+    lists whole and sorted, and is deleted whole."""
+    entries = [f"e{i:05d}" for i in range(1130)]
+    subdirs = set(entries[::37])
+    semaphore = asyncio.Semaphore(16)
+
+    async def put(name: str) -> None:
+        async with semaphore:
+            path = f"/big/{name}/inner" if name in subdirs else f"/big/{name}"
+            await driver.put_content(path, name.encode())
+
+    await asyncio.gather(*(put(name) for name in entries))
+    assert await driver.list("/big") == [f"/big/{name}" for name in entries]
+    assert (await driver.stat(f"/big/{entries[37]}")).is_dir
+    assert await driver.get_content(f"/big/{entries[-1]}") == entries[-1].encode()
+    deep = entries[37 * 30]                          # a subdirectory on the second page
+    assert await driver.list(f"/big/{deep}") == [f"/big/{deep}/inner"]
+    await driver.delete("/big")
+    with pytest.raises(PathNotFound):
+        await driver.list("/big")
+    assert await driver.list("/") == []
+
+
 # ---- changes -------------------------------------------------------------------
 
 async def test_move_replaces_destination(driver):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 
 import pytest
 
@@ -74,16 +75,22 @@ async def test_retag_racing_delete_by_digest_never_leaves_a_dangling_tag(driver_
                                "config": {"mediaType": CONFIG_TYPE, "digest": sha256(config), "size": len(config)},
                                "layers": [{"mediaType": LAYER_TYPE, "digest": sha256(layer), "size": len(layer)}],
                                "annotations": {"trial": str(trial)}}).encode()
+        started = time.perf_counter()
         digest = (await pusher.manifests.put(repo, f"a{trial}", manifest, OCI_MANIFEST)).digest
+        # Head starts in step with the storage's pace: a jittered put takes
+        # about 10 ms on a filesystem, ten times that on an object store
+        # (each call a round trip), where fixed milliseconds would only ever
+        # let the delete win.
+        pace = max(1.0, (time.perf_counter() - started) / 0.010)
 
         async def retag():
             # a longer head start for the delete now and then, so that both
             # orders (and everything between) happen in every run
-            await asyncio.sleep(rng.uniform(0, 0.012))
+            await asyncio.sleep(rng.uniform(0, 0.012 * pace))
             await pusher.manifests.put(repo, f"b{trial}", manifest, OCI_MANIFEST)
 
         async def delete():
-            await asyncio.sleep(rng.uniform(0, 0.004))
+            await asyncio.sleep(rng.uniform(0, 0.004 * pace))
             await deleter.manifests.delete(repo, digest)
 
         await asyncio.gather(retag(), delete())

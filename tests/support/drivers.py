@@ -177,3 +177,19 @@ register_driver("filesystem-fsync-full", _filesystem_factory("full"), _filesyste
                 stored=_filesystem_stored)
 register_driver("filesystem-fsync-off", _filesystem_factory("off"), _filesystem_cleanup,
                 stored=_filesystem_stored)
+
+
+# ---- S3 on a moto server started for the session (tests.support.s3) ------------------
+# moto checks no signatures; a real S3 (Ceph RGW) registers through register_s3 the same way.
+
+def _register_s3_moto() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None:
+        return                      # no moto[server] in this environment: filesystem drivers only
+    from tests.support.s3 import moto_endpoint, register_s3
+
+    register_s3("s3-moto", moto_endpoint, "dockyard-test", "dockyard-test-secret", "dockyard-tests", "us-east-1")
+
+
+_register_s3_moto()
