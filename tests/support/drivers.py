@@ -193,3 +193,31 @@ def _register_s3_moto() -> None:
 
 
 _register_s3_moto()
+
+
+# ---- S3 on a Ceph RADOS Gateway started for the session (tests.support.ceph) ---------
+# A real S3: it checks signatures and presigned URLs, the 5 MiB minimum part and
+# conditional writes. The cluster starts when a test first opens this driver;
+# without Ceph's Debian packages those tests skip (fail under DOCKYARD_REQUIRE_INTEROP=1).
+
+def _register_s3_ceph() -> None:
+    from tests.support.ceph import ACCESS_KEY, REGION, SECRET_KEY, shared_ceph
+    from tests.support.s3 import register_s3
+
+    register_s3("s3-ceph", lambda: shared_ceph.get().endpoint, ACCESS_KEY, SECRET_KEY, shared_ceph.bucket,
+                REGION)
+    # A cluster that never started holds nothing: cleaning up after a test that
+    # skipped (no Ceph) or failed to start it must not try to start it again,
+    # which would skip or fail that test a second time, in its teardown.
+    def unless_never_started(call, nothing):
+        async def guarded(prefix: str, scratch: Path):
+            return await _resolved(call(prefix, scratch)) if shared_ceph.started else nothing
+
+        return guarded
+
+    kind = _KINDS["s3-ceph"]
+    _KINDS["s3-ceph"] = DriverKind(kind.name, kind.factory, unless_never_started(kind.cleanup, None),
+                                   unless_never_started(kind.stored, []))
+
+
+_register_s3_ceph()
