@@ -132,10 +132,11 @@ def test_ceph_s3_launcher(tmp_path):
     directory = tmp_path / "ceph"
     with start_ceph_s3(directory, buckets=["launcher"]) as ceph:
         pids = ceph.pids()
-        assert set(pids) == {"mon", "osd", "rgw"}
+        assert set(pids) == {"mon", "osd", "rgw", "watchdog"}
         assert sorted(processes_under(directory)) == sorted(pids.values())
         listening = ceph.listening()
         assert ("127.0.0.1", ceph.port) in listening["rgw"] and ("127.0.0.1", ceph.mon_port) in listening["mon"]
+        assert listening["osd"] and not listening["watchdog"]
         assert {host for addresses in listening.values() for host, _ in addresses} == {"127.0.0.1"}
         assert ceph.endpoint == f"http://127.0.0.1:{ceph.port}" and ceph.region == "us-east-1"
 
@@ -191,6 +192,38 @@ def test_ceph_s3_launcher(tmp_path):
     assert processes_under(directory) == []
     assert not [pid for pid in pids.values() if Path(f"/proc/{pid}").exists()]
     assert "--- rgw.out ---" in ceph.log() and "client.rgw.log" in ceph.log()
+
+
+@pytest.mark.interop
+def test_ceph_s3_ends_with_the_process_that_started_it(tmp_path):
+    """A test process killed outright (no atexit, no fixture teardown) leaves
+    no Ceph daemon behind: the cluster's watchdog ends them."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.support import REPO_ROOT
+    from tests.support.ceph import ceph_programs, processes_under
+
+    ceph_programs()                 # skip (or fail) here, not in the child, without Ceph
+    directory = tmp_path / "ceph"
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\n"
+         "from tests.support.ceph import start_ceph_s3\n"
+         "ceph = start_ceph_s3(sys.argv[1])\n"
+         "print(' '.join(map(str, ceph.pids().values())), flush=True)\n"
+         "time.sleep(300)\n", str(directory)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(pid) for pid in child.stdout.readline().split()]
+        assert len(pids) == 4 and sorted(set(processes_under(directory)) - {child.pid}) == sorted(pids)
+    finally:
+        child.kill()
+        child.wait()
+    deadline = time.monotonic() + 10
+    while processes_under(directory) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_under(directory) == []
 
 
 @pytest.mark.interop
