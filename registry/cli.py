@@ -127,6 +127,8 @@ def serve_command(args: argparse.Namespace) -> int:
         from registry.auth.runtime import prepare_signing_key
 
         prepare_signing_key(settings)   # made once, before workers fork: one key signs for all
+        if settings.storage.driver != "filesystem":
+            asyncio.run(_check_storage(settings))   # once, not a traceback per worker
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +156,22 @@ def serve_command(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2
+
+
+async def _check_storage(settings: Settings) -> None:
+    """The driver's start-up check (S3: bucket, credentials, endpoint)."""
+    from storage.config import StorageConfigError, check_driver, open_driver
+
+    try:
+        driver = open_driver(settings.storage)
+    except StorageConfigError as exc:
+        raise SettingsError(str(exc)) from None
+    try:
+        await check_driver(driver)
+    except StorageConfigError as exc:
+        raise SettingsError(str(exc)) from None
+    finally:
+        await driver.close()
 
 
 def _announcer(settings: Settings) -> Callable[[str, int], None]:
