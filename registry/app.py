@@ -39,13 +39,14 @@ LEFTOVER_AGE = 3600
 def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.Application:
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
+    runtime = AuthRuntime(settings)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware],
+        middlewares=[error_middleware, auth_middleware(lambda: runtime.gate)],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
     app[SETTINGS] = settings
-    app[AUTH] = runtime = AuthRuntime(settings)
+    app[AUTH] = runtime
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
     app.cleanup_ctx.append(_upload_purger(settings))

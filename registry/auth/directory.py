@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from registry.auth.policy import Policy, PolicyError, load_policy
 from registry.auth.users import CredentialsFileError, FailureLimiter, Htpasswd, load_htpasswd
+from registry.errors import with_headers
 from storage.oci.errors import TooManyRequests
 
 log = logging.getLogger("dockyard.auth")
@@ -163,8 +164,6 @@ class Directory:
 
 
 def _locked_out(seconds: float) -> TooManyRequests:
-    from registry.errors import with_headers
-
     wait = max(1, int(seconds + 0.999))
     return with_headers(TooManyRequests(f"too many failed logins from this address; try again in {wait}s"),
                         {"Retry-After": str(wait)})

@@ -160,7 +160,7 @@ class Gate:
         self.verifier = verifier
         self.realm, self.service, self.basic_realm = realm, service, basic_realm
         self.own_tokens = own_tokens
-        self.route_actions: dict | None = None    # the app's ROUTE_ACTIONS, set when the app starts
+        self.route_actions: dict = {}    # the app's ROUTE_ACTIONS, set when the app starts
 
     # ---- challenges ---------------------------------------------------------------
 
@@ -309,23 +309,27 @@ def parse_basic(header: str) -> tuple[str | None, str]:
 
 
 ROUTE_ACTIONS = web.AppKey("route_actions", dict)
-GATE = web.AppKey("gate", Gate)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    gate = request.config_dict.get(GATE)
-    if gate is None:
-        request[CALLER] = EVERYONE
+def auth_middleware(current: Callable[[], Gate | None]):
+    """The middleware of one app; `current` gives its Gate once the app has
+    started (None: auth.mode none). Bound at build time, so a request pays
+    no lookup through the app's state to find it."""
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        gate = current()
+        if gate is None:
+            request[CALLER] = EVERYONE
+            return await handler(request)
+        action = gate.route_actions.get(request.match_info.route) if gate.route_actions else None
+        if action is None:      # not a registry route: the token service, a 404, a 405
+            return await handler(request)
+        request[CALLER] = await gate.admit(request, action)
         return await handler(request)
-    action = gate.route_actions.get(request.match_info.route) if gate.route_actions is not None \
-        else request.config_dict[ROUTE_ACTIONS].get(request.match_info.route)
-    if action is None:          # not a registry route: the token service, a 404, a 405
-        return await handler(request)
-    request[CALLER] = await gate.admit(request, action)
-    return await handler(request)
+
+    return middleware
 
 
 def caller_of(request: web.Request) -> Caller:

@@ -14,7 +14,7 @@ from typing import AsyncIterator
 from aiohttp import web
 
 from registry.auth.directory import Directory, DirectoryError, watch
-from registry.auth.gate import GATE, ROUTE_ACTIONS, Gate
+from registry.auth.gate import ROUTE_ACTIONS, Gate
 from registry.auth.keys import (KeyFileError, KeySet, SigningKey, VerificationKey, load_or_create_signing_key,
                                 load_verification_keys, parse_jwks)
 from registry.auth.service import TokenService
@@ -157,8 +157,7 @@ def auth_context(runtime: AuthRuntime):
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         await runtime.start()
         if runtime.gate is not None:
-            app[GATE] = runtime.gate
-            runtime.gate.route_actions = app.get(ROUTE_ACTIONS)
+            runtime.gate.route_actions = app[ROUTE_ACTIONS]
         try:
             yield
         finally:

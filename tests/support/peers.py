@@ -287,7 +287,10 @@ class Podman:
     policy: Path            # our own signature policy: accept anything (test images are unsigned)
 
     def base_args(self) -> list[str]:
+        # --tmpdir: libpod's state (default /run/libpod) is private too, so a
+        # `system reset` of one podman cannot pull it from under another's run
         return [self.binary, "--root", str(self.root), "--runroot", str(self.runroot),
+                "--tmpdir", str(self.runroot / "libpod"),
                 "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]
 
     def run(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
