@@ -404,13 +404,16 @@ class Bench:
         fetches = 4
         labels = list(self.servers)
         times: dict[tuple[str, str], list[float]] = {(label, v): [] for label in labels for v in _auth.VARIANTS}
+        cpu: dict[tuple[str, str], list[float]] = {key: [] for key in times}   # server ms per MiB sent
         for run in range(self.plan.blob_fetches):
             for label, variant in ((label, variant) for label in self._rotated(labels, run)
                                    for variant in self._rotated(_auth.VARIANTS, run)):
                 endpoint = auth.endpoints[label][variant]
                 url, args = f"{endpoint.url}/v2/{_auth.REPOSITORY}/blobs/{layer}", endpoint.curl_args()
+                before = endpoint.cpu_seconds()
                 times[label, variant].append(timed(lambda: [curl_download(url, size, args)
                                                             for _ in range(fetches)]))
+                cpu[label, variant].append((endpoint.cpu_seconds() - before) * 1e3 / (fetches * size / MiB))
                 os.sync()
         for label in labels:
             for variant in _auth.VARIANTS:
@@ -419,6 +422,9 @@ class Bench:
                             fetches * size / MiB / seconds)
                 print(f"  {'':>14}  runs (s): {' '.join(f'{t:.2f}' for t in times[label, variant])}",
                       file=sys.stderr)
+                # what the throughput would follow on an idle machine: the server's CPU per byte
+                self.record(label, f"blob GET, {variant}, server CPU/MiB", "ms", False,
+                            statistics.median(cpu[label, variant]))
 
     def auth_token(self) -> None:
         """Dockyard's /auth/token (GET, Basic, one pull scope) with wrk, one
