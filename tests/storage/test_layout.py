@@ -29,6 +29,16 @@ async def link_of(store: ContentStore, path: str) -> bytes:
     return await store.driver.get_content(path)
 
 
+async def untyped_image(store: ContentStore, repo: str, seed: bytes) -> bytes:
+    """An image manifest without mediaType, its config and layer pushed to repo."""
+    config, layer = b'{"seed":"%s"}' % seed, b"layer " + seed
+    await push_blob(store, repo, config)
+    await push_blob(store, repo, layer)
+    body = json.loads(image_manifest(config, [layer]))
+    del body["mediaType"]
+    return json.dumps(body).encode()
+
+
 # ---- what Dockyard writes ------------------------------------------------------
 
 async def test_links_hold_bare_digests_and_tags_their_index(store):
@@ -51,12 +61,9 @@ async def test_media_type_is_read_from_the_bytes(store, other_worker):
     await push_blob(store, "types", layer)
     docker = image_manifest(config, [layer], media_type=DOCKER_MANIFEST)
     await store.manifests.put("types", "docker", docker, DOCKER_MANIFEST)
-    untyped = json.loads(image_manifest(config, [layer]))
-    del untyped["mediaType"]
-    untyped_digest = (await store.manifests.put("types", "untyped", json.dumps(untyped).encode(),
-                                                OCI_MANIFEST)).digest
-    index = json.dumps({"schemaVersion": 2, "manifests": [
-        descriptor(OCI_MANIFEST, json.dumps(untyped).encode())]}).encode()
+    untyped = await untyped_image(store, "types", b"1")
+    untyped_digest = (await store.manifests.put("types", "untyped", untyped, OCI_MANIFEST)).digest
+    index = json.dumps({"schemaVersion": 2, "manifests": [descriptor(OCI_MANIFEST, untyped)]}).encode()
     await store.manifests.put("types", "index", index, OCI_INDEX)
     assert (await other_worker.manifests.get("types", "docker")).media_type == DOCKER_MANIFEST
     assert (await other_worker.manifests.get("types", untyped_digest)).media_type == OCI_MANIFEST
@@ -67,12 +74,7 @@ async def test_a_content_type_the_bytes_do_not_say_is_refused(store):
     """A Docker manifest must name its mediaType (manifest-v2-2.md); the type
     is read back from the bytes, so a push they contradict is refused and
     nothing is linked."""
-    config, layer = b'{"docker":2}', b"layer 2"
-    await push_blob(store, "refused", config)
-    await push_blob(store, "refused", layer)
-    body = json.loads(image_manifest(config, [layer]))
-    del body["mediaType"]
-    raw = json.dumps(body).encode()
+    raw = await untyped_image(store, "refused", b"2")
     with pytest.raises(ManifestInvalid):
         await store.manifests.put("refused", "v1", raw, DOCKER_MANIFEST)
     assert not await exists(store.driver, layout.manifest_revision_link("refused", sha256(raw)))
@@ -86,12 +88,7 @@ async def test_old_json_revision_links_are_read_then_rewritten(store, open_store
     old = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body)}
     await store.driver.put_content(layout.manifest_revision_link("old/app", digest), json.dumps(old).encode())
     # a manifest without mediaType, served as the Docker type it was pushed as (before the refusal)
-    config, layer = b'{"docker":3}', b"layer 3"
-    await push_blob(store, "old/app", config)
-    await push_blob(store, "old/app", layer)
-    untyped = json.loads(image_manifest(config, [layer]))
-    del untyped["mediaType"]
-    raw = json.dumps(untyped).encode()
+    raw = await untyped_image(store, "old/app", b"3")
     await store.blobs.put_small(sha256(raw), raw)
     pushed_as = json.dumps({"mediaType": DOCKER_MANIFEST, "digest": sha256(raw), "size": len(raw)}).encode()
     await store.driver.put_content(layout.manifest_revision_link("old/app", sha256(raw)), pushed_as)
