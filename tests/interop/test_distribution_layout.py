@@ -1,7 +1,7 @@
 """CNCF Distribution 2.8 (`docker-registry`) and Dockyard on one storage
-root, both ways, on the filesystem and on S3 (moto's server: it proves
-the layout, not auth; both registries' S3 drivers point at one bucket and
-prefix, `<prefix>/docker/registry/v2/...`):
+root, both ways, on the filesystem and on S3 (the session's Ceph RADOS
+Gateway, which checks SigV4 as AWS does; both registries' S3 drivers point
+at one bucket and prefix, `<prefix>/docker/registry/v2/...`):
 
 - a root Distribution filled, with skopeo pushing an OCI image, a Docker
   schema 2 image, a multi-platform index and an artifact with a subject,
@@ -32,23 +32,21 @@ from tests.support.content import (DOCKER_MANIFEST, MANIFEST_ACCEPT, OCI_EMPTY, 
 from tests.support.launch import RegistryServer, distribution_config, free_port, launch_distribution
 from tests.support.peers import distribution_garbage_collect, distribution_s3_storage
 from tests.support.registry_http import http_request, push_blob, put_manifest
-from tests.support.s3 import S3Target, moto_endpoint
+from tests.support.s3 import S3Target
 
 pytestmark = pytest.mark.interop
-
-ACCESS_KEY, SECRET_KEY, REGION = "layout-test", "layout-test-secret", "us-east-1"
-
 
 class Root:
     """One storage root both registries are pointed at, in turn."""
 
-    def __init__(self, kind: str, base: Path):
+    def __init__(self, kind: str, base: Path, ceph=None):
         self.kind, self.base = kind, base
         self.fs_root = base / "root"
         self.prefix = f"compat-{uuid.uuid4().hex[:8]}"
         self.s3: S3Target | None = None
-        if kind == "s3":
-            self.s3 = S3Target(moto_endpoint, ACCESS_KEY, SECRET_KEY, f"layout-{uuid.uuid4().hex[:10]}", REGION)
+        if ceph is not None:        # a bucket of its own, made on first use
+            self.s3 = S3Target(ceph.endpoint, ceph.access_key, ceph.secret_key,
+                               f"layout-{uuid.uuid4().hex[:10]}", ceph.region)
 
     def distribution(self, name: str) -> RegistryServer:
         workdir = self.base / name
@@ -57,7 +55,7 @@ class Root:
         settings = distribution_config(self.fs_root, port)
         if self.s3 is not None:
             settings["storage"] = distribution_s3_storage(self.s3.endpoint, self.s3.bucket, self.prefix,
-                                                          ACCESS_KEY, SECRET_KEY, REGION)
+                                                          self.s3.access_key, self.s3.secret_key, self.s3.region)
         path = workdir / "config.yml"
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
         return launch_distribution(workdir, config=path)
@@ -67,17 +65,19 @@ class Root:
             return start_dockyard(self.fs_root, workers=workers)
         # storage.root only says where the settings file goes: --storage would mean the filesystem
         config = {"storage": {"driver": "s3", "root": str(self.base / f"dockyard-{uuid.uuid4().hex[:6]}"), "s3": {
-            "bucket": self.s3.bucket, "endpoint_url": self.s3.endpoint, "prefix": self.prefix, "region": REGION,
-            "access_key_id": ACCESS_KEY, "secret_access_key": SECRET_KEY, "addressing_style": "path"}}}
+            "bucket": self.s3.bucket, "endpoint_url": self.s3.endpoint, "prefix": self.prefix,
+            "region": self.s3.region, "access_key_id": self.s3.access_key, "secret_access_key": self.s3.secret_key,
+            "addressing_style": "path"}}}
         return start_dockyard(workers=workers, config=config)
 
 
 @pytest.fixture(params=["filesystem", "s3"])
 def shared_root(request, tmp_path, monkeypatch) -> Root:
-    if request.param == "s3":
-        # Distribution 2.8's AWS SDK panics on a CA bundle with its own transport; loopback is plain HTTP
-        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    return Root(request.param, tmp_path)
+    if request.param == "filesystem":
+        return Root("filesystem", tmp_path)
+    # Distribution 2.8's AWS SDK panics on a CA bundle with its own transport; loopback is plain HTTP
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    return Root("s3", tmp_path, request.getfixturevalue("ceph_s3"))
 
 
 def fill(registry: RegistryServer, skopeo, tmp_path: Path) -> dict[str, list[str]]:
