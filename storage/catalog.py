@@ -1,9 +1,14 @@
 """The catalog: which repositories exist, listed without walking blob data
-(one empty entry per repository, written when it first gets content)."""
+(one empty entry per repository, written when it first gets content).
+
+A root CNCF Distribution filled has no entries: the listing waits for the
+one-time index build (storage.indexing) to write them first.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from storage import layout
 from storage.driver import PathNotFound, StorageDriver, exists
@@ -27,8 +32,9 @@ def paginate(items: list[str], n: int | None, last: str | None) -> Page:
 
 
 class Catalog:
-    def __init__(self, driver: StorageDriver):
+    def __init__(self, driver: StorageDriver, indexed: Callable[[], Awaitable[None]] | None = None):
         self.driver = driver
+        self._indexed = indexed           # returns once the root's index is built
         self._known: set[str] = set()     # entries this process wrote or saw: never removed
 
     async def register(self, repo: str) -> None:
@@ -47,6 +53,8 @@ class Catalog:
 
     async def repositories(self, n: int | None = None, last: str | None = None) -> Page:
         """The catalog, lexically sorted."""
+        if self._indexed is not None:
+            await self._indexed()
         try:
             entries = await self.driver.list(layout.CATALOG)
         except PathNotFound:

@@ -3,16 +3,21 @@
     /docker/registry/v2/
     ├── blobs/                                 global, content addressed:
     │   └── <alg>/<hex[0:2]>/<hex>/data        a blob pushed to ten repos is stored once
-    ├── _catalog/
+    ├── _catalog/                              (Dockyard's own)
     │   └── <repo with "/" as "+">             one empty entry per repository, written
     │                                          when the repo first gets content
+    ├── _dockyard/                             (Dockyard's own)
+    │   ├── README                             what this directory is
+    │   ├── indexed-v1                         the one-time index build is done (below)
+    │   └── index.lock                         held by the process doing it
     └── repositories/<repo>/
         ├── _layers/<alg>/<hex>/link           blob linked into the repo (content: digest)
         ├── _manifests/
-        │   ├── revisions/<alg>/<hex>/link     manifest in the repo (content: its JSON
-        │   │                                  descriptor: mediaType as pushed, digest, size)
-        │   └── tags/<tag>/current/link        tag -> manifest digest
-        ├── _referrers/<alg>/<hex>/            referrers of the subject <alg>:<hex>:
+        │   ├── revisions/<alg>/<hex>/link     manifest in the repo (content: digest)
+        │   └── tags/<tag>/
+        │       ├── current/link               tag -> manifest digest
+        │       └── index/<alg>/<hex>/link     every digest the tag named (content: digest)
+        ├── _referrers/<alg>/<hex>/            (Dockyard's own) referrers of <alg>:<hex>:
         │   └── <ref-alg>-<ref-hex>.json       one descriptor per referrer (never a shared
         │                                      file, so concurrent pushes never rewrite one)
         └── _uploads/<upload id>/
@@ -20,6 +25,26 @@
             ├── digest                         "<size> <sha256>" of data's first size bytes
             ├── lock                           held by the one request changing the session
             └── startedat                      ISO 8601 start time (for expiry)
+
+CNCF Distribution's layout, shared both ways. Where the two overlap
+(blobs, _layers, _manifests, _uploads' data and startedat) the files are
+Distribution 2.8's, byte for byte: a link holds the bare digest, a tag
+writes its index link before its current link, and a manifest's media type
+is read from its own bytes (`storage.oci.content.stored_media_type`), as
+Distribution reads it, so nothing beside the revision link says what it is.
+What Dockyard adds lives where Distribution never looks: `_catalog/` and
+`_dockyard/` beside `blobs/` and `repositories/` (it reads only those two),
+and `_referrers/` inside a repository (its catalog walk and garbage
+collector skip every directory starting with "_" but `_manifests`, and
+read only files named `link` below that). So Distribution can serve, and
+garbage-collect, a root Dockyard filled, and Dockyard can serve a root
+Distribution filled once the index build (storage.indexing) has written the
+catalog entries and referrers index that Distribution never keeps.
+
+Dockyard before the shared layout wrote a revision link as a JSON
+descriptor (mediaType as pushed, digest, size). `parse_link` reads both
+forms, so such roots keep working without a migration step, and the index
+build rewrites them as bare digests, so Distribution can read them too.
 
 Why it is safe to build paths from client input: every name is checked
 against its grammar (`storage.oci.names`) here, before it becomes a path
@@ -32,9 +57,10 @@ with a repository called "a/_layers". Tags have no "/" and cannot start with
 
 from __future__ import annotations
 
+import json
 import re
 
-from storage.oci.errors import BlobUploadUnknown
+from storage.oci.errors import BlobUploadUnknown, DigestInvalid
 from storage.oci.names import parse_digest, validate_name, validate_tag
 
 _UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
@@ -43,6 +69,12 @@ ROOT = "/docker/registry/v2"
 BLOBS = f"{ROOT}/blobs"
 REPOSITORIES = f"{ROOT}/repositories"
 CATALOG = f"{ROOT}/_catalog"
+_OWN = f"{ROOT}/_dockyard"
+INDEXED = f"{_OWN}/indexed-v1"          # a new index format gets a new name: built again
+INDEX_LOCK = f"{_OWN}/index.lock"
+OWN_README = f"{_OWN}/README"
+OWN_README_TEXT = (b"Dockyard's own state beside CNCF Distribution's layout (which never reads it);\n"
+                   b"see storage/layout.py in Dockyard.\n")
 
 # "/" never occurs in a catalog entry's file name; "+" never occurs in a repo name.
 _CATALOG_SEPARATOR = "+"
@@ -94,6 +126,60 @@ def tag_dir(repo: str, tag: str) -> str:
 
 def tag_current_link(repo: str, tag: str) -> str:
     return f"{tag_dir(repo, tag)}/current/link"
+
+
+def tag_index_link(repo: str, tag: str, digest: str) -> str:
+    alg, hex_ = parse_digest(digest)
+    return f"{tag_dir(repo, tag)}/index/{alg}/{hex_}/link"
+
+
+def manifest_revisions_dir(repo: str) -> str:
+    return f"{repo_dir(repo)}/_manifests/revisions"
+
+
+# ---- link files ----------------------------------------------------------
+def link_content(digest: str) -> bytes:
+    """What a link file holds: the digest, bare, as Distribution writes it."""
+    parse_digest(digest)
+    return digest.encode()
+
+
+def parse_link(data: bytes) -> tuple[str, str | None]:
+    """(digest, media type) of a link file's content. The media type is
+    None for a bare digest (Distribution's form: the manifest's bytes say
+    it) and the one recorded in a JSON descriptor (Dockyard's old form).
+    DigestInvalid for content that is neither."""
+    text = data.decode("utf-8", errors="replace").strip()
+    if not text.startswith("{"):
+        parse_digest(text)
+        return text, None
+    try:
+        descriptor = json.loads(text)
+        digest, media_type = descriptor["digest"], descriptor["mediaType"]
+    except (ValueError, KeyError, TypeError):
+        raise DigestInvalid(f"unreadable link: {text[:100]!r}") from None
+    if not isinstance(digest, str) or not isinstance(media_type, str):
+        raise DigestInvalid(f"unreadable link: {text[:100]!r}")
+    parse_digest(digest)
+    return digest, media_type
+
+
+def is_repository(children: list[str]) -> bool:
+    """Whether a directory under repositories/ whose children are these
+    (as listed) is a repository: it has manifests or linked layers."""
+    names = {c.rsplit("/", 1)[-1] for c in children}
+    return "_manifests" in names or "_layers" in names
+
+
+def may_hold_repositories(child: str) -> bool:
+    """Whether a listed child of a directory under repositories/ can be,
+    or lead to, a repository (no repository name component starts with "_")."""
+    return not child.rsplit("/", 1)[-1].startswith("_")
+
+
+def repo_from_dir(path: str) -> str:
+    """The repository name of a directory path under repositories/."""
+    return path[len(REPOSITORIES) + 1:]
 
 
 def referrers_dir(repo: str, subject_digest: str) -> str:

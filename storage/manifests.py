@@ -1,22 +1,31 @@
 """Manifests, tags and referrers: a manifest pushed is validated (the OCI
 vocabulary's rules, plus every blob and child present in the repository),
 stored as a blob, linked as a revision, tagged, and indexed by its subject
-for the referrers API."""
+for the referrers API.
+
+A manifest is served with the media type its own bytes give
+(`stored_media_type`), as CNCF Distribution serves it, since the two share
+one layout (storage.layout) and nothing beside the bytes records a type: a
+push whose Content-Type its body would not say again (a Docker type on a
+body without mediaType) is refused, as Distribution refuses it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
 from storage import layout
 from storage.blobs import Blobs, StoreLimits
 from storage.catalog import Catalog, Page, paginate
 from storage.driver import PathNotFound, StorageDriver, delete_if_present, exists
-from storage.oci.content import parse_pushed_manifest
+from storage.oci.content import parse_manifest, parse_pushed_manifest, stored_media_type
 from storage.oci.digests import EMPTY_DIGEST, digest_of
-from storage.oci.errors import (DigestInvalid, ManifestBlobUnknown, ManifestTooLarge,
+from storage.oci.errors import (DigestInvalid, ManifestBlobUnknown, ManifestInvalid, ManifestTooLarge,
                                 ManifestUnknown, NameUnknown)
 from storage.oci.names import is_digest, parse_digest, validate_name, validate_tag
 
@@ -24,6 +33,8 @@ _HASH_ON_LOOP_LIMIT = 64 << 10  # hash and parse smaller manifests inline, large
 _MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
 _REFERRERS_BATCH = 256          # referrer entries read per storage round trip
 _RELINK_TRIES = 3               # re-links of a revision a concurrent delete removed
+
+log = logging.getLogger("dockyard.storage.manifests")
 
 
 @dataclass(frozen=True)
@@ -42,7 +53,8 @@ class PutManifestResult:
 @dataclass(frozen=True)
 class _Pushed:
     """What the store needs of a pushed manifest, read by the vocabulary's rules."""
-    media_type: str
+    media_type: str                # as pushed (Content-Type, else the body's)
+    served_type: str               # as the bytes say (stored_media_type)
     blobs: list[str]               # config and layers that must be linked
     children: list[str]            # index entries that must be manifests here
     subject: str | None
@@ -58,8 +70,9 @@ class _Pushed:
                 children.append(child.descriptor.digest)
             elif child.role == "config" or (child.role == "layer" and not child.descriptor.urls):
                 blobs.append(child.descriptor.digest)   # a layer with urls lives elsewhere
-        return cls(doc.media_type, blobs, children, doc.subject.digest if doc.subject else None,
-                   doc.effective_artifact_type, doc.annotations or None)
+        return cls(doc.media_type, stored_media_type(doc.json), blobs, children,
+                   doc.subject.digest if doc.subject else None, doc.effective_artifact_type,
+                   doc.annotations or None)
 
 
 class _BytesLRU:
@@ -87,8 +100,10 @@ class _BytesLRU:
 
 
 class Manifests:
-    def __init__(self, driver: StorageDriver, limits: StoreLimits, blobs: Blobs, catalog: Catalog):
+    def __init__(self, driver: StorageDriver, limits: StoreLimits, blobs: Blobs, catalog: Catalog,
+                 indexed: Callable[[], Awaitable[None]] | None = None):
         self.driver = driver
+        self._indexed = indexed           # returns once the root's index is built
         self.limits = limits
         self.blobs = blobs
         self.catalog = catalog
@@ -158,12 +173,17 @@ class Manifests:
             parsed = await asyncio.to_thread(_Pushed.parse, body, media_type)
         else:
             parsed = _Pushed.parse(body, media_type)
+        if parsed.served_type.lower() != parsed.media_type.lower():
+            raise ManifestInvalid(f"Content-Type is {parsed.media_type!r} but the manifest does not say "
+                                  f"so: set its mediaType (a manifest's type is read from its bytes)")
         await self._check_references(repo, parsed)
 
         await self.blobs.put_small(digest, body)
         await self._link_revision(repo, digest, len(body), parsed)
         for tag in tags:
-            await self.driver.put_content(layout.tag_current_link(repo, tag), digest.encode())
+            # the index link first, then current, as Distribution writes a tag
+            await self.driver.put_content(layout.tag_index_link(repo, tag, digest), layout.link_content(digest))
+            await self.driver.put_content(layout.tag_current_link(repo, tag), layout.link_content(digest))
         # A delete by digest may have removed the revision after we linked it
         # and scanned the tags before ours landed: then link it again, so no
         # tag is left naming nothing. (The delete re-scans the tags after
@@ -175,22 +195,15 @@ class Manifests:
             await self._link_revision(repo, digest, len(body), parsed)
         await self.catalog.register(repo)
         self._manifest_bytes.put(digest, body)
-        self._remember_media_type((repo, digest), parsed.media_type)
+        self._remember_media_type((repo, digest), parsed.served_type)
         return PutManifestResult(digest, parsed.subject)
 
     async def _link_revision(self, repo: str, digest: str, size: int,
                              parsed: _Pushed) -> None:
-        descriptor = {"mediaType": parsed.media_type, "digest": digest, "size": size}
-        await self.driver.put_content(layout.manifest_revision_link(repo, digest),
-                                      json.dumps(descriptor).encode())
+        await self.driver.put_content(layout.manifest_revision_link(repo, digest), layout.link_content(digest))
         if parsed.subject is not None:
-            referrer = dict(descriptor)
-            if parsed.artifact_type:
-                referrer["artifactType"] = parsed.artifact_type
-            if parsed.annotations:
-                referrer["annotations"] = parsed.annotations
-            await self.driver.put_content(layout.referrer_entry(repo, parsed.subject, digest),
-                                          json.dumps(referrer).encode())
+            referrer = _referrer(parsed.served_type, digest, size, parsed.artifact_type, parsed.annotations)
+            await self.driver.put_content(layout.referrer_entry(repo, parsed.subject, digest), referrer)
 
     async def _resolve(self, repo: str, reference: str) -> str:
         """The manifest digest a tag or digest reference names in repo."""
@@ -200,9 +213,10 @@ class Manifests:
             return reference
         validate_tag(reference)
         try:
-            return (await self.driver.get_content(layout.tag_current_link(repo, reference))).decode().strip()
+            link = await self.driver.get_content(layout.tag_current_link(repo, reference))
         except PathNotFound:
             raise await self._manifest_unknown(repo, reference) from None
+        return layout.parse_link(link)[0]
 
     async def _manifest_unknown(self, repo: str, reference: str) -> Exception:
         if not await self.catalog.has(repo):
@@ -219,15 +233,15 @@ class Manifests:
         (the revision link); the bytes come from a cache keyed by digest."""
         digest = await self._resolve(repo, reference)
         key = (repo, digest)
-        media_type = None if is_digest(reference) else self._media_types.get(key)
-        if media_type is None:
+        media_type = self._media_types.get(key)
+        if media_type is None or is_digest(reference):
+            # a digest is looked up in the repository every time: the cache only vouches behind a tag
             try:
-                link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
+                link = await self.driver.get_content(layout.manifest_revision_link(repo, digest))
             except PathNotFound:
                 self._media_types.pop(key, None)
                 raise await self._manifest_unknown(repo, reference) from None
-            media_type = link["mediaType"]
-            self._remember_media_type(key, media_type)
+            media_type = layout.parse_link(link)[1] or media_type   # an old JSON link names it
         body = self._manifest_bytes.get(digest)
         if body is None:
             try:
@@ -235,6 +249,12 @@ class Manifests:
             except PathNotFound:
                 raise await self._manifest_unknown(repo, reference) from None
             self._manifest_bytes.put(digest, body)
+        if media_type is None:
+            if len(body) > _HASH_ON_LOOP_LIMIT:
+                media_type = await asyncio.to_thread(stored_media_type, body)
+            else:
+                media_type = stored_media_type(body)
+        self._remember_media_type(key, media_type)
         return Manifest(digest, media_type, body)
 
     def _remember_media_type(self, key: tuple[str, str], media_type: str) -> None:
@@ -300,6 +320,8 @@ class Manifests:
         (one storage round trip each) and decoded off the event loop."""
         validate_name(repo)
         self.blobs.check_digest(digest)
+        if self._indexed is not None:
+            await self._indexed()       # referrers pushed to CNCF Distribution are indexed first
         try:
             entries = await self.driver.list(layout.referrers_dir(repo, digest))
         except PathNotFound:
@@ -315,6 +337,24 @@ class Manifests:
             if n is not None and len(found) >= n:
                 return found[:n]
         return found
+
+    async def reindex(self, repo: str) -> None:
+        """For the one-time index build (storage.indexing): rewrite
+        Dockyard's old JSON revision links as bare digests, and index the
+        subject of every revision for referrers (CNCF Distribution keeps no
+        such index). Revisions are read in batches, decoded off the loop."""
+        revisions: list[str] = []
+        for alg_dir in await _listed(self.driver, layout.manifest_revisions_dir(repo)):
+            revisions += await _listed(self.driver, alg_dir)
+        digests = [d for d in (_digest_of_dir(r) for r in revisions) if d is not None]
+        for at in range(0, len(digests), _REFERRERS_BATCH):
+            batch = digests[at:at + _REFERRERS_BATCH]
+            links = await self.driver.get_many([layout.manifest_revision_link(repo, d) for d in batch])
+            bodies = await self.driver.get_many([layout.blob_data(d) for d in batch])
+            rewrites, referrers = await asyncio.to_thread(_reindex_plan, repo, batch, links, bodies)
+            present = await self.driver.stat_many([path for path, _ in referrers])
+            for path, data in rewrites + [r for r, there in zip(referrers, present) if there is None]:
+                await self.driver.put_content(path, data)
 
 
 def _decode_referrers(raw: list[bytes | None], artifact_type: str | None) -> list[dict]:
@@ -341,3 +381,60 @@ def _subject_of(body: bytes) -> str | None:
         return digest
     except (ValueError, AttributeError, DigestInvalid):
         return None
+
+
+def _referrer(media_type: str, digest: str, size: int, artifact_type: str | None,
+              annotations: dict | None) -> bytes:
+    """A referrers index entry: the descriptor the referrers API lists."""
+    descriptor: dict = {"mediaType": media_type, "digest": digest, "size": size}
+    if artifact_type:
+        descriptor["artifactType"] = artifact_type
+    if annotations:
+        descriptor["annotations"] = annotations
+    return json.dumps(descriptor).encode()
+
+
+async def _listed(driver: StorageDriver, path: str) -> list[str]:
+    try:
+        return await driver.list(path)
+    except PathNotFound:
+        return []
+
+
+def _digest_of_dir(path: str) -> str | None:
+    """The digest a revision directory (.../<alg>/<hex>) stands for, None for a stray name."""
+    alg_dir, _, hex_ = path.rpartition("/")
+    digest = f"{alg_dir.rsplit('/', 1)[-1]}:{hex_}"
+    return digest if is_digest(digest) else None
+
+
+def _reindex_plan(repo: str, digests: list[str], links: list[bytes | None],
+                  bodies: list[bytes | None]) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """(link rewrites, referrer entries) for a batch of revisions: pure, for a thread."""
+    rewrites, referrers = [], []
+    for digest, link, body in zip(digests, links, bodies):
+        if link is None or body is None:
+            continue                # deleted meanwhile, or a revision whose bytes are gone
+        served = stored_media_type(body)
+        try:
+            _, recorded = layout.parse_link(link)
+        except DigestInvalid:
+            log.warning("storage index: %s@%s: unreadable revision link left as it is", repo, digest)
+            continue
+        if recorded is not None:
+            if recorded.lower() == served.lower():
+                rewrites.append((layout.manifest_revision_link(repo, digest), layout.link_content(digest)))
+            else:   # the bytes would say otherwise: keep the type it was served with
+                served = recorded
+                log.warning("storage index: %s@%s was pushed as %s, its bytes say %s: its JSON "
+                            "revision link is kept (CNCF Distribution cannot read it)",
+                            repo, digest, recorded, served)
+        try:
+            doc = parse_manifest(body, served)
+        except ManifestInvalid:
+            continue                # schema 1, or not a manifest we can read: no subject
+        if doc.subject is not None:
+            referrers.append((layout.referrer_entry(repo, doc.subject.digest, digest),
+                              _referrer(served, digest, len(body), doc.effective_artifact_type,
+                                        doc.annotations or None)))
+    return rewrites, referrers

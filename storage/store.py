@@ -7,6 +7,7 @@ open one with `ContentStore(driver, limits)` and talk to its parts:
     store.uploads     storage.uploads    start, status, append, finish, cancel, put, purge
     store.manifests   storage.manifests  put, get, delete, tags, referrers
     store.catalog     storage.catalog    repositories, has
+    store.indexing    storage.indexing   ensure: the one-time index build of a root
 
 Every path comes from `storage.layout`; no part builds one. Errors are the
 OCI vocabulary's (`storage.oci.errors`, each names its code).
@@ -21,11 +22,18 @@ the moment the stored upload disagrees with it).
 
 from __future__ import annotations
 
+import logging
+
 from storage.blobs import BlobInfo, Blobs, StoreLimits
 from storage.catalog import Catalog, Page
 from storage.driver import StorageDriver
+from storage.indexing import Indexing
 from storage.manifests import Manifest, Manifests, PutManifestResult
+from storage.oci.errors import NameInvalid
+from storage.oci.names import validate_name
 from storage.uploads import Uploads, UploadStatus
+
+log = logging.getLogger("dockyard.storage.store")
 
 __all__ = ["BlobInfo", "ContentStore", "Manifest", "Page", "PutManifestResult", "StoreLimits",
            "UploadStatus"]
@@ -35,10 +43,21 @@ class ContentStore:
     def __init__(self, driver: StorageDriver, limits: StoreLimits | None = None):
         self.driver = driver
         self.limits = limits or StoreLimits()
-        self.catalog = Catalog(driver)
+        self.indexing = Indexing(driver, self._index_repository)
+        self.catalog = Catalog(driver, self.indexing.ensure)
         self.blobs = Blobs(driver, self.limits, self.catalog)
         self.uploads = Uploads(driver, self.blobs)
-        self.manifests = Manifests(driver, self.limits, self.blobs, self.catalog)
+        self.manifests = Manifests(driver, self.limits, self.blobs, self.catalog, self.indexing.ensure)
+
+    async def _index_repository(self, repo: str) -> None:
+        """What the index build (storage.indexing) does for each repository."""
+        try:
+            validate_name(repo)
+        except NameInvalid:
+            log.warning("storage index: skipped %r, not a repository name Dockyard serves", repo)
+            return
+        await self.catalog.register(repo)
+        await self.manifests.reindex(repo)
 
     async def purge_uploads(self, older_than: float) -> int:
         """Delete upload sessions started before older_than (epoch seconds)

@@ -11,6 +11,7 @@ KeyError three calls later; a descriptor's size always bounds a download.
     parse_descriptor(obj, where)            -> Descriptor
     parse_manifest(data, media_type, where) -> ImageManifest | ImageIndex  (what a reader got)
     parse_pushed_manifest(body, content_type) -> the same, by a registry's stricter rules
+    stored_media_type(data)                 the type stored manifest bytes are served with
     parse_config(data, where)               an image config, the fields readers use
     Manifest.children()                     config, layers, index entries, subject: the walk
 """
@@ -263,6 +264,25 @@ def document_media_type(body: dict, fallback: str | None) -> str:
         # artifacts and untyped documents
         media_type = media.OCI_INDEX if "manifests" in body else (media_type or media.OCI_MANIFEST)
     return media_type
+
+
+def stored_media_type(data: bytes | dict) -> str:
+    """The media type stored manifest bytes are served with, read from the
+    bytes alone as CNCF Distribution 2.8 reads them (it keeps no type
+    beside a manifest): the document's own mediaType; else schema 1 (which
+    Distribution only ever stored signed); else an index when it lists
+    manifests, an image manifest otherwise. Never raises: what is stored was
+    checked when it was pushed. `data` may be the document already parsed."""
+    try:
+        body = data if isinstance(data, dict) else parse_json_object(data, "stored manifest")
+    except ManifestInvalid:           # NestingTooDeep included
+        return media.OCI_MANIFEST
+    declared = body.get("mediaType")
+    if isinstance(declared, str) and declared:
+        return declared
+    if body.get("schemaVersion") == 1:
+        return media.DOCKER_SCHEMA1_SIGNED
+    return media.OCI_INDEX if "manifests" in body else media.OCI_MANIFEST
 
 
 def _build(body: dict, resolved: str, where: str, strict: bool) -> Manifest:

@@ -21,8 +21,8 @@ DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER_TAR = "application/vnd.docker.image.rootfs.diff.tar"
 DOCKER_LAYER_ZSTD = "application/vnd.docker.image.rootfs.diff.tar.zstd"
 DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
-DOCKER_SCHEMA1 = frozenset({"application/vnd.docker.distribution.manifest.v1+json",
-                            "application/vnd.docker.distribution.manifest.v1+prettyjws"})
+DOCKER_SCHEMA1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+DOCKER_SCHEMA1 = frozenset({"application/vnd.docker.distribution.manifest.v1+json", DOCKER_SCHEMA1_SIGNED})
 
 IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})

@@ -348,3 +348,28 @@ def make_skopeo(directory: Path) -> Skopeo:
     policy = directory / "policy.json"
     policy.write_text(ACCEPT_ANYTHING_POLICY)
     return Skopeo(binary, policy)
+
+
+# ---- CNCF Distribution (docker-registry) ---------------------------------------------
+
+def distribution_s3_storage(endpoint: str, bucket: str, prefix: str, access_key: str, secret_key: str,
+                            region: str = "us-east-1") -> dict:
+    """Distribution 2.8's `storage:` section for an S3 endpoint on loopback:
+    its keys are `<prefix>/docker/registry/v2/...`, as Dockyard's S3 driver
+    with `storage.s3.prefix: <prefix>` writes them (2.8 addresses an
+    endpoint it is given path-style)."""
+    return {
+        "s3": {"accesskey": access_key, "secretkey": secret_key, "region": region,
+               "regionendpoint": endpoint, "bucket": bucket, "rootdirectory": f"/{prefix.strip('/')}",
+               "secure": False, "v4auth": True},
+        "delete": {"enabled": True},
+        "cache": {"blobdescriptor": "inmemory"},
+        "maintenance": {"uploadpurging": {"enabled": False}},
+    }
+
+
+def distribution_garbage_collect(config: str | Path, *, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`docker-registry garbage-collect --dry-run CONFIG` (deletes nothing);
+    its exit code is the caller's to check."""
+    return run([require_tool("docker-registry"), "garbage-collect", "--dry-run", str(config)],
+               timeout=timeout, check=False)
