@@ -21,7 +21,6 @@ from storage.oci.errors import (DigestInvalid, ManifestBlobUnknown, ManifestTooL
 from storage.oci.names import is_digest, parse_digest, validate_name, validate_tag
 
 _HASH_ON_LOOP_LIMIT = 64 << 10  # hash and parse smaller manifests inline, larger in a thread
-_MAX_MEDIA_TYPES = 16384        # in-process (repo, digest) -> media type entries
 _REFERRERS_BATCH = 256          # referrer entries read per storage round trip
 _RELINK_TRIES = 3               # re-links of a revision a concurrent delete removed
 
@@ -92,11 +91,10 @@ class Manifests:
         self.limits = limits
         self.blobs = blobs
         self.catalog = catalog
+        # Only bytes by digest are cached: they never change. A revision's
+        # media type does (the same bytes pushed again under another
+        # Content-Type, on any replica), so it is read from storage each time.
         self._manifest_bytes = _BytesLRU(limits.manifest_cache_bytes)
-        # (repo, digest) -> media type of a revision seen in this process.
-        # Used only behind a tag just read from storage: tags are deleted
-        # before the revision they name, so a live tag vouches for it.
-        self._media_types: OrderedDict[tuple[str, str], str] = OrderedDict()
 
     async def _check_references(self, repo: str, parsed: _Pushed) -> None:
         """ManifestBlobUnknown unless every blob is linked in repo and every
@@ -175,7 +173,6 @@ class Manifests:
             await self._link_revision(repo, digest, len(body), parsed)
         await self.catalog.register(repo)
         self._manifest_bytes.put(digest, body)
-        self._remember_media_type((repo, digest), parsed.media_type)
         return PutManifestResult(digest, parsed.subject)
 
     async def _link_revision(self, repo: str, digest: str, size: int,
@@ -214,20 +211,15 @@ class Manifests:
 
     async def get(self, repo: str, reference: str) -> Manifest:
         """By tag or digest; ManifestUnknown (NameUnknown for an unknown
-        repository). Manifest GET is hot: a tag costs one small read (the
-        tag link) when this process has seen the revision, a digest one read
-        (the revision link); the bytes come from a cache keyed by digest."""
+        repository). Manifest GET is hot: a tag costs two small reads (the
+        tag link, the revision link), a digest one (the revision link); the
+        bytes come from a cache keyed by digest."""
         digest = await self._resolve(repo, reference)
-        key = (repo, digest)
-        media_type = None if is_digest(reference) else self._media_types.get(key)
-        if media_type is None:
-            try:
-                link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
-            except PathNotFound:
-                self._media_types.pop(key, None)
-                raise await self._manifest_unknown(repo, reference) from None
-            media_type = link["mediaType"]
-            self._remember_media_type(key, media_type)
+        try:
+            link = json.loads(await self.driver.get_content(layout.manifest_revision_link(repo, digest)))
+        except PathNotFound:
+            raise await self._manifest_unknown(repo, reference) from None
+        media_type = link["mediaType"]
         body = self._manifest_bytes.get(digest)
         if body is None:
             try:
@@ -236,12 +228,6 @@ class Manifests:
                 raise await self._manifest_unknown(repo, reference) from None
             self._manifest_bytes.put(digest, body)
         return Manifest(digest, media_type, body)
-
-    def _remember_media_type(self, key: tuple[str, str], media_type: str) -> None:
-        self._media_types[key] = media_type
-        self._media_types.move_to_end(key)
-        while len(self._media_types) > _MAX_MEDIA_TYPES:
-            self._media_types.popitem(last=False)
 
     async def delete(self, repo: str, reference: str) -> None:
         """By digest: unlink the revision, drop tags pointing at it and its
@@ -254,7 +240,6 @@ class Manifests:
             return
         manifest = await self.get(repo, reference)
         digest = manifest.digest
-        self._media_types.pop((repo, digest), None)
         # Tags first: a crash half way never leaves a tag naming nothing.
         await self._untag(repo, digest)
         subject = _subject_of(manifest.body)
