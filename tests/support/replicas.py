@@ -27,13 +27,17 @@ reach every replica.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import secrets
 import signal
 import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
+
+import yaml
 
 from tests.support.launch import RegistryServer, launch_dockyard
 from tests.support.rrproxy import RoundRobinProxy
@@ -55,6 +59,49 @@ def s3_storage(endpoint: str, bucket: str, *, access_key: str, secret_key: str, 
                                    "part_size": part_size, **more}}
 
 
+# The registered storage drivers replicas can share (tests.support.drivers):
+# one filesystem root, or one bucket of an S3 registered there.
+BACKENDS = ("filesystem", "s3-moto", "s3-ceph")
+
+
+def backend_names() -> list[str]:
+    """The BACKENDS a test run covers (DOCKYARD_TEST_DRIVERS and opt-ins, as for every storage test)."""
+    from tests.support.drivers import driver_names
+
+    covered = driver_names()
+    return [name for name in BACKENDS if name in covered]
+
+
+@contextlib.contextmanager
+def backend_storage(name: str, scratch: str | Path) -> Iterator[dict[str, Any]]:
+    """The `storage:` section of a fresh space on backend `name` (a new
+    root under scratch, or a random prefix in the registered bucket),
+    emptied afterwards."""
+    if name == "filesystem":
+        root = Path(scratch) / f"shared-{secrets.token_hex(4)}"
+        root.mkdir(parents=True)
+        yield filesystem_storage(root)
+        return
+    from tests.support.s3 import s3_target
+
+    target = s3_target(name)
+    prefix = f"dy-replicas-{secrets.token_hex(6)}"
+    try:
+        yield s3_storage(target.endpoint, target.bucket, prefix=prefix, region=target.region,
+                         access_key=target.access_key, secret_key=target.secret_key)
+    finally:
+        asyncio.run(target.cleanup(prefix, Path(scratch)))
+
+
+def open_storage_driver(storage: Mapping[str, Any]):
+    """A storage driver on the same storage as the replicas (to look at what they stored)."""
+    from storage.config import FilesystemSettings, S3Settings, StorageSettings, open_driver
+
+    s3 = S3Settings(**storage.get("s3", {}))
+    return open_driver(StorageSettings(driver=storage["driver"], root=storage.get("root", ""), s3=s3,
+                                       filesystem=FilesystemSettings()))
+
+
 def start_replicas(storage: Mapping[str, Any], workdir: str | Path, count: int = 2, *,
                    settings: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
                    timeout: float = 60.0) -> list[RegistryServer]:
@@ -67,11 +114,15 @@ def start_replicas(storage: Mapping[str, Any], workdir: str | Path, count: int =
     servers: list[RegistryServer] = []
     try:
         for n in range(count):
-            # S3 replicas still need a root (storage.root has a default); each its own, never used
+            # The root goes in the file, not as --storage (which means the
+            # filesystem driver); S3 replicas get one each, never used.
             root = storage["root"] if storage.get("driver") == "filesystem" else workdir / f"replica-{n}"
-            servers.append(launch_dockyard(root, config={**config, "storage": {**config["storage"],
-                                                                               "root": str(root)}},
-                                           env=env, log_path=workdir / f"replica-{n}.log", timeout=timeout))
+            Path(root).mkdir(parents=True, exist_ok=True)
+            replica_config = {**config, "storage": {**config["storage"], "root": str(root)}}
+            config_file = workdir / f"replica-{n}.yml"
+            config_file.write_text(yaml.safe_dump(replica_config, sort_keys=False))
+            servers.append(launch_dockyard(config=config_file, env=env, log_path=workdir / f"replica-{n}.log",
+                                           timeout=timeout))
     except BaseException:
         stop_all(servers)
         raise
