@@ -303,6 +303,48 @@ def test_push_and_pull_through_the_round_robin_proxy(replicas):
     assert min(proxy.served) >= 6, proxy.served
 
 
+def test_the_replicas_program_serves_until_sigterm(tmp_path):
+    """`python -m tests.support.replicas` (what run-replicas.sh starts for
+    the conformance suite): it prints the replicas and the proxy, serves
+    through the proxy from one shared root, and on SIGTERM stops them and
+    exits 0."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support.launch import wait_for_http
+
+    argv = [sys.executable, "-m", "tests.support.replicas", "--filesystem", str(tmp_path / "root"),
+            "--workdir", str(tmp_path / "work")]
+    proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while not (lines and lines[-1].startswith("proxy: ")):
+            assert time.monotonic() < deadline and proc.poll() is None, lines
+            lines.append(proc.stdout.readline().strip())
+        replica_urls = [line.split(" ", 1)[1] for line in lines if line.startswith("replica: ")]
+        proxy_url = lines[-1].split(" ", 1)[1]
+        assert len(replica_urls) == 2
+        digest = push_blob(proxy_url, "replicas/program", b"through the proxy")
+        for url in replica_urls:
+            assert http_request("HEAD", f"{url}/v2/replicas/program/blobs/{digest}").status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "requests per replica: [" in proc.stdout.read()
+        for url in [*replica_urls, proxy_url]:
+            with pytest.raises((OSError, TimeoutError, RuntimeError)):
+                wait_for_http(f"{url}/v2/", timeout=0.5)
+    finally:
+        if proc.poll() is None:             # SIGTERM first: it stops the replicas it started
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
 # ---- the deployment -------------------------------------------------------------------------
 
 def _dockyard_reads(name: str) -> bool:
