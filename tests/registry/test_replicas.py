@@ -119,7 +119,7 @@ def test_chunked_upload_alternating_between_replicas(replicas):
         head = http_request("HEAD", f"{url}/v2/{repo}/blobs/{digest}")
         assert head.status == 200 and int(head.headers["Content-Length"]) == len(data)
         assert blob_digest_at(url, repo, digest) == digest
-    # the session is gone on both: finished is unknown (spec: 404 BLOB_UPLOAD_UNKNOWN)
+    # the finished session left nothing behind in storage
     uploads = asyncio.run(_upload_sessions(replicas.storage, repo))
     assert uploads == []
 
