@@ -9,6 +9,8 @@
     tests.support.tokens     a Docker token issuer (JWTs) and its token endpoint
     tests.support.secure_registry  Dockyard with TLS and token auth where Docker verifies it (::1, certs.d)
     tests.support.drivers    the registry of storage drivers every storage test runs over
+    tests.support.rrproxy    a round-robin HTTP proxy: each request to the next backend
+    tests.support.replicas   several `dockyard serve` over one storage, the proxy before them
 
 Nothing here imports the client (`puller`); what a module needs from the
 server side it imports where it is used.
