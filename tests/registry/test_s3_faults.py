@@ -39,6 +39,7 @@ from tests.registry.regapi import Registry, digest_of, error_codes
 from tests.support.ceph import ACCESS_KEY, REGION, SECRET_KEY, CephS3, start_ceph_s3
 from tests.support.faultproxy import FaultProxy
 from tests.support.launch import launch_dockyard
+from tests.support.s3 import serve_env
 
 OCTET = {"Content-Type": "application/octet-stream"}
 BUCKET = "faults"
@@ -211,13 +212,6 @@ async def test_a_digest_mismatch_aborts_the_multipart_upload_and_leaves_nothing(
     assert not [k for k in keys(ceph, settings) if "/blobs/" in k and "/_uploads/" not in k]
 
 
-def _serve_env(settings: S3Settings) -> dict[str, str]:
-    env = {"DOCKYARD_STORAGE_DRIVER": "s3"}
-    for field in dataclasses.fields(settings):
-        env[f"DOCKYARD_STORAGE_S3_{field.name.upper()}"] = str(getattr(settings, field.name))
-    return env
-
-
 def _stream_then_hang(port: int, request_line: str, headers: dict[str, str], body: bytes) -> socket.socket:
     """Send a request whose body stops after `body` (the rest never comes)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
@@ -228,7 +222,7 @@ def _stream_then_hang(port: int, request_line: str, headers: dict[str, str], bod
 
 async def test_a_server_killed_mid_upload_leaves_a_session_another_finishes_or_the_purge_removes(
         ceph, settings, make_registry, tmp_path):
-    server = launch_dockyard(config={"storage": {"root": str(tmp_path / "root")}}, env=_serve_env(settings),
+    server = launch_dockyard(config={"storage": {"root": str(tmp_path / "root")}}, env=serve_env(settings),
                              log_path=tmp_path / "killed.log")
     other = await make_registry(settings)
     try:

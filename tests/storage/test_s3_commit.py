@@ -19,12 +19,12 @@ import pytest
 from storage import layout
 from storage.oci.errors import DigestInvalid, SizeInvalid
 from storage.store import ContentStore
-from tests.storage.test_s3_driver import S3_KINDS, Requests
 from tests.support.content import chunks, sha256_digest
 from tests.support.drivers import DriverSpace, driver_kind
-from tests.support.s3 import s3_target
+from tests.support.s3 import Requests, s3_driver_names, s3_target
 
 MIB = 1 << 20
+S3_KINDS = s3_driver_names()
 pytestmark = pytest.mark.skipif(not S3_KINDS, reason="no S3 storage driver registered (tests.support.s3)")
 
 
