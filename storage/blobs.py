@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable
 
 from storage import layout
 from storage.catalog import Catalog
-from storage.driver import PathNotFound, StorageDriver, delete_if_present, exists
+from storage.driver import FileWriter, PathNotFound, StorageDriver, delete_if_present, exists
 from storage.oci.digests import EMPTY_DIGEST, EMPTY_JSON
 from storage.oci.errors import BlobUnknown, BlobUploadUnknown
 from storage.oci.names import ALGORITHMS, parse_digest, validate_name
@@ -165,6 +165,15 @@ class Blobs:
             await self.driver.move(src, layout.blob_data(digest))
         except PathNotFound as exc:
             raise BlobUploadUnknown("upload finished or cancelled meanwhile") from exc
+
+    async def direct_writer(self, digest: str) -> FileWriter | None:
+        """A writer straight at the blob's place that shows nothing before
+        its commit (the driver's `atomic_writer`), for bytes the caller
+        hashes as they stream and commits only once they hashed to
+        `digest`: no staged copy to move, and the place never holds bytes
+        of another digest. None when the driver has none: stage, then `commit`."""
+        self.check_digest(digest)
+        return await self.driver.atomic_writer(layout.blob_data(digest))
 
     async def put_small(self, digest: str, data: bytes) -> None:
         """Bytes the store itself vouches for (a manifest it hashed): written

@@ -170,6 +170,17 @@ class StorageDriver(abc.ABC):
     async def writer(self, path: str, append: bool = False) -> FileWriter:
         """An appending writer; with append=True continue an existing file."""
 
+    async def atomic_writer(self, path: str) -> FileWriter | None:
+        """A writer of new content for path that shows nothing of it until
+        `commit()`, which replaces what path held at once (a reader sees
+        the old content or all the new); `cancel()` and `close()` discard
+        what was written and leave path as it was. For bytes checked while
+        they stream (a blob hashed on its way in) that nobody may see before
+        the check passed. None where the backend has nothing cheaper than
+        `writer` on a path of one's own and `move` (a filesystem's rename
+        is that already): callers stage and move then."""
+        return None
+
     @abc.abstractmethod
     async def try_lock(self, path: str) -> StorageLock | None:
         """Take the exclusive lock named by path, or None at once when another

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator
 
 from storage import layout
 from storage.blobs import BlobInfo, Blobs
-from storage.driver import PathNotFound, StorageDriver, delete_if_present
+from storage.driver import PathNotFound, StorageDriver, StorageError, delete_if_present
 from storage.oci.errors import (BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, RangeInvalid,
                                 SizeInvalid)
 from storage.oci.names import validate_name
@@ -169,14 +169,7 @@ class Uploads:
             running = _RunningHash(hashlib.sha256(), 0)
         done = False
         try:
-            batch = bytearray()
-            async for chunk in chunks:
-                batch += chunk
-                if len(batch) >= _WRITE_BATCH:
-                    await self._write_batch(writer, running, bytes(batch))
-                    batch.clear()
-            if batch:
-                await self._write_batch(writer, running, bytes(batch))
+            await self._write_body(writer, chunks, running.hasher if running is not None else None)
             if running is not None and writer.size >= _DIGEST_RECORD_MIN:
                 # Another worker may finish this upload: leave it the digest.
                 record = f"{writer.size} sha256:{running.hasher.copy().hexdigest()}".encode()
@@ -200,12 +193,56 @@ class Uploads:
         return UploadStatus(repo, upload_id, writer.size)
 
     @staticmethod
-    async def _write_batch(writer, running: _RunningHash | None, data: bytes) -> None:
-        if running is None:
-            await writer.write(data)
-        else:
-            # Both release the GIL: write and hash in parallel threads.
-            await asyncio.gather(writer.write(data), hash_update(running.hasher, data))
+    async def _write_body(writer, chunks: AsyncIterator[bytes], hasher: Any | None) -> None:
+        """Write a request body in batches, hashing it on the way (hasher: None for not)."""
+        async def one(data: bytes) -> None:
+            if hasher is None:
+                await writer.write(data)
+            else:
+                # Both release the GIL: write and hash in parallel threads.
+                await asyncio.gather(writer.write(data), hash_update(hasher, data))
+
+        batch = bytearray()
+        async for chunk in chunks:
+            batch += chunk
+            if len(batch) >= _WRITE_BATCH:
+                await one(bytes(batch))
+                batch.clear()
+        if batch:
+            await one(bytes(batch))
+
+    async def _commit_direct(self, repo: str, digest: str, chunks: AsyncIterator[bytes],
+                             size: int | None) -> BlobInfo | None:
+        """A whole blob whose digest is known before its first byte (POST
+        ?digest= with the body, or a PUT with the whole body), streamed
+        straight to its place (Blobs.direct_writer) and hashed on the way:
+        committed only once it hashed to its name and has the size asked,
+        so nothing is staged and moved, and the place never shows other
+        bytes. None when the driver has no such writer (nothing read yet)."""
+        writer = await self.blobs.direct_writer(digest)
+        if writer is None:
+            return None
+        alg, _ = self.blobs.check_digest(digest)
+        hasher = hashlib.new(alg)
+        try:
+            await self._write_body(writer, chunks, hasher)
+            total = writer.size
+            if size is not None and size != total:
+                raise SizeInvalid(f"upload holds {total} bytes, expected {size}",
+                                  {"expected": size, "actual": total})
+            actual = f"{alg}:{hasher.hexdigest()}"
+            if actual != digest:
+                raise DigestInvalid("provided digest did not match uploaded content",
+                                    {"expected": digest, "actual": actual})
+            await writer.commit()
+        except BaseException:
+            # An abort the backend cannot take now (it is down) leaves an
+            # upload nothing names: the purge's reclaim_leftovers aborts it.
+            with contextlib.suppress(StorageError):
+                await writer.cancel()
+            raise
+        await self.blobs.link(repo, digest)
+        return BlobInfo(digest, total)
 
     async def _digest_of_upload(self, repo: str, upload_id: str, alg: str,
                                 size: int) -> str:
@@ -268,6 +305,13 @@ class Uploads:
         """finish_upload for a caller that holds the session's lock (or owns
         a session nobody else knows of)."""
         alg, _ = self.blobs.check_digest(digest)
+        if chunks is not None and not start and await self._upload_size(repo, upload_id) == 0:
+            # The whole blob in this request: straight to its place where the driver can.
+            info = await self._commit_direct(repo, digest, chunks, size)
+            if info is not None:
+                self._hashers.pop((repo, upload_id), None)
+                await delete_if_present(self.driver, layout.upload_dir(repo, upload_id))
+                return info
         if chunks is not None:
             total = (await self._append(repo, upload_id, chunks, start)).offset
         else:
@@ -297,10 +341,16 @@ class Uploads:
     async def put(self, repo: str, digest: str,
                        chunks: AsyncIterator[bytes], *,
                        size: int | None = None) -> BlobInfo:
-        """Monolithic upload in one call (POST ?digest= with a body). Staged
-        like any upload, and the session removed whatever happens. Its id is
-        never handed out, so no other request can touch it: no lock needed."""
+        """Monolithic upload in one call (POST ?digest= with a body): straight
+        to the blob's place where the driver can (`_commit_direct`), else
+        staged like any upload, and the session removed whatever happens.
+        Its id is never handed out, so no other request can touch it: no
+        lock needed."""
         self.blobs.check_digest(digest)
+        validate_name(repo)
+        info = await self._commit_direct(repo, digest, chunks, size)
+        if info is not None:
+            return info
         status = await self.start(repo)
         try:
             return await self._finish(repo, status.upload_id, digest, chunks, None, size)

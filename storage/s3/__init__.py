@@ -63,6 +63,16 @@ Moves. `move` is a server-side CopyObject (a multipart copy of 1 GiB
 UploadPartCopy pieces above 5 GiB), conditional on the source's ETag, then
 a delete of the source.
 
+Direct commits: `atomic_writer(path)` (storage.s3.whole) writes a new
+object that shows nothing before commit: one PUT under a part, else a
+multipart upload at the path's own key completed at commit. The content
+store uses it for a blob whose digest is known before its first byte, so
+the bytes land at the blob's key after they hashed to its name, with no
+staged object and no copy.
+
+Conditions: every If-Match sends the ETag bare, without quotes
+(`client.bare`: the one form Ceph RGW, AWS and moto all match).
+
 Locks: see storage.s3.locks (a lease in a hidden object, taken with
 If-None-Match: *, renewed with If-Match while held, taken over with If-Match
 once its holder stopped renewing it).

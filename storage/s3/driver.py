@@ -12,7 +12,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, EndpointConnectionE
 from storage.config import S3Settings, StorageConfigError
 from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath, LocalFile, PathNotFound,
                             StorageDriver, StorageError, StorageLock)
-from storage.s3 import locks, multipart
+from storage.s3 import locks, multipart, whole
 from storage.s3.client import (PROBE, Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
                                is_lock_key, make_client, object_info, one_line, shown_endpoint, utc_timestamp)
 
@@ -247,6 +247,13 @@ class S3Driver(StorageDriver):
         if path == "/":
             raise InvalidPath(path, "cannot write the root")
         return await multipart.S3Writer.open(self._calls, path, append, self.part_size)
+
+    async def atomic_writer(self, path: str) -> FileWriter:
+        """A new object at path, shown only by commit (storage.s3.whole)."""
+        self.check_path(path)
+        if path == "/":
+            raise InvalidPath(path, "cannot write the root")
+        return whole.AtomicWriter.new(self._calls, path, self.part_size)
 
     # ---- locks -----------------------------------------------------------------------
     async def try_lock(self, path: str) -> StorageLock | None:

@@ -125,6 +125,39 @@ async def test_writer_cancel_discards(driver):
         await driver.stat("/up/data")
 
 
+async def test_atomic_writer_shows_nothing_before_commit(driver):
+    """atomic_writer (offered by drivers that can write in place and show it
+    at once, S3): the old content stays whole until commit, which replaces
+    it with all the new; cancel and close leave it as it was. 11 MiB cross
+    the part boundaries of every S3 test driver (5 MiB parts)."""
+    first = await driver.atomic_writer("/aw/file")
+    if first is None:
+        # The contract's default: callers stage with `writer` and `move`.
+        assert type(driver).atomic_writer is StorageDriver.atomic_writer
+        return
+    await driver.put_content("/aw/file", b"old")
+    new = os.urandom(11 << 20)
+    await first.write(new[:6 << 20])
+    await first.write(new[6 << 20:])
+    assert first.size == len(new)
+    assert await driver.get_content("/aw/file") == b"old" and (await driver.stat("/aw/file")).size == 3
+    await first.commit()
+    assert await driver.get_content("/aw/file") == new
+    for end in ("cancel", "close"):
+        w = await driver.atomic_writer("/aw/file")
+        await w.write(os.urandom(6 << 20))
+        await getattr(w, end)()
+        assert (await driver.stat("/aw/file")).size == len(new), end
+    small = await driver.atomic_writer("/aw/new/small")
+    await small.write(b"tiny")
+    with pytest.raises(PathNotFound):
+        await driver.stat("/aw/new/small")
+    await small.commit()
+    assert await driver.get_content("/aw/new/small") == b"tiny"
+    with pytest.raises(InvalidPath):
+        await driver.atomic_writer("/aw/" + HIDDEN_PREFIX + "x")
+
+
 # ---- listing and metadata -----------------------------------------------------
 
 async def test_list_is_sorted_full_paths(driver):

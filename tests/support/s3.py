@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import os
 import socket
 import subprocess
@@ -183,6 +184,43 @@ def register_s3(name: str, endpoint: Endpoint, access_key: str, secret_key: str,
 def s3_target(name: str) -> S3Target:
     """The endpoint and bucket registered as `name`."""
     return _TARGETS[name]
+
+
+def s3_driver_names() -> list[str]:
+    """The registered drivers of this run that are S3 endpoints."""
+    from tests.support.drivers import driver_names
+
+    return [name for name in driver_names() if name in _TARGETS]
+
+
+def serve_env(settings: S3Settings, **overrides: str) -> dict[str, str]:
+    """DOCKYARD_STORAGE_DRIVER=s3 and DOCKYARD_STORAGE_S3_* for `dockyard
+    serve`: the settings as a user would give them."""
+    env = {"DOCKYARD_STORAGE_DRIVER": "s3"}
+    for field in dataclasses.fields(settings):
+        env[f"DOCKYARD_STORAGE_S3_{field.name.upper()}"] = str(getattr(settings, field.name))
+    env.update(overrides)
+    return env
+
+
+class Requests:
+    """The S3 operations a driver's client sends, with their keys (a botocore
+    event hook on the driver's own client: it observes, changes nothing)."""
+
+    def __init__(self, driver):
+        self.sent: list[tuple[str, str | None]] = []
+        self.params: list[tuple[str, dict]] = []
+        driver.client.meta.events.register("before-parameter-build.s3", self._record)
+
+    def _record(self, params, model, **kwargs) -> None:
+        self.sent.append((model.name, params.get("Key")))
+        self.params.append((model.name, dict(params)))
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.sent]
+
+    def clear(self) -> None:
+        self.sent.clear()
 
 
 # ---- moto ---------------------------------------------------------------------------
