@@ -228,7 +228,10 @@ class StorageDriver(abc.ABC):
 
     @abc.abstractmethod
     async def delete(self, path: str) -> None:
-        """Delete a file or a whole directory tree; PathNotFound if absent."""
+        """Delete a file or a whole directory tree; PathNotFound if absent.
+        A directory the delete leaves empty may be gone afterwards (an object
+        store keeps no empty prefix): callers read a missing directory as an
+        empty one."""
 
     async def url_for(self, path: str, method: str = "GET",
                       expires_in: int = 1200) -> str | None:

@@ -27,7 +27,6 @@ from storage.driver import HIDDEN_PREFIX, InvalidPath, PathNotFound, StorageErro
 
 # Hidden names (the contract's HIDDEN_PREFIX: never listed, refused in a caller's path).
 LOCK_PREFIX = HIDDEN_PREFIX + "lock."     # <dir>/.dockyard-tmp-lock.<name>: the lock named <dir>/<name>
-DIR_MARKER = HIDDEN_PREFIX + "dir"        # <dir>/.dockyard-tmp-dir: keeps an emptied directory
 PROBE = HIDDEN_PREFIX + "probe"           # <prefix>.dockyard-tmp-probe: the start-up check's write, deleted at once
 
 # User metadata of a file whose bytes are still an open multipart upload
@@ -283,8 +282,6 @@ class S3Calls:
         parent, _, name = path.rpartition("/")
         return self.prefix + (parent[1:] + "/" if parent else "") + LOCK_PREFIX + name
 
-    def marker_key(self, directory: str) -> str:
-        return self.dir_prefix(directory) + DIR_MARKER
 
     # ---- calls ---------------------------------------------------------------
     async def run(self, fn: Callable, *args, op: str = "read", path: str = "/", **kwargs):

@@ -355,7 +355,10 @@ class S3Driver(StorageDriver):
             if keys:
                 await self._delete_keys(path, keys)          # a dead holder's lock, alone
             raise PathNotFound(path)
-        jobs = [self._keep_parent(path)]
+        # No marker keeps an emptied parent: S3 has no empty prefixes, and
+        # Distribution's tags list on a shared root would report the marker
+        # as a tag (the contract lets an emptied directory be gone).
+        jobs = []
         if info is not None:
             jobs.append(self._delete_file(path, key, info))
         if keys:
@@ -408,16 +411,6 @@ class S3Driver(StorageDriver):
 
         await multipart.bounded_gather((batch(keys[i:i + DELETE_BATCH]) for i in range(0, len(keys), DELETE_BATCH)),
                                        4)
-
-    async def _keep_parent(self, path: str) -> None:
-        """A directory a delete empties stays, listed empty, as on a
-        filesystem: a hidden marker object keeps its prefix (written with
-        every delete: a PUT beside the delete costs no round trip, a look
-        whether the directory is empty would)."""
-        parent = path.rsplit("/", 1)[0] or "/"
-        if parent != "/":
-            await self._calls.call("put_object", parent, Key=self._calls.marker_key(parent), Body=b"",
-                                   **self._calls.encryption_args())
 
     # ---- direct access ---------------------------------------------------------------------
     async def url_for(self, path: str, method: str = "GET", expires_in: int | None = None) -> str | None:
