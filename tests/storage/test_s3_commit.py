@@ -20,19 +20,12 @@ from storage import layout
 from storage.oci.errors import DigestInvalid, SizeInvalid
 from storage.store import ContentStore
 from tests.support.content import chunks, sha256_digest
-from tests.support.drivers import DriverSpace, driver_kind
-from tests.support.s3 import Requests, s3_driver_names, s3_target
+from tests.storage.s3_fixtures import kind, requires_s3, space  # noqa: F401 (fixtures)
+from tests.support.drivers import DriverSpace
+from tests.support.s3 import Requests, s3_target
 
 MIB = 1 << 20
-S3_KINDS = s3_driver_names()
-pytestmark = pytest.mark.skipif(not S3_KINDS, reason="no S3 storage driver registered (tests.support.s3)")
-
-
-@pytest.fixture(params=S3_KINDS or ["none"])
-async def space(request, driver_scratch):
-    space = DriverSpace(driver_kind(request.param), driver_scratch)
-    yield space
-    await space.destroy()
+pytestmark = requires_s3
 
 
 @pytest.fixture
