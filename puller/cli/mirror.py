@@ -29,6 +29,8 @@ def _registries(selection) -> list[str]:
 
 
 def cmd_export(args) -> int:
+    import asyncio
+
     from puller.transfer.mirror.bundle import read_bundle_manifest
     from puller.transfer.mirror.export import export_bundle
     from puller.transfer.mirror.inventory import Have
@@ -39,17 +41,18 @@ def cmd_export(args) -> int:
         if args.have:
             have = Have.load(args.have)
         elif args.since:
-            have = Have.from_bundle(read_bundle_manifest(args.since)[0])
+            have = Have.from_bundle((await asyncio.to_thread(read_bundle_manifest, args.since))[0])
         with progress_for(args) as progress:
             result = await export_bundle(selection, args.output, options=client_options(args, _registries(selection)),
                                          platform=args.platform, referrers=args.referrers, compress=args.zstd,
-                                         fmt=args.format, sign_key=args.sign_key, have=have, progress=progress)
+                                         fmt=args.format, sign_key=args.sign_key, have=have,
+                                         max_size=args.max_size, progress=progress)
         carried = sum(1 for i in result.images if i["state"] != "unchanged")
         emit(args, result.to_json(),
              f"{result.output}: {carried} image(s) ({len(result.images) - carried} unchanged), "
              f"{result.referrers} referrer(s), {result.manifests} manifest(s), {result.blobs} blob(s), "
              f"{result.prerequisites} prerequisite(s); {result.bundle_bytes} bytes"
-             + (", signed" if result.signed else ""))
+             + (", signed" if result.signed else "") + (f", {len(result.volumes)} volumes" if result.volumes else ""))
         return 0
     return run_command(main, args)
 
@@ -93,6 +96,21 @@ def cmd_inventory(args) -> int:
     return run_command(main, args)
 
 
+def _size(text: str) -> int:
+    import argparse
+    units = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
+    number, unit = text.strip().upper().rstrip("IB") or "x", ""
+    if number[-1:] in units and number[-1:]:
+        number, unit = number[:-1], number[-1]
+    try:
+        value = int(float(number) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4G, 700M)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     mirror = subparsers.add_parser("mirror", help="carry images into an air-gapped network as bundles")
     sub = mirror.add_subparsers(dest="mirror_command", metavar="SUBCOMMAND", required=True)
@@ -109,13 +127,16 @@ def register(subparsers) -> None:
     p.add_argument("--sign-key", metavar="PEM", help="sign the bundle manifest (ECDSA or Ed25519 private key)")
     delta = p.add_mutually_exclusive_group()
     delta.add_argument("--have", metavar="HAVE.json", help="carry only what this inventory lacks (a delta)")
-    delta.add_argument("--since", metavar="BUNDLE", help="carry only what this earlier bundle did not (a delta)")
+    delta.add_argument("--since", nargs="+", metavar="BUNDLE",
+                       help="carry only what this earlier bundle (or all its volumes) did not (a delta)")
+    p.add_argument("--max-size", type=_size, metavar="N[K|M|G]",
+                   help="split the bundle into volumes of at most N bytes (BUNDLE.vol001, ...)")
     add_transport_flags(p)
     add_output_flags(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("import", help="push a bundle's images into a registry")
-    p.add_argument("bundle")
+    p.add_argument("bundle", nargs="+", help="the bundle, or all its volumes in any order")
     p.add_argument("--to", required=True, metavar="REGISTRY[/PREFIX]")
     p.add_argument("--verify-key", metavar="PEM", help="refuse the bundle unless this key signed it")
     add_transport_flags(p)

@@ -425,3 +425,31 @@ def test_import_killed_midway_resumes_without_resending(dockyard_registry, start
     assert again["blobs_existing"] >= len(landed)
     assert again["bytes_uploaded"] <= sum(sizes[d] for d in digests if d not in landed) + 4096   # + the config
     assert manifest_head(target.url, f"k/{repo}", "v1") is not None
+
+
+# ---- volumes --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compress", [False, True], ids=["tar", "zstd"])
+def test_volumes_of_a_size_limit_import_in_any_order(dockyard_registry, distribution_registry, tmp_path, compress):
+    repo, prefix = unique("mirror/vol"), unique("vol")
+    layers = [random_tar_layer(700_000, f"v{i}.bin") for i in range(3)]
+    image = push_image(dockyard_registry.url, repo, layers, "v1")
+    limit = 256 * 1024
+    output = tmp_path / "media" / "bundle.tar"
+    output.parent.mkdir()
+    exported = dockyard_json("mirror", "export", "--images", f"{dockyard_registry.host}/{repo}:v1",
+                             "--max-size", "256K", *(["--zstd"] if compress else []), "--output", str(output))
+    volumes = sorted(output.parent.iterdir())
+    assert [str(v) for v in volumes] == exported["volumes"] and len(volumes) >= 8
+    assert all(v.stat().st_size <= limit for v in volumes) and not output.exists()
+
+    # volumes renamed and handed over backwards: their headers say where each belongs
+    shuffled = []
+    for number, volume in enumerate(reversed(volumes)):
+        shuffled.append(volume.rename(tmp_path / f"disc-{number}"))
+    missing = dockyard("mirror", "import", *map(str, shuffled[1:]), "--to", f"{distribution_registry.host}/{prefix}",
+                       check=False)
+    assert missing.returncode == 1 and "missing" in missing.stderr
+    imported = dockyard_json("mirror", "import", *map(str, shuffled), "--to", f"{distribution_registry.host}/{prefix}")
+    assert imported["blobs_uploaded"] == 4
+    assert manifest_head(distribution_registry.url, f"{prefix}/{repo}", "v1") == image["digest"]

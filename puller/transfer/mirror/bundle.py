@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from puller.errors import one_line
 from puller.transfer.mirror.errors import BundleError
+from puller.transfer.mirror.volumes import Output, Source, open_source
 from storage.oci import media
 from storage.oci.errors import OciError
 from storage.oci.names import parse_digest, validate_name, validate_tag
@@ -195,24 +196,22 @@ def _tag(entry: dict, where: str) -> str | None:
 # ---- writing ----------------------------------------------------------------------------
 
 class BundleWriter:
-    """A tar written member by member to a hidden file beside `path`, renamed
-    into place by commit(); abort() (or an exception inside `with`) removes it."""
+    """A tar written member by member to hidden files beside `path` (one, or
+    volumes of `max_size` bytes: puller.transfer.mirror.volumes), renamed
+    into place by commit(); abort() removes them."""
 
-    def __init__(self, path: str | os.PathLike, compress: bool = False, level: int = 3):
+    def __init__(self, path: str | os.PathLike, compress: bool = False, level: int = 3,
+                 max_size: int | None = None, bundle_id: str = ""):
         self.path = pathlib.Path(path)
-        try:
-            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
-        except OSError as exc:
-            raise BundleError(f"{self.path}: {one_line(exc)}") from exc
-        self.temp = pathlib.Path(temp)
-        self.raw = os.fdopen(fd, "wb")
+        self.sink = Output(self.path, max_size, bundle_id)
         self._zstd = None
-        self.out = self.raw
+        self.out = self.sink
         if compress:
             import zstandard
-            self._zstd = zstandard.ZstdCompressor(level=level, threads=-1).stream_writer(self.raw, closefd=False)
+            self._zstd = zstandard.ZstdCompressor(level=level, threads=-1).stream_writer(self.sink, closefd=False)
             self.out = self._zstd
         self.written = 0
+        self.paths: list[pathlib.Path] = []
         self._dirs: set[str] = set()
 
     def _header(self, name: str, size: int, kind=tarfile.REGTYPE, mode: int = 0o644) -> None:
@@ -244,16 +243,8 @@ class BundleWriter:
             if os.fstat(handle.fileno()).st_size != size:
                 raise BundleError(f"{source}: not the {size} bytes its descriptor says")
             if self._zstd is None:
-                self.raw.flush()
-                sent = 0
-                while sent < size:
-                    n = os.copy_file_range(handle.fileno(), self.raw.fileno(), min(size - sent, 64 * MiB))
-                    if n == 0:
-                        raise BundleError(f"{source}: shorter than {size} bytes")
-                    sent += n
-                    self.written += n
-                    if on_progress:
-                        on_progress(n)
+                self.sink.copy_from(handle.fileno(), size, on_progress)
+                self.written += size
             else:
                 while block := handle.read(4 * MiB):
                     self._write(block)
@@ -261,35 +252,21 @@ class BundleWriter:
                         on_progress(len(block))
         self._pad(size)
 
-    def commit(self) -> None:
+    def commit(self) -> list[pathlib.Path]:
         self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
-        self._pad_record()
-        if self._zstd is not None:
-            self._zstd.close()
-        self.raw.flush()
-        os.fsync(self.raw.fileno())
-        self.raw.close()
-        os.replace(self.temp, self.path)
-        with contextlib.suppress(OSError):          # the rename itself survives a power cut
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-
-    def _pad_record(self) -> None:
         record = tarfile.RECORDSIZE
         if self.written % record:
             self._write(b"\0" * (record - self.written % record))
+        if self._zstd is not None:
+            self._zstd.close()
+        self.paths = self.sink.commit()
+        return self.paths
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
             if self._zstd is not None:
                 self._zstd.close()
-        with contextlib.suppress(OSError):
-            self.raw.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.temp.unlink()
+        self.sink.abort()
 
 
 # ---- reading ----------------------------------------------------------------------------
@@ -301,43 +278,50 @@ class Member:
 
 
 class BundleReader:
-    """A bundle's members by name, read at their offsets (a zstd bundle is
-    unpacked to a temporary tar first: a compressed stream cannot be read
-    at offsets). Blocking: use from a thread."""
+    """A bundle's members by name, read at their offsets, from one file or
+    its volumes in any order (a zstd bundle is unpacked to a temporary tar
+    first: a compressed stream cannot be read at offsets). Blocking: use
+    from a thread."""
 
-    def __init__(self, path: pathlib.Path, tar_path: pathlib.Path, own_tar: bool):
-        self.path = path
-        self.tar_path = tar_path
-        self._own_tar = own_tar
+    def __init__(self, source: Source, temp: pathlib.Path | None = None):
+        self.source = source
+        self.path = source.name
+        self._temp = temp
         self.members: dict[str, Member] = {}
-        self._fd = os.open(tar_path, os.O_RDONLY)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "BundleReader":
-        path = pathlib.Path(path)
+    def open(cls, paths: str | os.PathLike | list) -> "BundleReader":
+        paths = paths if isinstance(paths, (list, tuple)) else [paths]
+        source = open_source(list(paths))
+        temp = None
         try:
-            with open(path, "rb") as handle:
-                compressed = handle.read(4) == ZSTD_MAGIC
-            tar_path, own = (_unzstd(path), True) if compressed else (path, False)
-            reader = cls(path, tar_path, own)
-        except OSError as exc:
-            raise BundleError(f"{path}: {one_line(exc)}") from exc
-        try:
+            if source.pread(0, min(4, source.size)) == ZSTD_MAGIC:
+                temp = _unzstd(source)
+                unpacked = open_source([temp])
+                unpacked.name = source.name
+                source.close()
+                source = unpacked
+            reader = cls(source, temp)
             reader._scan()
+        except OSError as exc:
+            source.close()
+            raise BundleError(f"{source.name}: {one_line(exc)}") from exc
         except BaseException:
-            reader.close()
+            source.close()
+            if temp is not None:
+                temp.unlink()
             raise
         return reader
 
     def _scan(self) -> None:
         try:
-            with tarfile.open(self.tar_path, mode="r:") as tar:
+            with tarfile.open(fileobj=self.source, mode="r:") as tar:
                 for info in tar:
                     if info.isdir():
                         continue
                     if not info.isreg():
                         raise BundleError(f"{self.path}: member {info.name!r} is not a regular file")
-                    name = info.name.lstrip("./") if info.name.startswith("./") else info.name
+                    name = info.name[2:] if info.name.startswith("./") else info.name
                     self.members[name] = Member(info.offset_data, info.size)
         except tarfile.TarError as exc:
             raise BundleError(f"{self.path}: not a bundle ({one_line(exc)})") from exc
@@ -353,35 +337,31 @@ class BundleReader:
         return self.pread(member, 0, member.size)
 
     def pread(self, member: Member, start: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, member.offset + start)
-        if len(data) != length:
-            raise BundleError(f"{self.path}: cut short (a member ends past the end of the file)")
-        return data
+        return self.source.pread(member.offset + start, length)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        if self._own_tar:
+        self.source.close()
+        if self._temp is not None:
             with contextlib.suppress(FileNotFoundError):
-                self.tar_path.unlink()
+                self._temp.unlink()
 
 
-def _unzstd(path: pathlib.Path) -> pathlib.Path:
+def _unzstd(source: Source) -> pathlib.Path:
     import zstandard
     fd, temp = tempfile.mkstemp(prefix="dockyard-bundle-", suffix=".tar")
     try:
-        with open(path, "rb") as source, os.fdopen(fd, "wb") as out:
+        with os.fdopen(fd, "wb") as out:
             try:
                 zstandard.ZstdDecompressor().copy_stream(source, out, read_size=4 * MiB, write_size=4 * MiB)
             except zstandard.ZstdError as exc:
-                raise BundleError(f"{path}: damaged zstd stream ({exc})") from exc
+                raise BundleError(f"{source.name}: damaged zstd stream ({exc})") from exc
     except BaseException:
         os.unlink(temp)
         raise
     return pathlib.Path(temp)
 
 
-def read_bundle_manifest(path: str | os.PathLike) -> tuple[BundleManifest, bytes, dict | None]:
+def read_bundle_manifest(path: str | os.PathLike | list) -> tuple[BundleManifest, bytes, dict | None]:
     """(manifest, its bytes, the signature document or None) of a bundle on disk."""
     reader = BundleReader.open(path)
     try:

@@ -19,8 +19,9 @@ manifest) the bundle carries only what the far side lacks:
 
 Blobs are fetched concurrently into a staging layout beside the output
 (puller.transfer.pull.BlobFetcher: verified, resumable), then written into
-the tar in the kernel (copy_file_range) or through zstd. The bundle is a
-hidden file until complete, then renamed into place.
+the tar in the kernel (copy_file_range) or through zstd, in one file or in
+volumes of at most `max_size` bytes. Nothing is visible under the output's
+name until the bundle is complete.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from puller.transfer.progress import Progress
 from puller.transfer.pull import BlobFetcher
 from puller.transfer.tasks import gather_all_or_cancel
 from storage.oci import media
+from storage.oci.digests import digest_of
 
 
 @dataclass
@@ -63,6 +65,7 @@ class ExportResult:
     carried_bytes: int = 0
     bundle_bytes: int = 0
     signed: bool = False
+    volumes: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     def to_json(self) -> dict:
@@ -155,8 +158,9 @@ def _docker_manifest(plan: _Plan) -> bytes:
 
 
 def _write_bundle(output: pathlib.Path, plan: _Plan, staging: LocalStore, manifest_bytes: bytes,
-                  signature: dict | None, compress: bool, fmt: str, advance) -> int:
-    writer = BundleWriter(output, compress)
+                  signature: dict | None, compress: bool, fmt: str, max_size: int | None,
+                  advance) -> list[pathlib.Path]:
+    writer = BundleWriter(output, compress, max_size=max_size, bundle_id=digest_of(manifest_bytes))
     try:
         writer.add_bytes(BUNDLE_MANIFEST, manifest_bytes)
         if signature is not None:
@@ -169,17 +173,16 @@ def _write_bundle(output: pathlib.Path, plan: _Plan, staging: LocalStore, manife
         writer.add_bytes("index.json", _layout_index(plan))
         if fmt == "docker-archive":
             writer.add_bytes("manifest.json", _docker_manifest(plan))
-        writer.commit()
+        return writer.commit()
     except BaseException:
         writer.abort()
         raise
-    return output.stat().st_size
 
 
 async def export_bundle(selection: Selection, output: str, *, options: ClientOptions | None = None,
                         client: RegistryClient | None = None, platform: str | None = None,
                         referrers: bool = False, compress: bool = False, fmt: str = "oci-archive",
-                        sign_key: str | None = None, have: Have | None = None,
+                        sign_key: str | None = None, have: Have | None = None, max_size: int | None = None,
                         progress: Progress | None = None) -> ExportResult:
     started = time.perf_counter()
     progress = progress or Progress()
@@ -219,8 +222,9 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
             def advance(n: int) -> None:
                 loop.call_soon_threadsafe(progress.advance, "bundle", n)
             try:
-                size = await asyncio.to_thread(_write_bundle, output_path, plan, staging, manifest_bytes,
-                                               signature, compress, fmt, advance)
+                paths = await asyncio.to_thread(_write_bundle, output_path, plan, staging, manifest_bytes,
+                                                signature, compress, fmt, max_size, advance)
+                size = sum(p.stat().st_size for p in paths)
             except OSError as exc:
                 raise StoreError(f"{output_path}: {one_line(exc)}") from exc
         finally:
@@ -233,4 +237,5 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
                         referrers=sum(1 for i in bundle.images if i.subject), manifests=len(bundle.manifests),
                         blobs=len(bundle.blobs), prerequisites=len(bundle.prerequisites),
                         carried_bytes=bundle.carried_bytes, bundle_bytes=size, signed=signature is not None,
+                        volumes=[str(p) for p in paths] if max_size else [],
                         seconds=time.perf_counter() - started)

@@ -169,7 +169,7 @@ async def _missing_prerequisites(client: RegistryClient, target: Target, bundle:
     return [m for m in await _bounded(jobs) if m]
 
 
-async def import_bundle(path: str, to: str, *, options: ClientOptions | None = None,
+async def import_bundle(path: str | list[str], to: str, *, options: ClientOptions | None = None,
                         client: RegistryClient | None = None, verify_key: str | None = None,
                         progress: Progress | None = None) -> ImportResult:
     started = time.perf_counter()
