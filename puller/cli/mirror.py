@@ -1,6 +1,6 @@
-"""`dockyard mirror export|import|inventory`: images carried into a network
-with no route to their registries, as one bundle
-(puller.transfer.mirror).
+"""`dockyard mirror export|import|inventory|sync`: images carried into a
+network with no route to their registries, as one bundle, or copied from
+registry to registry (puller.transfer.mirror).
 
 Every failure is one line on stderr and exit 1; `--json` prints the result
 as one JSON object; progress bars with bytes and ETA on a terminal.
@@ -96,6 +96,30 @@ def cmd_inventory(args) -> int:
     return run_command(main, args)
 
 
+def cmd_sync(args) -> int:
+    import asyncio
+
+    from puller.cli.common import print_error
+    from puller.transfer.mirror.sync import read_sync_config, sync_once
+
+    async def main() -> int:
+        config = read_sync_config(args.config)
+        hosts = _registries(config.selection) + [config.target.registry]
+        while True:
+            with progress_for(args) as progress:
+                result = await sync_once(config, options=client_options(args, hosts), progress=progress)
+            summary = result.to_json()
+            for failure in result.failed:
+                print_error(f"{failure['source']}: {failure['error']}")
+            emit(args, summary, f"{result.target}: {summary['copied']} copied, {summary['unchanged']} unchanged, "
+                                f"{summary['failed']} failed; {result.bytes_transferred} bytes in "
+                                f"{result.seconds:.1f}s")
+            if not args.interval:
+                return 1 if result.failed else 0
+            await asyncio.sleep(args.interval)
+    return run_command(main, args)
+
+
 def _size(text: str) -> int:
     import argparse
     units = {"": 1, "K": 1024, "M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}
@@ -142,6 +166,14 @@ def register(subparsers) -> None:
     add_transport_flags(p)
     add_output_flags(p)
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("sync", help="copy images from registry to registry, once or on a schedule")
+    p.add_argument("config", help="an images file with target: REGISTRY[/PREFIX] (and platform:, referrers:)")
+    p.add_argument("--interval", type=float, default=0, metavar="SECONDS",
+                   help="sync again every SECONDS until interrupted (default: once)")
+    add_transport_flags(p)
+    add_output_flags(p)
+    p.set_defaults(func=cmd_sync)
 
     p = sub.add_parser("inventory", help="list what a registry holds, for a delta export (--have)")
     p.add_argument("registry", metavar="REGISTRY[/PREFIX]")

@@ -453,3 +453,30 @@ def test_volumes_of_a_size_limit_import_in_any_order(dockyard_registry, distribu
     imported = dockyard_json("mirror", "import", *map(str, shuffled), "--to", f"{distribution_registry.host}/{prefix}")
     assert imported["blobs_uploaded"] == 4
     assert manifest_head(distribution_registry.url, f"{prefix}/{repo}", "v1") == image["digest"]
+
+
+# ---- registry to registry -------------------------------------------------------------
+
+def test_sync_twice_moves_nothing_the_second_time_and_goes_on_past_a_failure(pair, tmp_path):
+    source, target = pair
+    repo, prefix = unique("mirror/sync"), unique("sync")
+    image = multiarch_with_referrers(source.url, repo)
+    for tag in ("1.0.0", "1.1.0", "2.0.0"):
+        push_image(source.url, repo, [tar_layer({"v": tag.encode()}), random_tar_layer(100_000)], tag)
+    config = tmp_path / "sync.yml"
+    config.write_text(f"target: {target.host}/{prefix}\nreferrers: true\n"
+                      f"images:\n  - {source.host}/{repo}:v1\n  - {source.host}/{repo}:gone\n"
+                      f"repositories:\n  {source.host}/{repo}:\n    semver: '^1'\n")
+    first = dockyard("mirror", "sync", str(config), "--json", check=False)
+    assert first.returncode == 1                               # :gone failed, the rest went on
+    assert first.stderr.strip().splitlines() == [f"dockyard: error: {source.host}/{repo}:gone: "
+                                                 f"manifest {source.host}/{repo}:gone: not found"]
+    summary = json.loads(first.stdout)
+    assert (summary["copied"], summary["failed"]) == (3, 1) and summary["bytes_transferred"] > 200_000
+    dest = f"{prefix}/{repo}"
+    assert manifest_head(target.url, dest, "v1") == image["index"]
+    assert image["signature"] in referrer_digests(target.url, dest, image["index"])
+    assert manifest_head(target.url, dest, "1.1.0") and manifest_head(target.url, dest, "2.0.0") is None
+
+    second = json.loads(dockyard("mirror", "sync", str(config), "--json", check=False).stdout)
+    assert (second["copied"], second["unchanged"], second["bytes_transferred"]) == (0, 3, 0)

@@ -53,6 +53,7 @@ class RepositorySpec:
 class Selection:
     images: list[Reference] = field(default_factory=list)
     repositories: list[RepositorySpec] = field(default_factory=list)
+    settings: dict[str, tuple[str, int]] = field(default_factory=dict)     # key -> (value, line)
 
     def __bool__(self) -> bool:
         return bool(self.images or self.repositories)
@@ -114,7 +115,9 @@ def _repository_spec(key: yaml.Node, value: yaml.Node, path: str) -> RepositoryS
 _YAML_KEY = re.compile(r"^(images|repositories)\s*:", re.MULTILINE)
 
 
-def parse_images_text(text: str, path: str = "images file") -> Selection:
+def parse_images_text(text: str, path: str = "images file", settings: tuple[str, ...] = ()) -> Selection:
+    """The selection of an images file; with `settings`, those top-level keys
+    are allowed too (a sync configuration's), their values kept as text."""
     selection = Selection()
     if not _YAML_KEY.search(text):
         # plain text: one reference per line
@@ -142,12 +145,15 @@ def parse_images_text(text: str, path: str = "images file") -> Selection:
             if not isinstance(value, yaml.MappingNode):
                 raise ImagesFileError(path, _line(value), "repositories must map repositories to tag patterns")
             selection.repositories += [_repository_spec(k, v, path) for k, v in value.value]
+        elif name in settings:
+            selection.settings[name] = (_scalar(value, path, name), _line(value))
         else:
-            raise ImagesFileError(path, _line(key), f"unknown key {name!r} (expected images, repositories)")
+            expected = ", ".join(("images", "repositories") + settings)
+            raise ImagesFileError(path, _line(key), f"unknown key {name!r} (expected {expected})")
     return selection
 
 
-def read_images_file(path: str) -> Selection:
+def read_images_file(path: str, settings: tuple[str, ...] = ()) -> Selection:
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
@@ -159,7 +165,7 @@ def read_images_file(path: str) -> Selection:
         text = data.decode()
     except UnicodeDecodeError:
         raise ImagesFileError(path, None, "not UTF-8 text") from None
-    return parse_images_text(text, path)
+    return parse_images_text(text, path, settings)
 
 
 def selection_from_refs(texts: list[str]) -> Selection:
