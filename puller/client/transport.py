@@ -14,7 +14,9 @@ client needs little of it: requests with a byte, or streamed, body; bodies
 read as they arrive; redirects and auth are handled a layer up (puller.client.http).
 h11 does the HTTP/1.1 framing of requests and of response heads (and of
 chunked or close-delimited bodies); this module does the I/O, TLS (a context
-built on first use), the connection pool and timeouts. A Content-Length
+built on first use), the connection pool and timeouts; an HTTPS connection
+goes through the proxy HTTPS_PROXY names unless NO_PROXY says otherwise
+(puller.client.proxy: a CONNECT tunnel). A Content-Length
 body - every blob - bypasses h11: the socket is read straight into 1 MiB
 buffers whose filled parts are handed to the caller as memoryviews, so a
 byte is copied once, by the kernel, on its way to the hasher and the file.
@@ -38,6 +40,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from puller.client.proxy import open_tunnel, proxy_for
 from puller.errors import CertificateError, TransportError, TransportFailure, one_line
 
 MiB = 1024 * 1024
@@ -398,11 +401,13 @@ class Transport:
 
     async def _connect(self, origin: _Origin, timeout: float | None) -> _Connection:
         context = self.ssl_context() if origin.scheme == "https" else None
+        proxy = proxy_for(origin.scheme, origin.host, origin.port)   # HTTPS_PROXY, NO_PROXY
         try:
             async with asyncio.timeout(timeout or self.options.connect_timeout):
+                where = {"sock": await open_tunnel(proxy, origin.host, origin.port)} if proxy else \
+                    {"host": origin.host, "port": origin.port}
                 _, channel = await asyncio.get_running_loop().create_connection(
-                    _Channel, origin.host, origin.port, ssl=context,
-                    server_hostname=origin.host if context else None)
+                    _Channel, ssl=context, server_hostname=origin.host if context else None, **where)
         except ssl.SSLCertVerificationError as exc:
             raise CertificateError(origin.host, exc.verify_message or exc.reason) from exc
         except (OSError, asyncio.TimeoutError) as exc:
