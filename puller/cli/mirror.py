@@ -36,10 +36,10 @@ def cmd_export(args) -> int:
     from puller.transfer.mirror.inventory import Have
 
     async def main() -> int:
-        selection = _selection(args.images)
+        selection = await asyncio.to_thread(_selection, args.images)
         have = None
         if args.have:
-            have = Have.load(args.have)
+            have = await asyncio.to_thread(Have.load, args.have)
         elif args.since:
             have = Have.from_bundle((await asyncio.to_thread(read_bundle_manifest, args.since))[0])
         with progress_for(args) as progress:
@@ -103,7 +103,7 @@ def cmd_sync(args) -> int:
     from puller.transfer.mirror.sync import read_sync_config, sync_once
 
     async def main() -> int:
-        config = read_sync_config(args.config)
+        config = await asyncio.to_thread(read_sync_config, args.config)
         hosts = _registries(config.selection) + [config.target.registry]
         while True:
             with progress_for(args) as progress:

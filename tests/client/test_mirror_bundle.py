@@ -480,3 +480,30 @@ def test_sync_twice_moves_nothing_the_second_time_and_goes_on_past_a_failure(pai
 
     second = json.loads(dockyard("mirror", "sync", str(config), "--json", check=False).stdout)
     assert (second["copied"], second["unchanged"], second["bytes_transferred"]) == (0, 3, 0)
+
+
+def test_delta_for_a_new_tag_of_an_image_the_far_side_has_carries_its_manifest_alone(pair, tmp_path):
+    source, target = pair
+    repo, prefix = unique("mirror/retag"), unique("retag")
+    layers, _ = _two_versions(source.url, repo)
+    full = tmp_path / "full.tar"
+    dockyard("mirror", "export", "--images", f"{source.host}/{repo}:v1", "--output", str(full), "-q")
+    dockyard("mirror", "import", str(full), "--to", f"{target.host}/{prefix}", "-q")
+    digest = manifest_head(source.url, repo, "v1")
+    body = http_request("GET", f"{source.url}/v2/{repo}/manifests/v1", headers={"Accept": OCI_MANIFEST}).body
+    assert put_manifest(source.url, repo, "stable", body).status == 201
+
+    have = tmp_path / "have.json"
+    dockyard("mirror", "inventory", f"{target.host}/{prefix}", "--output", str(have), "-q")
+    delta = tmp_path / "delta.tar"
+    exported = dockyard_json("mirror", "export", "--images", f"{source.host}/{repo}:v1",
+                             f"{source.host}/{repo}:stable", "--have", str(have), "--output", str(delta))
+    assert [i["state"] for i in exported["images"]] == ["unchanged", "present"]
+    listed = bundle_manifest(delta)
+    assert listed["blobs"] == [] and [m["digest"] for m in listed["manifests"]] == [digest]
+    imported = dockyard_json("mirror", "import", str(delta), "--to", f"{target.host}/{prefix}")
+    assert imported["bytes_uploaded"] == 0
+    assert manifest_head(target.url, f"{prefix}/{repo}", "stable") == digest
+    # onto a registry that never had it: refused, naming the manifest
+    failed = dockyard("mirror", "import", str(delta), "--to", f"{target.host}/{unique('none')}", check=False)
+    assert failed.returncode == 1 and f"manifest {digest}" in failed.stderr

@@ -186,7 +186,7 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
                         progress: Progress | None = None) -> ExportResult:
     started = time.perf_counter()
     progress = progress or Progress()
-    key = signing.load_private_key(sign_key) if sign_key else None
+    key = await asyncio.to_thread(signing.load_private_key, sign_key) if sign_key else None
     if fmt == "docker-archive" and compress:
         raise MirrorError("--format docker-archive is read by `docker load` uncompressed: drop --zstd")
     wanted = parse_platform(platform) if platform else (host_platform() if fmt == "docker-archive" else None)
@@ -203,7 +203,7 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
         for tree in trees:
             plan.add(tree)
         plan.manifest.format = fmt
-        manifest_bytes = plan.manifest.to_json()
+        manifest_bytes = await asyncio.to_thread(plan.manifest.to_json)
         signature = signing.sign(manifest_bytes, key) if key is not None else None
         try:
             staging_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_path.name}.staging-",

@@ -175,7 +175,7 @@ async def import_bundle(path: str | list[str], to: str, *, options: ClientOption
     started = time.perf_counter()
     progress = progress or Progress()
     target = Target.parse(to)
-    public = signing.load_public_key(verify_key) if verify_key else None
+    public = await asyncio.to_thread(signing.load_public_key, verify_key) if verify_key else None
     reader = await asyncio.to_thread(BundleReader.open, path)
     own = client is None
     client = client or RegistryClient(options)
