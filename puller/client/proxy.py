@@ -24,6 +24,7 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from puller.client.reference import is_loopback
 from puller.errors import TransportError
 
 MAX_PROXY_HEAD = 64 * 1024
@@ -52,15 +53,6 @@ def _parse(value: str) -> Proxy:
         pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
         auth = "Basic " + base64.b64encode(pair.encode()).decode()
     return Proxy(parts.hostname, parts.port or 80, auth)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _excluded(host: str, port: int, no_proxy: str) -> bool:
@@ -92,7 +84,7 @@ def _excluded(host: str, port: int, no_proxy: str) -> bool:
 
 
 def proxy_for(scheme: str, host: str, port: int, environ=os.environ) -> Proxy | None:
-    if scheme != "https" or _is_loopback(host):
+    if scheme != "https" or is_loopback(host):
         return None
     value = _env("HTTPS_PROXY", environ)
     if not value or _excluded(host.lower(), port, _env("NO_PROXY", environ)):
