@@ -43,7 +43,7 @@ def test_skopeo_copies_a_full_bundle_from_oci_archive(dockyard_registry, distrib
 
 
 def test_docker_loads_a_docker_archive_bundle_and_runs_it(dockyard_registry, distribution_registry, dockerd,
-                                                          tmp_path):
+                                                          skopeo, tmp_path):
     name = f"{dockyard_registry.host}/{unique('mirror/docker')}/busybox:v1"
     build_busybox_image(dockerd, name, run_step="echo carried-across-the-gap > /hello.txt")
     dockerd.run("push", name)
@@ -58,6 +58,10 @@ def test_docker_loads_a_docker_archive_bundle_and_runs_it(dockyard_registry, dis
     assert name in loaded
     ran = dockerd.run("run", "--rm", "--network", "none", name, "cat", "/hello.txt")
     assert ran.stdout.strip() == "carried-across-the-gap"
+
+    # skopeo reads the same bundle as an OCI archive (a Docker-typed image in it)
+    inspected = json.loads(skopeo.run("inspect", f"oci-archive:{bundle}").stdout)
+    assert inspected["Digest"] == exported["images"][0]["digest"]
 
     # the same bundle imported into Distribution: docker pulls it by the digest it was built with
     prefix = unique("gap")
