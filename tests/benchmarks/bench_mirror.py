@@ -2,6 +2,7 @@
 
     export  `dockyard mirror export --images REF -o B`   vs `skopeo copy docker://REF oci-archive:B`
     import  `dockyard mirror import B --to REGISTRY`      vs `skopeo copy oci-archive:B docker://...`
+    sync    `dockyard mirror sync CONFIG` (nothing to do)  vs `skopeo sync --src yaml` (the same)
 
     python tests/benchmarks/bench_mirror.py [--registry dockyard|distribution] [--repeats N]
                                             [--quick] [--no-debian] [--json]
@@ -46,6 +47,32 @@ def changed_layout(cache: Path, base: Path, size: int) -> Path:
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     return directory
+
+
+def no_change_sync(source, names: list[str], workdir: Path, env: dict, dockyard: list, skopeo: str,
+                   policy: Path, repeats: int, kind: str) -> Row:
+    """Seconds of a sync that finds every image already in the target (after a first, untimed one)."""
+    (workdir / "sync-target").mkdir()
+    target = start_registry(kind, workdir / "sync-target")
+    try:
+        config = workdir / "sync.yml"
+        config.write_text(f"target: {target.host}/dy\nimages:\n"
+                          + "".join(f"  - {source.host}/bench/{name}:1\n" for name in names))
+        (workdir / "skopeo-sync.yml").write_text(
+            f"{source.host}:\n  tls-verify: false\n  images:\n"
+            + "".join(f"    bench/{name}: ['1']\n" for name in names))
+        commands = {
+            "dockyard": [*dockyard, "mirror", "sync", "-q", config],
+            "skopeo": [skopeo, "--policy", policy, "sync", "--src", "yaml", "--dest", "docker",
+                       "--dest-tls-verify=false", workdir / "skopeo-sync.yml", f"{target.host}/sk"],
+        }
+        for argv in commands.values():
+            run(argv, env)                                  # the first sync copies: not timed
+        return Row(f"no-change sync ({len(names)} images)", "s", False,
+                   {tool: min(timed(lambda: run(argv, env)) for _ in range(repeats))
+                    for tool, argv in commands.items()})
+    finally:
+        target.stop()
 
 
 def main() -> int:
@@ -115,6 +142,8 @@ def main() -> int:
                                     {t: total / MiB / v for t, v in row.values.items() if v}))
                 sizes.append(f"full bundle of {name}: dockyard {bundles['dockyard'].stat().st_size / MiB:.1f} MiB, "
                              f"skopeo {bundles['skopeo'].stat().st_size / MiB:.1f} MiB")
+            rows.append(no_change_sync(source, list(images), workdir, env, dockyard, skopeo, policy, repeats,
+                                       args.registry))
             # one layer of the big image changes: the delta against the full bundle
             changed = changed_layout(cache, images["big"][0], size)
             run([*dockyard, "push", "-q", f"oci:{changed}:big", f"{source.host}/bench/big:1"], env)

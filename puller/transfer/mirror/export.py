@@ -45,7 +45,7 @@ from puller.transfer.mirror.bundle import (BUNDLE_MANIFEST, BUNDLE_SIGNATURE, Bu
 from puller.transfer.mirror.errors import MirrorError
 from puller.transfer.mirror.images_file import Selection
 from puller.transfer.mirror.inventory import Have
-from puller.transfer.mirror.listing import list_tags
+from puller.transfer.mirror.listing import expand
 from puller.transfer.mirror.walk import ImageTree, walk_image
 from puller.transfer.progress import Progress
 from puller.transfer.pull import BlobFetcher
@@ -70,15 +70,6 @@ class ExportResult:
 
     def to_json(self) -> dict:
         return dict(self.__dict__, seconds=round(self.seconds, 3))
-
-
-async def expand(client: RegistryClient, selection: Selection) -> list[Reference]:
-    """The references of the selection: as listed, then each pattern's tags, in order, once each."""
-    refs = list(selection.images)
-    for spec in selection.repositories:
-        tags = await list_tags(client, spec.repository)
-        refs += [spec.repository.with_tag(t) for t in sorted(tags) if spec.picks(t)]
-    return list(dict.fromkeys(refs))
 
 
 class _Plan:

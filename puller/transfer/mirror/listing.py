@@ -1,5 +1,6 @@
 """The few distribution API reads the mirror needs beyond the client
-library's: tags and catalog lists (paged by `n` and the Link header,
+library's: tags and catalog lists (and the references an images file's
+patterns pick from them: expand) (paged by `n` and the Link header,
 distribution spec "Listing Tags" / "Listing Repositories"), and a HEAD
 that says whether a manifest is present without fetching it.
 """
@@ -12,6 +13,7 @@ from urllib.parse import urljoin, urlsplit
 from puller.client.auth import Scope
 from puller.client.http import RegistryClient, read_document
 from puller.client.reference import Reference
+from puller.transfer.mirror.images_file import Selection
 from puller.errors import ContentError
 from puller.oci import parse_json_object
 from storage.oci import media
@@ -59,6 +61,15 @@ async def list_tags(client: RegistryClient, ref: Reference) -> list[str]:
 async def list_repositories(client: RegistryClient, host: str) -> list[str]:
     return await _paged(client, host, "/v2/_catalog", "repositories", [Scope("registry", "catalog", ("*",))],
                         f"catalog of {host}")
+
+
+async def expand(client: RegistryClient, selection: Selection) -> list[Reference]:
+    """The references of the selection: as listed, then each pattern's tags, in order, once each."""
+    refs = list(selection.images)
+    for spec in selection.repositories:
+        tags = await list_tags(client, spec.repository)
+        refs += [spec.repository.with_tag(t) for t in sorted(tags) if spec.picks(t)]
+    return list(dict.fromkeys(refs))
 
 
 async def manifest_digest(client: RegistryClient, ref: Reference, identifier: str) -> str | None:

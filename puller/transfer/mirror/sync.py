@@ -22,16 +22,11 @@ from dataclasses import dataclass, field
 from puller.client.http import ClientOptions, RegistryClient
 from puller.client.reference import Reference, parse_platform
 from puller.errors import ClientError, NotFoundError, one_line
-from puller.transfer.copy import CopyResult, _copy_referrers
 from puller.transfer.mirror.errors import ImagesFileError
-from puller.transfer.mirror.export import expand
 from puller.transfer.mirror.images_file import Selection, read_images_file
-from puller.transfer.mirror.listing import manifest_digest
+from puller.transfer.mirror.listing import expand, manifest_digest
 from puller.transfer.mirror.target import Target
-from puller.transfer.mirror.walk import walk_image
 from puller.transfer.progress import Progress
-from puller.transfer.push import push_image
-from puller.transfer.sources import RegistrySource
 
 SETTINGS = ("target", "platform", "referrers")
 
@@ -88,18 +83,24 @@ async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, 
     result.images.append(entry)
     wanted = parse_platform(config.platform) if config.platform else None
     try:
+        # the transfers are imported once they are needed: a sync that finds
+        # everything in place is a few requests, and should start as fast
         if wanted is None:
             digest = await manifest_digest(client, ref, ref.identifier)
             if digest is None:
                 raise NotFoundError(f"manifest {ref.name}:{ref.identifier}: not found")
             root = None
         else:
+            from puller.transfer.mirror.walk import walk_image
             root = (await walk_image(client, ref, platform=wanted)).root
             digest = root.digest
         entry["digest"] = digest
         if ref.tag and await manifest_digest(client, dest, ref.tag) == digest:
             entry["state"] = "unchanged"
             return
+        from puller.transfer.copy import CopyResult, _copy_referrers
+        from puller.transfer.push import push_image
+        from puller.transfer.sources import RegistrySource
         source = RegistrySource(client, ref)
         root = root or await client.get_manifest(ref, digest)
         pushed = await push_image(source, client, dest, tags=[ref.tag] if ref.tag else [], progress=progress,
