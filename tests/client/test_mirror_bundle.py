@@ -507,3 +507,21 @@ def test_delta_for_a_new_tag_of_an_image_the_far_side_has_carries_its_manifest_a
     # onto a registry that never had it: refused, naming the manifest
     failed = dockyard("mirror", "import", str(delta), "--to", f"{target.host}/{unique('none')}", check=False)
     assert failed.returncode == 1 and f"manifest {digest}" in failed.stderr
+
+
+def test_import_mounts_a_blob_shared_across_repositories(pair, tmp_path):
+    source, target = pair
+    first, second, prefix = unique("mirror/one"), unique("mirror/two"), unique("mount")
+    base = random_tar_layer(400_000, "base.bin")
+    push_image(source.url, first, [base, tar_layer({"one": b"1"})], "v1")
+    push_image(source.url, second, [base, tar_layer({"two": b"2"})], "v1")
+    bundle = tmp_path / "b.tar"
+    dockyard("mirror", "export", "--images", f"{source.host}/{first}:v1", f"{source.host}/{second}:v1",
+             "--output", str(bundle), "-q")
+    assert sum(1 for name in bundle_members(bundle) if name.endswith(sha256_digest(base)[7:])) == 1
+    imported = dockyard_json("mirror", "import", str(bundle), "--to", f"{target.host}/{prefix}",
+                             "--concurrency", "1")
+    assert imported["blobs_mounted"] == 1                   # the base layer, into the second repository
+    assert imported["bytes_uploaded"] < 2 * len(base)
+    assert blob_present(target.url, f"{prefix}/{second}", sha256_digest(base))
+    assert manifest_head(target.url, f"{prefix}/{second}", "v1")

@@ -82,6 +82,7 @@ class _Plan:
         self.sources: dict[str, tuple[Reference, Descriptor]] = {}
         self.states: list[dict] = []
         self.layout_entries: list[tuple[str, FetchedManifest]] = []      # (ref name, root)
+        self.referrers: set[tuple[str, str]] = set()                      # (repository, digest) carried
 
     def _carry_manifest(self, manifest: FetchedManifest) -> None:
         self.manifest.manifests[manifest.digest] = (len(manifest.data), manifest.media_type)
@@ -118,8 +119,10 @@ class _Plan:
                                                     present=state == "present"))
         self.states.append({"source": str(ref), "digest": root.digest, "state": state})
         for referrer in tree.all_trees():
-            if referrer is tree or (have is not None and have.manifest_in(referrer.root.digest, repo)):
-                continue
+            if referrer is tree or (have is not None and have.manifest_in(referrer.root.digest, repo)) \
+                    or (repo, referrer.root.digest) in self.referrers:
+                continue                      # two tags of one image share their referrers
+            self.referrers.add((repo, referrer.root.digest))
             self._carry_tree(referrer)
             self.manifest.images.append(BundleImage(repository=repo, digest=referrer.root.digest,
                                                     size=len(referrer.root.data),
