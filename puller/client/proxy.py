@@ -2,13 +2,13 @@
 and skopeo (Go's net/http) read it:
 
     HTTPS_PROXY / https_proxy   http://[user:password@]proxy:port, for https:// registries (a CONNECT tunnel)
+    HTTP_PROXY / http_proxy     the same, for plain-HTTP registries (requests name the whole URL)
     NO_PROXY / no_proxy         comma-separated: `*`, host names (`example.com` also covers its
                                 subdomains, `.example.com` only them), IP addresses, CIDR ranges, each
                                 with an optional :port
 
 Loopback registries (localhost, 127.0.0.0/8, ::1) never go through a proxy,
-as with Go. Plain-HTTP registries are reached directly (HTTP_PROXY is not
-read yet).
+as with Go.
 
     proxy = proxy_for("https", host, port)          -> Proxy | None
     sock = await open_tunnel(proxy, host, port)      a connected socket, past the proxy's 200
@@ -38,6 +38,10 @@ class Proxy:
 
     def __str__(self) -> str:
         return f"{self.host}:{self.port}"
+
+    def headers(self) -> list[tuple[str, str]]:
+        """What a request sent to the proxy itself carries (plain HTTP)."""
+        return [("Proxy-Authorization", self.authorization)] if self.authorization else []
 
 
 def _env(name: str, environ) -> str:
@@ -84,9 +88,9 @@ def _excluded(host: str, port: int, no_proxy: str) -> bool:
 
 
 def proxy_for(scheme: str, host: str, port: int, environ=os.environ) -> Proxy | None:
-    if scheme != "https" or is_loopback(host):
+    if is_loopback(host):
         return None
-    value = _env("HTTPS_PROXY", environ)
+    value = _env("HTTPS_PROXY" if scheme == "https" else "HTTP_PROXY", environ)
     if not value or _excluded(host.lower(), port, _env("NO_PROXY", environ)):
         return None
     return _parse(value)

@@ -79,4 +79,7 @@ def test_images_file_errors_carry_their_line(text, line, words):
 def test_no_proxy(host, port, no_proxy, proxied):
     environ = {"HTTPS_PROXY": "proxy.example:3128", "NO_PROXY": no_proxy}
     assert (proxy_for("https", host, port, environ) is not None) == proxied
-    assert proxy_for("http", host, port, environ) is None    # plain HTTP registries: not read yet
+    assert proxy_for("http", host, port, environ) is None    # HTTPS_PROXY is for https:// alone
+    plain = {"HTTP_PROXY": "proxy.example:3128", "NO_PROXY": no_proxy}
+    assert (proxy_for("http", host, port, plain) is not None) == proxied
+    assert proxy_for("https", host, port, plain) is None

@@ -109,3 +109,29 @@ def test_proxy_credentials_from_the_url(tls_registry, dockyard_registry, tmp_pat
         failed = dockyard_env(*export, env={"HTTPS_PROXY": proxy.url}, check=False)
         assert failed.returncode == 1 and "407" in failed.stderr and len(failed.stderr.splitlines()) == 1
     assert os.path.getsize(tmp_path / "b.tar") > 0
+
+
+def test_plain_http_registry_goes_through_http_proxy(start_dockyard, dockyard_registry, tmp_path):
+    require_root()
+    registry = start_dockyard()
+    name = f"mirror-{uuid.uuid4().hex[:8]}.test"
+    port = registry.host.rsplit(":", 1)[1]
+    entry = HostsEntry(name, "127.0.0.1").add()
+    try:
+        repo = unique("mirror/plainproxy")
+        push_image(registry.url, repo, [tar_layer({"p": b"plain"}), random_tar_layer(200_000)], "v1")
+        export = ["mirror", "export", "-q", "--plain-http", "--images", f"{name}:{port}/{repo}:v1", "--output"]
+        with ConnectProxy(require_auth="gate:pw") as proxy:
+            authed = proxy.url.replace("http://", "http://gate:pw@")
+            dockyard_env(*export, str(tmp_path / "a.tar"), env={"HTTP_PROXY": authed, "HTTPS_PROXY": ""})
+            assert proxy.forwarded and not proxy.tunnels
+            assert all(line.split()[1].startswith(f"http://{name}:{port}/v2/") for line in proxy.forwarded)
+            # HTTPS_PROXY alone is not for a plain-HTTP registry; NO_PROXY still applies to HTTP_PROXY
+            seen = len(proxy.forwarded)
+            dockyard_env(*export, str(tmp_path / "b.tar"), env={"HTTPS_PROXY": authed})
+            dockyard_env(*export, str(tmp_path / "c.tar"), env={"http_proxy": authed, "no_proxy": name})
+            assert len(proxy.forwarded) == seen
+            failed = dockyard_env(*export, str(tmp_path / "d.tar"), env={"HTTP_PROXY": proxy.url}, check=False)
+            assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
+    finally:
+        entry.remove()

@@ -1,10 +1,13 @@
-"""A small forward proxy for the client's HTTPS_PROXY support: CONNECT
-tunnels only (RFC 9110 section 9.3.6), on loopback, in a thread of the
-test process.
+"""A small forward proxy for the client's HTTPS_PROXY and HTTP_PROXY
+support, on loopback, in a thread of the test process: CONNECT tunnels
+(RFC 9110 section 9.3.6), and plain-HTTP requests in absolute-form (RFC
+9112 section 3.2.2), each client connection relayed to the origin its
+first request names (a client keeps one connection per origin).
 
     with ConnectProxy(hosts={"registry.test": "127.0.0.1"}) as proxy:
         proxy.url                 "http://127.0.0.1:PORT" (HTTPS_PROXY)
-        proxy.tunnels             ["registry.test:5000", ...]: what clients asked to reach
+        proxy.tunnels             ["registry.test:5000", ...]: what clients asked to reach (CONNECT)
+        proxy.forwarded           ["GET http://registry.test:5000/v2/", ...]: absolute-form requests
         proxy.bytes_relayed
 
 `hosts` is the proxy's own name resolution (the connected side of an air
@@ -31,6 +34,7 @@ class ConnectProxy:
         self.require_auth = require_auth
         self.idle_timeout = idle_timeout
         self.tunnels: list[str] = []
+        self.forwarded: list[str] = []
         self.refused: list[str] = []
         self.bytes_relayed = 0
         self._loop = asyncio.new_event_loop()
@@ -76,12 +80,18 @@ class ConnectProxy:
         method, _, rest = lines[0].partition(" ")
         authority = rest.split(" ", 1)[0]
         fields = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
-        if method != "CONNECT":
-            self.refused.append(lines[0])
-            writer.write(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            writer.close()
-            return
+        plain = method != "CONNECT"
+        if plain:
+            if not authority.startswith("http://"):
+                self.refused.append(lines[0])
+                writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                writer.close()
+                return
+            self.forwarded.append(f"{method} {authority}")
+            authority = authority[len("http://"):].split("/", 1)[0]
+            if ":" not in authority.rpartition("]")[2]:
+                authority += ":80"
         if self.require_auth:
             expected = "Basic " + base64.b64encode(self.require_auth.encode()).decode()
             if fields.get("proxy-authorization") != expected:
@@ -102,9 +112,12 @@ class ConnectProxy:
             await writer.drain()
             writer.close()
             return
-        self.tunnels.append(authority)
-        writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        await writer.drain()
+        if plain:
+            up_writer.write(head)            # origin servers take absolute-form too (RFC 9112 3.2.2)
+        else:
+            self.tunnels.append(authority)
+            writer.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            await writer.drain()
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer),
                              return_exceptions=True)
 
