@@ -15,6 +15,7 @@ COMMAND_MODULES = {
     "registry.cli": ("serve",),
     "puller.cli.client": ("pull", "push", "copy", "login", "logout", "inspect"),
     "puller.cli.run": ("unpack", "run"),
+    "puller.cli.mirror": ("mirror",),
 }
 
 

@@ -14,7 +14,10 @@ client needs little of it: requests with a byte, or streamed, body; bodies
 read as they arrive; redirects and auth are handled a layer up (puller.client.http).
 h11 does the HTTP/1.1 framing of requests and of response heads (and of
 chunked or close-delimited bodies); this module does the I/O, TLS (a context
-built on first use), the connection pool and timeouts. A Content-Length
+built on first use), the connection pool and timeouts; an HTTPS connection
+goes through the proxy HTTPS_PROXY names (a CONNECT tunnel), a plain one
+through HTTP_PROXY's (absolute-form requests), unless NO_PROXY says
+otherwise (puller.client.proxy). A Content-Length
 body - every blob - bypasses h11: the socket is read straight into 1 MiB
 buffers whose filled parts are handed to the caller as memoryviews, so a
 byte is copied once, by the kernel, on its way to the hasher and the file.
@@ -38,6 +41,7 @@ from urllib.parse import urlsplit
 
 import h11
 
+from puller.client.proxy import open_tunnel, proxy_for
 from puller.errors import CertificateError, TransportError, TransportFailure, one_line
 
 MiB = 1024 * 1024
@@ -238,6 +242,7 @@ class _Connection:
         self.origin = origin
         self.channel = channel
         self.idle_since = time.monotonic()
+        self.proxy = None               # a plain-HTTP proxy this connection goes through (puller.client.proxy)
 
     def reusable(self) -> bool:
         return (not self.channel.transport.is_closing() and not self.channel.peer_closed
@@ -398,16 +403,23 @@ class Transport:
 
     async def _connect(self, origin: _Origin, timeout: float | None) -> _Connection:
         context = self.ssl_context() if origin.scheme == "https" else None
+        proxy = proxy_for(origin.scheme, origin.host, origin.port)   # HTTPS_PROXY, HTTP_PROXY, NO_PROXY
         try:
             async with asyncio.timeout(timeout or self.options.connect_timeout):
+                if proxy and context:
+                    where = {"sock": await open_tunnel(proxy, origin.host, origin.port)}
+                else:       # plain HTTP through a proxy: requests name the whole URL (absolute-form)
+                    where = {"host": proxy.host, "port": proxy.port} if proxy else \
+                        {"host": origin.host, "port": origin.port}
                 _, channel = await asyncio.get_running_loop().create_connection(
-                    _Channel, origin.host, origin.port, ssl=context,
-                    server_hostname=origin.host if context else None)
+                    _Channel, ssl=context, server_hostname=origin.host if context else None, **where)
         except ssl.SSLCertVerificationError as exc:
             raise CertificateError(origin.host, exc.verify_message or exc.reason) from exc
         except (OSError, asyncio.TimeoutError) as exc:
             raise TransportFailure(f"cannot connect to {origin.host}:{origin.port}: {_reason(exc, 'connect')}") from exc
-        return _Connection(origin, channel)
+        conn = _Connection(origin, channel)
+        conn.proxy = proxy if proxy and not context else None
+        return conn
 
     async def speaks_tls(self, host: str, port: int, timeout: float) -> bool:
         """Whether host:port completes a TLS handshake. The certificate is not
@@ -471,7 +483,11 @@ class Transport:
                 conn = await self._connect(origin, timeout)
             exchange = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
             try:
-                head = await self._exchange(conn, exchange, method, target, fields, body, read_timeout)
+                if conn.proxy is None:
+                    head = await self._exchange(conn, exchange, method, target, fields, body, read_timeout)
+                else:
+                    head = await self._exchange(conn, exchange, method, f"http://{origin.host_header}{target}",
+                                                fields + conn.proxy.headers(), body, read_timeout)
             except _StaleConnection:
                 conn.close()
                 if reused:

@@ -1,0 +1,171 @@
+"""Mirror bundle speed, side by side with skopeo, in one run:
+
+    export  `dockyard mirror export --images REF -o B`   vs `skopeo copy docker://REF oci-archive:B`
+    import  `dockyard mirror import B --to REGISTRY`      vs `skopeo copy oci-archive:B docker://...`
+    sync    `dockyard mirror sync CONFIG` (nothing to do)  vs `skopeo sync --src yaml` (the same)
+
+    python tests/benchmarks/bench_mirror.py [--registry dockyard|distribution] [--repeats N]
+                                            [--quick] [--no-debian] [--json]
+
+Images are those of bench_pull.py (4 x 64 MiB random layers; a debootstrap
+Debian root filesystem in one layer). Every import goes to a registry
+started on empty storage (not timed), so every blob crosses the wire. The
+runs of the two tools alternate and the best of N is kept. Ratio > 1 means
+dockyard is faster than skopeo. After the table: the sizes of a full bundle
+and of the delta bundle after one layer of the big image changed (skopeo
+has no delta: it carries the whole image again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import (REPO_ROOT, MiB, Row, compile_dockyard, content, format_table, launch, need_tool,
+                     rows_as_json, timed)
+from bench_pull import big_layout, debian_layout, start_registry
+from bench_push import layout_bytes, run
+
+BASELINE = "skopeo"
+TARGETS = ["dockyard", "skopeo"]
+
+
+def changed_layout(cache: Path, base: Path, size: int) -> Path:
+    """The big image with its last layer replaced: what a one-layer update looks like."""
+    directory = cache / f"{base.name}-changed"
+    if not (directory / "index.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix="changed-", dir=cache))
+        blobs = sorted((p for p in (base / "blobs" / "sha256").iterdir() if p.stat().st_size > size // 2),
+                       key=lambda p: p.name)
+        layers = [p.read_bytes() for p in blobs[:3]]
+        layers.append(content.gzip_bytes(content.random_tar_layer(size, name="layer3.bin")))
+        content.write_oci_layout(tmp, layers, tag="big", layer_media_type=content.OCI_LAYER_GZIP)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    return directory
+
+
+def no_change_sync(source, names: list[str], workdir: Path, env: dict, dockyard: list, skopeo: str,
+                   policy: Path, repeats: int, kind: str) -> Row:
+    """Seconds of a sync that finds every image already in the target (after a first, untimed one)."""
+    (workdir / "sync-target").mkdir()
+    target = start_registry(kind, workdir / "sync-target")
+    try:
+        config = workdir / "sync.yml"
+        config.write_text(f"target: {target.host}/dy\nimages:\n"
+                          + "".join(f"  - {source.host}/bench/{name}:1\n" for name in names))
+        (workdir / "skopeo-sync.yml").write_text(
+            f"{source.host}:\n  tls-verify: false\n  images:\n"
+            + "".join(f"    bench/{name}: ['1']\n" for name in names))
+        commands = {
+            "dockyard": [*dockyard, "mirror", "sync", "-q", config],
+            "skopeo": [skopeo, "--policy", policy, "sync", "--src", "yaml", "--dest", "docker",
+                       "--dest-tls-verify=false", workdir / "skopeo-sync.yml", f"{target.host}/sk"],
+        }
+        for argv in commands.values():
+            run(argv, env)                                  # the first sync copies: not timed
+        return Row(f"no-change sync ({len(names)} images)", "s", False,
+                   {tool: min(timed(lambda: run(argv, env)) for _ in range(repeats))
+                    for tool, argv in commands.items()})
+    finally:
+        target.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
+    parser.add_argument("--no-debian", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    size = 16 * MiB if args.quick else 64 * MiB
+    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
+    cache.mkdir(parents=True, exist_ok=True)
+    skopeo = need_tool("skopeo")
+    compile_dockyard()
+    workdir = Path(tempfile.mkdtemp(prefix="bench-mirror-"))
+    dockyard = launch.dockyard_command()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
+    policy = workdir / "policy.json"
+    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    skopeo_copy = [skopeo, "--policy", str(policy), "copy", "-q", "--preserve-digests",
+                   "--src-tls-verify=false", "--dest-tls-verify=false"]
+    try:
+        images = {"big": (big_layout(cache, 4, size), "big")}
+        if not args.no_debian:
+            images["debian"] = (debian_layout(cache), "debian")
+        (workdir / "source").mkdir()
+        source = start_registry(args.registry, workdir / "source")
+        rows = []
+        sizes: list[str] = []
+        try:
+            for name, (layout, tag) in images.items():
+                run([*dockyard, "push", "-q", f"oci:{layout}:{tag}", f"{source.host}/bench/{name}:1"], env)
+            for name, (layout, tag) in images.items():
+                total = layout_bytes(layout)
+                ref = f"{source.host}/bench/{name}:1"
+                bundles = {tool: workdir / f"{name}-{tool}.tar" for tool in TARGETS}
+                export = {
+                    "dockyard": [*dockyard, "mirror", "export", "-q", "--images", ref, "--output",
+                                 bundles["dockyard"]],
+                    "skopeo": [*skopeo_copy, f"docker://{ref}", f"oci-archive:{bundles['skopeo']}:{ref}"],
+                }
+                times: dict[str, list[float]] = {tool: [] for tool in TARGETS}
+                imports: dict[str, list[float]] = {tool: [] for tool in TARGETS}
+                for attempt in range(repeats):
+                    for tool in TARGETS:
+                        bundles[tool].unlink(missing_ok=True)
+                        times[tool].append(timed(lambda: run(export[tool], env)))
+                        storage = workdir / f"import-{tool}-{name}-{attempt}"
+                        storage.mkdir()
+                        registry = start_registry(args.registry, storage)
+                        try:
+                            argv = ([*dockyard, "mirror", "import", "-q", bundles[tool], "--to",
+                                     f"{registry.host}/mirror"] if tool == "dockyard" else
+                                    [*skopeo_copy, f"oci-archive:{bundles[tool]}",
+                                     f"docker://{registry.host}/mirror/bench/{name}:1"])
+                            imports[tool].append(timed(lambda: run(argv, env)))
+                        finally:
+                            registry.stop()
+                            shutil.rmtree(storage, ignore_errors=True)
+                for operation, measured in (("export", times), ("import", imports)):
+                    row = Row(f"{operation} {name} ({total / MiB:.0f} MiB)", "s", False,
+                              {t: min(v) for t, v in measured.items()})
+                    rows.append(row)
+                    rows.append(Row(f"  {name} throughput", "MiB/s", True,
+                                    {t: total / MiB / v for t, v in row.values.items() if v}))
+                sizes.append(f"full bundle of {name}: dockyard {bundles['dockyard'].stat().st_size / MiB:.1f} MiB, "
+                             f"skopeo {bundles['skopeo'].stat().st_size / MiB:.1f} MiB")
+            rows.append(no_change_sync(source, list(images), workdir, env, dockyard, skopeo, policy, repeats,
+                                       args.registry))
+            # one layer of the big image changes: the delta against the full bundle
+            changed = changed_layout(cache, images["big"][0], size)
+            run([*dockyard, "push", "-q", f"oci:{changed}:big", f"{source.host}/bench/big:1"], env)
+            delta = workdir / "big-delta.tar"
+            run([*dockyard, "mirror", "export", "-q", "--images", f"{source.host}/bench/big:1", "--since",
+                 workdir / "big-dockyard.tar", "--output", delta], env)
+            sizes.append(f"delta after one layer of big changed: dockyard {delta.stat().st_size / MiB:.1f} MiB "
+                         f"(skopeo carries the whole image again: {layout_bytes(changed) / MiB:.1f} MiB)")
+        finally:
+            source.stop()
+        if args.json:
+            print(rows_as_json(rows, TARGETS, BASELINE, registry=args.registry, repeats=repeats, sizes=sizes))
+        else:
+            print(f"\nmirror bundles from and to a local {args.registry} registry on loopback, best of {repeats} "
+                  f"(ratio = how many times faster than {BASELINE})\n")
+            print(format_table(rows, TARGETS, BASELINE))
+            print()
+            print("\n".join(sizes))
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
