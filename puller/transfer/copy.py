@@ -91,7 +91,7 @@ async def copy(source: str, destination: str, *, options=None, referrers: bool =
         if referrers:
             if src_ref is None:
                 raise ClientError("--referrers needs a registry source")
-            await _copy_referrers(client, src_ref, dest_ref, list(pushed.manifests), result, progress, 0)
+            await copy_referrers(client, src_ref, dest_ref, list(pushed.manifests), result, progress, 0)
         return result
     finally:
         await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)  # may hold an unpacked archive
@@ -99,7 +99,7 @@ async def copy(source: str, destination: str, *, options=None, referrers: bool =
             await client.close()
 
 
-async def _copy_referrers(client: RegistryClient, src: Reference, dest: Reference, digests: list[str],
+async def copy_referrers(client: RegistryClient, src: Reference, dest: Reference, digests: list[str],
                           result: CopyResult, progress: Progress, depth: int) -> None:
     if depth >= MAX_REFERRER_DEPTH:
         return
@@ -116,11 +116,11 @@ async def _copy_referrers(client: RegistryClient, src: Reference, dest: Referenc
             result.bytes_transferred += pushed.bytes_uploaded
             subject = manifest.parsed.subject
             if subject and not pushed.subject_headers.get(manifest.digest):
-                await _add_to_referrers_tag(client, dest, subject.digest, descriptor, manifest)
-            await _copy_referrers(client, src, dest, [manifest.digest], result, progress, depth + 1)
+                await add_to_referrers_tag(client, dest, subject.digest, descriptor, manifest)
+            await copy_referrers(client, src, dest, [manifest.digest], result, progress, depth + 1)
 
 
-async def _add_to_referrers_tag(client: RegistryClient, dest: Reference, subject_digest: str,
+async def add_to_referrers_tag(client: RegistryClient, dest: Reference, subject_digest: str,
                                 descriptor: Descriptor, manifest: FetchedManifest) -> None:
     """The referrers tag schema: an index tagged sha256-<hex> listing referrers."""
     tag = subject_digest.replace(":", "-")

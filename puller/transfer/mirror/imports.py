@@ -32,7 +32,7 @@ from puller.client.http import ClientOptions, FetchedManifest, RegistryClient
 from puller.client.reference import Reference
 from puller.errors import DigestMismatchError
 from puller.oci import Descriptor, parse_descriptor
-from puller.transfer.copy import _add_to_referrers_tag
+from puller.transfer.copy import add_to_referrers_tag
 from puller.transfer.mirror import signing
 from puller.transfer.mirror.bundle import BundleImage, BundleManifest, BundleReader, Member, blob_member, manifest_of
 from puller.transfer.mirror.errors import BundleError, PrerequisiteError
@@ -228,7 +228,7 @@ async def _push_one(client: RegistryClient, target: Target, source: BundleSource
         if image.subject and subject and not pushed.subject_headers.get(root.digest):
             # the target does not index subjects: keep its referrers tag (the tag schema) up to date
             descriptor = parse_descriptor(root.descriptor(), "referrer")
-            await _add_to_referrers_tag(client, dest, subject.digest, descriptor, root)
+            await add_to_referrers_tag(client, dest, subject.digest, descriptor, root)
     for digest in _tree_blobs(documents, image.digest):
         repos = source.mounts.setdefault(digest, [])
         if dest.repository not in repos:

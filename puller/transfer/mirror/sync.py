@@ -98,7 +98,7 @@ async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, 
         if ref.tag and await manifest_digest(client, dest, ref.tag) == digest:
             entry["state"] = "unchanged"
             return
-        from puller.transfer.copy import CopyResult, _copy_referrers
+        from puller.transfer.copy import CopyResult, copy_referrers
         from puller.transfer.push import push_image
         from puller.transfer.sources import RegistrySource
         source = RegistrySource(client, ref)
@@ -108,7 +108,7 @@ async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, 
         result.bytes_transferred += pushed.bytes_uploaded
         if config.referrers:
             copied = CopyResult(str(ref), str(dest), digest, root.media_type)
-            await _copy_referrers(client, ref, dest, list(pushed.manifests), copied, progress, 0)
+            await copy_referrers(client, ref, dest, list(pushed.manifests), copied, progress, 0)
             result.bytes_transferred += copied.bytes_transferred
         entry["state"] = "copied"
     except ClientError as exc:
