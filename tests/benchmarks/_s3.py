@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import pytest
 import yaml
 
-from _common import BenchError, launch, sh
+from _common import BenchError, launch, need_tool, sh
 from tests.support.ceph import CephS3, start_ceph_s3
 
 REDIRECT, PROXIED = "redirect on", "redirect off"
@@ -57,6 +57,7 @@ class S3Targets:
         self.ceph: CephS3 | None = None
         self.servers: list[launch.RegistryServer] = []
         self.by_variant: dict[str, dict[str, launch.RegistryServer]] = {v: {} for v in VARIANTS}
+        self._checked = False
 
     def start(self) -> None:
         buckets = [bucket_name(label, v) for label in self.labels for v in VARIANTS]
@@ -107,21 +108,37 @@ class S3Targets:
     def variants(self) -> list[tuple[str, Mapping[str, launch.RegistryServer]]]:
         return list(self.by_variant.items())
 
-    def stored_bytes(self) -> dict[str, int]:
-        """Bytes of the objects in each bucket now (listing; untimed)."""
-        s3 = self.ceph.client()
-        sizes = {}
-        for label in self.labels:
-            for variant in VARIANTS:
-                bucket, total = bucket_name(label, variant), 0
-                for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-                    total += sum(o["Size"] for o in page.get("Contents", []))
-                sizes[bucket] = total
-        return sizes
+    def stored_bytes(self, bucket: str) -> int:
+        """Bytes of the objects in `bucket` now (a listing; untimed)."""
+        pages = self.ceph.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+
+    def check(self, blob_url: Callable[[launch.RegistryServer], tuple[str, int]]) -> None:
+        """Once, after the first push: every process serves the blob at
+        blob_url(server) (URL, size) as its variant says (307 to a presigned
+        URL with redirect on, the bytes with it off) and its bucket holds at
+        least its size, so no registry runs on anything but its bucket."""
+        if self._checked:
+            return
+        for variant, servers in self.by_variant.items():
+            for label, server in servers.items():
+                url, size = blob_url(server)
+                status = sh([need_tool("curl"), "-s", "-o", "/dev/null", "-w", "%{http_code} %{redirect_url}",
+                             url], timeout=120).split()
+                want = "307" if variant == REDIRECT else "200"
+                if status[0] != want or (want == "307" and not status[1].startswith(self.ceph.endpoint)):
+                    raise BenchError(f"{label}, S3 {variant}: blob GET answered {' '.join(status)}, "
+                                     f"not {want}{' to ' + self.ceph.endpoint if want == '307' else ''}")
+                stored = self.stored_bytes(bucket_name(label, variant))
+                if stored < size:
+                    raise BenchError(f"{label}, S3 {variant}: its bucket holds {stored} bytes, less than "
+                                     f"the {size} of one layer pushed")
+        self._checked = True
 
     def describe(self) -> list[str]:
-        store = (f"BlueStore on a sparse file ({self.capacity >> 30} GiB) under the work directory"
-                 if self.store == "bluestore" else f"memstore (in the OSD's memory, {self.capacity >> 30} GiB)")
+        gib = f"{self.capacity / (1 << 30):.1f} GiB"
+        store = (f"BlueStore on a sparse file of {gib} under the work directory" if self.store == "bluestore"
+                 else f"memstore (objects in the OSD's memory, at most {gib})")
         rss = self.ceph.rss() if self.ceph else {}
         return [
             f"S3 rows: one Ceph {ceph_version()} cluster on loopback (one OSD, {store}; radosgw beast, "
@@ -168,17 +185,23 @@ class S3Steps:
         for servers, title in self._s3_variants():
             self.push_small(servers, title, self.plan.s3_repeats)
 
+    def _s3_check(self) -> None:
+        self.s3.check(self._blob)
+
     def s3_pull_big(self) -> None:
+        self._s3_check()
         for servers, title in self._s3_variants():
             self.pull_big(servers, title, self.plan.s3_repeats)
 
     def s3_pull_small(self) -> None:
+        self._s3_check()
         for servers, title in self._s3_variants():
             self.pull_small(servers, title, self.plan.s3_repeats)
 
     def s3_manifest_get(self) -> None:
         """wrk on the redirect-on processes (a manifest GET never redirects),
         the registries' order rotating as in the plain wrk steps."""
+        self._s3_check()
         servers = dict(self._s3_variants()[0][0])
         for label in self._rotated(servers, len(self.rows)):
             self.manifest_get(label, servers[label], "S3: ")

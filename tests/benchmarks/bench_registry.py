@@ -1,8 +1,9 @@
 """Dockyard vs CNCF Distribution, side by side on loopback, same clients.
 
     python tests/benchmarks/bench_registry.py [--workers 1,2] [--quick] [--json]
-                                              [--only pull_big,blob_get_one,...|auth]
+                                              [--only pull_big,blob_get_one,...|auth|s3]
                                               [--dockyard-issuer own|test] [--bcrypt-costs 5,10]
+                                              [--s3-store bluestore|memstore]
 
 Each registry gets fresh storage and the same sequence: skopeo push and pull
 of a 4 x 64 MiB image and of a 100-small-layer image, four concurrent pulls,
@@ -24,6 +25,16 @@ curl. auth_token: Dockyard's /auth/token requests/second with Basic
 credentials, one row per bcrypt cost; every such request is one bcrypt check
 (the token service remembers no password), so that is the honest cost of a
 login. Distribution has no token service: "-" in its column.
+
+The S3 steps (`--only s3` runs the five) put every registry on one local
+Ceph RADOS Gateway (tests/benchmarks/_s3.py): Distribution on its own S3
+driver, Dockyard on storage.driver s3, each registry twice, blob GET
+redirect on and off, each process in a bucket of its own. Rows "S3,
+redirect on|off: ..." are the push and pull steps above on those processes
+(`s3_repeats` runs each); "S3: manifest GET" the wrk step on the redirect-on
+ones. Before the first timed pull every process is checked to answer a blob
+GET as its setting says (307 to the gateway, or the bytes) and its bucket to
+hold the pushed bytes.
 
 Timed skopeo and curl steps run several times (fresh images for pushes, fresh
 target directories for pulls), the registries taking turns run by run, and
