@@ -28,6 +28,7 @@ from storage.driver import HIDDEN_PREFIX, InvalidPath, PathNotFound, StorageErro
 # Hidden names (the contract's HIDDEN_PREFIX: never listed, refused in a caller's path).
 LOCK_PREFIX = HIDDEN_PREFIX + "lock."     # <dir>/.dockyard-tmp-lock.<name>: the lock named <dir>/<name>
 DIR_MARKER = HIDDEN_PREFIX + "dir"        # <dir>/.dockyard-tmp-dir: keeps an emptied directory
+PROBE = HIDDEN_PREFIX + "probe"           # <prefix>.dockyard-tmp-probe: the start-up check's write, deleted at once
 
 # User metadata of a file whose bytes are still an open multipart upload
 # (storage.s3.multipart); HEAD answers with it, so stat costs one request.
@@ -79,6 +80,31 @@ def quoted(etag: str | None) -> str:
     if etag.startswith("W/"):
         etag = etag[2:]
     return etag if etag.startswith('"') else f'"{etag.strip(chr(34))}"'
+
+
+# Request parameters that carry an ETag to compare with the stored one.
+ETAG_CONDITIONS = ("IfMatch", "IfNoneMatch", "CopySourceIfMatch", "CopySourceIfNoneMatch")
+
+
+def bare(etag: str) -> str:
+    """An ETag as a condition sends it: without quotes. Ceph RGW (16.2)
+    compares a PUT's or CompleteMultipartUpload's If-Match with the stored
+    ETag as it is, unquoted, so a quoted one never matches there (its GET
+    and copy conditions unquote first); AWS S3 and moto strip the quotes
+    before comparing (AWS's own CLI examples pass the bare value, and RFC
+    7232's weak comparison S3 applies ignores them). The bare form is the
+    one every one of them matches; answers are still compared `quoted`."""
+    etag = etag.strip()
+    if etag.startswith("W/"):
+        etag = etag[2:]
+    return etag.strip('"')
+
+
+def bare_conditions(params: dict) -> dict:
+    """params with every ETag condition in the form `bare` explains ("*" kept)."""
+    if not any(k in params for k in ETAG_CONDITIONS):
+        return params
+    return {k: bare(v) if k in ETAG_CONDITIONS and v != "*" else v for k, v in params.items()}
 
 
 def server_time(response: dict) -> float | None:
@@ -272,7 +298,8 @@ class S3Calls:
             raise translated from exc
 
     async def call(self, op: str, path: str, **params) -> dict:
-        return await self.run(getattr(self.client, op), op=op, path=path, Bucket=self.bucket, **params)
+        return await self.run(getattr(self.client, op), op=op, path=path, Bucket=self.bucket,
+                              **bare_conditions(params))
 
     def content_args(self, size: int | None = None) -> dict:
         """Storage class and encryption of an object of `size` bytes (None:

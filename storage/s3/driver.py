@@ -13,13 +13,15 @@ from storage.config import S3Settings, StorageConfigError
 from storage.driver import (FileInfo, FileWriter, InvalidOffset, InvalidPath, LocalFile, PathNotFound,
                             StorageDriver, StorageError, StorageLock)
 from storage.s3 import locks, multipart
-from storage.s3.client import (Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
+from storage.s3.client import (PROBE, Conflict, ObjectInfo, S3Calls, client_config, error_code, is_hidden_name,
                                is_lock_key, make_client, object_info, one_line, shown_endpoint, utc_timestamp)
 
 log = logging.getLogger("dockyard.storage.s3")
 
 BATCH = 8                  # concurrent requests of one stat_many / get_many / abort pass (more only starve the event loop of the GIL: botocore is CPU-heavy)
 DELETE_BATCH = 1000        # keys per DeleteObjects (S3's limit)
+_DELETE_RETRIES = 3        # DeleteObjects asked again for keys answered with a passing error
+_DELETE_RETRY_CODES = ("UnknownError", "InternalError", "SlowDown", "ServiceUnavailable")
 _READ_RETRIES = 2          # a body read broken off is resumed this often (from where it broke)
 
 
@@ -66,8 +68,33 @@ class S3Driver(StorageDriver):
             finally:
                 client.close()
 
+        def encrypted_write() -> None:
+            # A service may refuse the encryption asked for (Ceph RGW refuses
+            # AES256 over plain HTTP): better at start-up than on every push.
+            client = make_client(s, client_config(s, attempts=2, connect_timeout=5, read_timeout=15))
+            key = self.prefix + PROBE
+            try:
+                client.put_object(Bucket=s.bucket, Key=key, Body=b"", **self._calls.encryption_args())
+                client.delete_object(Bucket=s.bucket, Key=key)
+            finally:
+                client.close()
+
         try:
             await self._calls.run(head_bucket, op="head_bucket")
+            if s.sse:
+                try:
+                    await self._calls.run(encrypted_write, op="put_object")
+                except StorageError as exc:
+                    cause = exc.__cause__
+                    if isinstance(cause, ClientError) and error_code(cause)[1] == 400:
+                        code = error_code(cause)[0]
+                        message = one_line((cause.response.get("Error") or {}).get("Message") or "")
+                        hint = (" (some S3-compatible services, Ceph RGW among them, accept it over https only)"
+                                if s.endpoint_url.startswith("http:") else "")
+                        raise StorageConfigError(
+                            f"storage.s3.sse: {where} refused {s.sse} encryption ({code}"
+                            f"{': ' + message if message else ''}){hint}") from None
+                    raise
         except StorageError as exc:
             cause = exc.__cause__
             if isinstance(cause, ClientError):
@@ -349,13 +376,28 @@ class S3Driver(StorageDriver):
 
     async def _delete_keys(self, path: str, keys: list[str]) -> None:
         async def batch(chunk: list[str]) -> None:
-            response = await self._calls.call("delete_objects", path, Delete={
-                "Objects": [{"Key": k} for k in chunk], "Quiet": True})
-            errors = [e for e in response.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
-            if errors:
-                first = errors[0]
-                raise StorageError(f"S3 could not delete {len(errors)} objects under {path}: "
-                                   f"{first.get('Code')}: {one_line(first.get('Message', ''))}")
+            # DeleteObjects answers 200 with per-key Errors; a key a PUT is
+            # writing at that moment may come back as "UnknownError" on Ceph
+            # (or InternalError, SlowDown on AWS): those keys are asked again,
+            # then one DeleteObject each, which reports its own error.
+            for attempt in range(_DELETE_RETRIES):
+                response = await self._calls.call("delete_objects", path, Delete={
+                    "Objects": [{"Key": k} for k in chunk], "Quiet": True})
+                errors = [e for e in response.get("Errors", ()) if e.get("Code") != "NoSuchKey"]
+                if not errors:
+                    return
+                fatal = [e for e in errors if e.get("Code") not in _DELETE_RETRY_CODES]
+                if fatal:
+                    first = fatal[0]
+                    raise StorageError(f"S3 could not delete {len(fatal)} objects under {path}: "
+                                       f"{first.get('Code')}: {one_line(first.get('Message', ''))}")
+                chunk = [e["Key"] for e in errors]
+                await asyncio.sleep(0.05 * 2 ** attempt)
+            for key in chunk:
+                try:
+                    await self._calls.call("delete_object", path, Key=key)
+                except PathNotFound:
+                    pass
 
         await multipart.bounded_gather((batch(keys[i:i + DELETE_BATCH]) for i in range(0, len(keys), DELETE_BATCH)),
                                        4)

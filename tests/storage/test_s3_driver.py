@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 
 from storage.config import MIB, S3Settings, StorageConfigError, StorageSettings
-from storage.driver import PathNotFound
+from storage.driver import PathNotFound, StorageError
 from storage.s3 import S3Driver, max_object_size, part_size_for
 from storage.s3 import multipart
-from storage.s3.client import META_UPLOAD, quoted
+from storage.s3.client import META_UPLOAD, bare, bare_conditions, quoted
 from storage.store import ContentStore
 from tests.support.content import chunks, sha256_digest
 from tests.support.drivers import DriverSpace, driver_kind, driver_names
@@ -137,10 +137,15 @@ def test_copy_pieces_cover_the_object_within_part_limits():
         assert all(5 * MIB <= n <= multipart.COPY_PIECE for _, n in pieces) and len(pieces) <= 10_000
 
 
-def test_etags_are_compared_quoted():
-    """Ceph answers UploadPartCopy with an unquoted ETag; AWS quotes it."""
+def test_etags_are_compared_quoted_and_sent_bare():
+    """Ceph answers UploadPartCopy with an unquoted ETag; AWS quotes it. A
+    condition sends it bare: Ceph's PUT If-Match compares it unquoted
+    (storage.s3.client.bare); the Ceph run of the writer tests proves it."""
     assert quoted('abc') == quoted('"abc"') == '"abc"'
     assert quoted("") == ""
+    assert bare('"abc"') == bare("abc") == bare('W/"abc"') == "abc"
+    assert bare_conditions({"IfMatch": '"abc"', "IfNoneMatch": "*", "Key": '"k"'}) == {
+        "IfMatch": "abc", "IfNoneMatch": "*", "Key": '"k"'}
 
 
 # ---- settings ---------------------------------------------------------------------
@@ -373,8 +378,11 @@ async def test_reclaim_aborts_an_upload_no_file_names(space, target):
 async def test_storage_class_and_encryption_reach_every_write(space, target):
     """The storage class on objects of 128 KiB or more (blobs, not links),
     server-side encryption on every object the driver writes, its own
-    state and locks included (a bucket policy may refuse any other)."""
-    settings = dataclasses.replace(target.settings(space.prefix), storage_class="STANDARD_IA", sse="AES256")
+    state and locks included (a bucket policy may refuse any other). An
+    endpoint that refuses AES256 over the tests' plain HTTP (Ceph) checks
+    the storage class alone; test_s3_ceph checks that refusal."""
+    sse = "AES256" if target.accepts_sse else ""
+    settings = dataclasses.replace(target.settings(space.prefix), storage_class="STANDARD_IA", sse=sse)
     driver = S3Driver(settings)
     try:
         requests = Requests(driver)
@@ -389,11 +397,11 @@ async def test_storage_class_and_encryption_reach_every_write(space, target):
         writes = [(n, p) for n, p in requests.params
                   if n in ("PutObject", "CreateMultipartUpload", "CopyObject")]
         assert {n for n, _ in writes} == {"PutObject", "CreateMultipartUpload", "CopyObject"}
-        assert all(p.get("ServerSideEncryption") == "AES256" for _, p in writes)
+        assert all(p.get("ServerSideEncryption") == (sse or None) for _, p in writes)
         classes = {p["Key"].rsplit("/", 1)[-1]: p.get("StorageClass") for _, p in writes}
         assert classes["link"] is None and classes["blob"] == "STANDARD_IA" and classes["moved"] == "STANDARD_IA"
         head = target.client.head_object(Bucket=target.bucket, Key=settings.key_prefix + "c/moved")
-        assert head.get("ServerSideEncryption") == "AES256" and head.get("StorageClass") == "STANDARD_IA"
+        assert head.get("ServerSideEncryption") == (sse or None) and head.get("StorageClass") == "STANDARD_IA"
     finally:
         await driver.close()
 
@@ -638,6 +646,32 @@ async def test_start_up_check_names_the_problem_in_one_line(driver, target, spac
         await unreachable.check()
     assert time.monotonic() - started < 30
     await unreachable.close()
+
+
+async def test_encryption_the_endpoint_refuses_stops_start_up_in_one_line(target, space):
+    """SSE AES256 where the endpoint refuses it (Ceph RGW 16.2 over plain
+    HTTP: 400 InvalidRequest) fails the start-up check with one line naming
+    storage.s3.sse, and a driver that skipped the check gets a StorageError
+    (a 500 with an OCI body in the registry), not a crash. Where it is
+    accepted (moto) the check passes and its probe object is gone again."""
+    encrypted = S3Driver(dataclasses.replace(target.settings(space.prefix), sse="AES256"))
+    try:
+        if target.accepts_sse:
+            await encrypted.check()
+            await encrypted.put_content("/e/link", b"x")
+            assert (await encrypted.get_content("/e/link")) == b"x"
+            await encrypted.delete("/e")
+            return
+        with pytest.raises(StorageConfigError) as refused:
+            await encrypted.check()
+        line = str(refused.value)
+        assert line.startswith("storage.s3.sse: ") and "AES256" in line and "InvalidRequest" in line, line
+        assert "\n" not in line and target.secret_key not in line
+        with pytest.raises(StorageError, match="InvalidRequest") as failed:
+            await encrypted.put_content("/e/link", b"x")
+        assert "\n" not in str(failed.value)
+    finally:
+        await encrypted.close()
 
 
 def _serve_env(settings: S3Settings, **overrides: str) -> dict[str, str]:

@@ -46,8 +46,10 @@ class S3Target:
     callables a driver registration needs."""
 
     def __init__(self, endpoint: Endpoint, access_key: str, secret_key: str, bucket: str, region: str,
-                 part_size: int = 5 * MIB, **driver_options):
+                 part_size: int = 5 * MIB, accepts_sse: bool = True, **driver_options):
         self._endpoint = endpoint
+        # whether the endpoint stores objects with SSE AES256 as the tests reach it
+        self.accepts_sse = accepts_sse
         self.access_key, self.secret_key = access_key, secret_key
         self.bucket, self.region = bucket, region
         self.part_size = part_size
@@ -167,7 +169,9 @@ _TARGETS: dict[str, S3Target] = {}
 def register_s3(name: str, endpoint: Endpoint, access_key: str, secret_key: str, bucket: str, region: str,
                 **options) -> S3Target:
     """Register an S3 endpoint and bucket as storage driver `name` (see the
-    module docstring); options: part_size, and S3Driver keyword arguments."""
+    module docstring); options: part_size, accepts_sse (False: the endpoint
+    refuses SSE AES256 over the tests' plain HTTP), and S3Driver keyword
+    arguments."""
     from tests.support.drivers import register_driver    # which imports this module to register s3-moto
 
     target = S3Target(endpoint, access_key, secret_key, bucket, region, **options)
