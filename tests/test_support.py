@@ -62,6 +62,17 @@ def test_distribution_from_a_mapping_and_from_a_file(tmp_path):
         own.stop()
 
 
+@pytest.mark.interop
+def test_distribution_takes_environment_variables(tmp_path):
+    # Distribution reads REGISTRY_<SECTION>_<KEY> over its file: env reaches it
+    server = launch_distribution(tmp_path / "env", env={"REGISTRY_STORAGE_DELETE_ENABLED": "false"})
+    try:
+        digest = push_blob(server.url, "support/env", b"kept")
+        assert http_request("DELETE", f"{server.url}/v2/support/env/blobs/{digest}").status == 405
+    finally:
+        server.stop()
+
+
 def test_throwaway_ca_is_trusted_only_by_its_clients(tmp_path):
     ca = CertificateAuthority(tmp_path / "ca")
     files = ca.issue()

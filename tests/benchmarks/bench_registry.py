@@ -1,8 +1,9 @@
 """Dockyard vs CNCF Distribution, side by side on loopback, same clients.
 
     python tests/benchmarks/bench_registry.py [--workers 1,2] [--quick] [--json]
-                                              [--only pull_big,blob_get_one,...|auth]
+                                              [--only pull_big,blob_get_one,...|auth|s3]
                                               [--dockyard-issuer own|test] [--bcrypt-costs 5,10]
+                                              [--s3-store bluestore|memstore]
 
 Each registry gets fresh storage and the same sequence: skopeo push and pull
 of a 4 x 64 MiB image and of a 100-small-layer image, four concurrent pulls,
@@ -25,6 +26,16 @@ credentials, one row per bcrypt cost; every such request is one bcrypt check
 (the token service remembers no password), so that is the honest cost of a
 login. Distribution has no token service: "-" in its column.
 
+The S3 steps (`--only s3` runs the five) put every registry on one local
+Ceph RADOS Gateway (tests/benchmarks/_s3.py): Distribution on its own S3
+driver, Dockyard on storage.driver s3, each registry twice, blob GET
+redirect on and off, each process in a bucket of its own. Rows "S3,
+redirect on|off: ..." are the push and pull steps above on those processes
+(`s3_repeats` runs each); "S3: manifest GET" the wrk step on the redirect-on
+ones. Before the first timed pull every process is checked to answer a blob
+GET as its setting says (307 to the gateway, or the bytes) and its bucket to
+hold the pushed bytes.
+
 Timed skopeo and curl steps run several times (fresh images for pushes, fresh
 target directories for pulls), the registries taking turns run by run, and
 report the median. The machine's load average at start and end is printed: on a
@@ -45,6 +56,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import _auth
+import _s3
 from _common import (
     REPO_ROOT,
     BenchError,
@@ -77,21 +89,36 @@ class Plan:
     budget_seconds: float    # no new step starts after this (a loaded machine stays bounded)
     pull_repeats: int = 0    # runs of the single-pull steps (client-bound, the noisiest); 0: repeats
     auth_rounds: int = 3     # rounds of the auth manifest step (every variant of every registry per round)
+    s3_repeats: int = 0      # runs of each S3 push and pull step (at most repeats); 0: repeats
 
     def __post_init__(self) -> None:
         if not self.pull_repeats:
             object.__setattr__(self, "pull_repeats", self.repeats)
+        if not self.s3_repeats:
+            object.__setattr__(self, "s3_repeats", self.repeats)
 
     @staticmethod
     def of(quick: bool) -> "Plan":
         if quick:
             return Plan(4, 16 * MiB, 30, 16 * 1024, 1, 2, 3, 100, auth_rounds=1)
-        return Plan(4, 64 * MiB, 100, 16 * 1024, 5, 5, 5, 330, pull_repeats=9)
+        return Plan(4, 64 * MiB, 100, 16 * 1024, 5, 5, 5, 330, pull_repeats=9, s3_repeats=3)
 
     def with_auth(self) -> "Plan":
         """More time budget for the auth steps: their wrk runs alone take
         rounds x registries x 4 variants x wrk_seconds."""
         return replace(self, budget_seconds=self.budget_seconds + (300 if self.auth_rounds > 1 else 60))
+
+    def with_s3(self) -> "Plan":
+        """More time budget for the S3 steps: each registry twice (redirect
+        on and off), on an object store slower than a local disk."""
+        return replace(self, budget_seconds=self.budget_seconds + (1500 if self.s3_repeats > 1 else 200))
+
+    def s3_capacity(self, images: "Images", registries: int) -> int:
+        """Bytes the Ceph OSD must hold: every S3 push of the run (both
+        variants of every registry), twice (an upload and its content-addressed
+        copy coexist until the gateway's garbage collector runs), plus 1 GiB."""
+        pushed = (images.big_bytes + images.small_bytes) * self.s3_repeats * registries * 2
+        return 2 * pushed + 1024 * MiB
 
 
 @dataclass(frozen=True)
@@ -142,24 +169,26 @@ def pull_into(skopeo: Skopeo, remote: str, target: Path) -> None:
     skopeo.copy(remote, f"oci:{target}:x", "--dest-oci-accept-uncompressed-layers")
 
 
-class Bench:
+class Bench(_s3.S3Steps):
     """The measurements. Each step runs on every registry before the next step
     starts: timed skopeo and curl steps run by run, registries taking turns;
     the wrk steps registry by registry, the order rotating from step to step,
     so a busy moment on the machine does not land on one registry only."""
 
     AUTH_STEPS = ("auth_manifest_get", "auth_blob_get", "auth_token")
+    S3_STEPS = ("s3_push_big", "s3_push_small", "s3_pull_big", "s3_pull_small", "s3_manifest_get")
     STEPS = ("push_big", "push_small", "pull_big", "pull_small", "pull_four",
              "manifest_get", "tags_list", "blob_get_one", "blob_get_four",
-             *AUTH_STEPS)   # the table's row order
-    GROUPS = {"auth": AUTH_STEPS}    # --only names that stand for several steps
+             *AUTH_STEPS, *S3_STEPS)   # the table's row order
+    GROUPS = {"auth": AUTH_STEPS, "s3": S3_STEPS}    # --only names that stand for several steps
 
     def __init__(self, servers: dict[str, launch.RegistryServer], images: Images, plan: Plan,
                  skopeo: Skopeo, work: Path, only: frozenset[str] = frozenset(),
-                 auth: _auth.AuthTargets | None = None):
+                 auth: _auth.AuthTargets | None = None, s3: _s3.S3Targets | None = None):
         self.servers, self.images, self.plan, self.skopeo, self.work = servers, images, plan, skopeo, work
         self.only = only
         self.auth = auth
+        self.s3 = s3
         self.rows: dict[str, Row] = {}
         self.deadline = time.perf_counter() + plan.budget_seconds
         self.skipped: list[str] = []
@@ -174,7 +203,8 @@ class Bench:
 
     def run(self) -> list[Row]:
         interleaved = [self.push_big, self.push_small, self.pull_big, self.pull_small, self.pull_four,
-                       self.blob_get_one, self.blob_get_four, *(getattr(self, n) for n in self.AUTH_STEPS)]
+                       self.blob_get_one, self.blob_get_four,
+                       *(getattr(self, n) for n in (*self.AUTH_STEPS, *self.S3_STEPS))]
         steps = [getattr(self, name) for name in self.selected(self.only)]
         self.seed()
         labels = list(self.servers)
@@ -199,11 +229,16 @@ class Bench:
         if not self.only:
             return
         selected = set(self.selected(self.only))
-        for server in self.servers.values():
-            if "push_big" not in selected:
-                push_fresh(self.skopeo, self.images.big[0], server.host, "bench/big0")
-            if "push_small" not in selected and selected & {"pull_small"}:
-                push_fresh(self.skopeo, self.images.small[0], server.host, "bench/small0")
+        plain = set(self.STEPS) - set(self.S3_STEPS)
+        s3 = [s for _, servers in self.s3.variants() for s in servers.values()] if self.s3 else []
+        for servers, prefix, needed in ((self.servers.values(), "", plain), (s3, "s3_", set(self.S3_STEPS))):
+            if not selected & needed:
+                continue
+            for server in servers:
+                if f"{prefix}push_big" not in selected:
+                    push_fresh(self.skopeo, self.images.big[0], server.host, "bench/big0")
+                if f"{prefix}push_small" not in selected and f"{prefix}pull_small" in selected:
+                    push_fresh(self.skopeo, self.images.small[0], server.host, "bench/small0")
 
     def record(self, label: str, name: str, unit: str, higher: bool, value: float) -> None:
         self.rows.setdefault(name, Row(name, unit, higher)).values[label] = value
@@ -218,18 +253,20 @@ class Bench:
         return f"{len(self.images.small[0].layers)}-layer image"
 
     def interleaved(self, name: str, unit: str, higher: bool, runs: int,
-                    once, value, cleanup=None) -> None:
+                    once, value, cleanup=None, servers: dict[str, launch.RegistryServer] | None = None) -> None:
         """Time `once(label, server, run)` `runs` times on every registry,
         registries taking turns run by run (the order rotating), and record
         value(median seconds) per registry: a busy spell on the machine then
         hits every registry alike instead of one registry's whole step.
         After each run, untimed: cleanup(label, run) and sync(2), so no run
-        pays for the previous one's files or dirty pages."""
-        labels = list(self.servers)
+        pays for the previous one's files or dirty pages. `servers`: the
+        registries to run on (default: the plain ones)."""
+        servers = self.servers if servers is None else servers
+        labels = list(servers)
         times: dict[str, list[float]] = {label: [] for label in labels}
         for run in range(runs):
             for label in labels[run % len(labels):] + labels[:run % len(labels)]:
-                server = self.servers[label]
+                server = servers[label]
                 times[label].append(timed(lambda: once(label, server, run)))
                 if cleanup is not None:
                     cleanup(label, run)
@@ -238,19 +275,20 @@ class Bench:
             self.record(label, name, unit, higher, value(statistics.median(times[label])))
             print(f"  {'':>14}  runs (s): {' '.join(f'{t:.2f}' for t in times[label])}", file=sys.stderr)
 
-    # every timed push sends blobs this registry has never seen
-    def push_big(self) -> None:
+    # every timed push sends blobs this registry has never seen; `servers`,
+    # `title` and `runs`: the S3 steps' registries, row-name prefix and runs
+    def push_big(self, servers=None, title: str = "", runs: int = 0) -> None:
         self.interleaved(
-            f"push {self.big_name} (skopeo)", "MB/s", True, self.plan.repeats,
+            f"{title}push {self.big_name} (skopeo)", "MB/s", True, runs or self.plan.repeats,
             lambda label, server, i: push_fresh(self.skopeo, self.images.big[i], server.host, f"bench/big{i}"),
-            lambda seconds: self.images.big_bytes / MiB / seconds)
+            lambda seconds: self.images.big_bytes / MiB / seconds, servers=servers)
 
-    def push_small(self) -> None:
+    def push_small(self, servers=None, title: str = "", runs: int = 0) -> None:
         self.interleaved(
-            f"push {self.small_name} (skopeo)", "s", False, self.plan.repeats,
+            f"{title}push {self.small_name} (skopeo)", "s", False, runs or self.plan.repeats,
             lambda label, server, i: push_fresh(self.skopeo, self.images.small[i], server.host,
                                                 f"bench/small{i}"),
-            lambda seconds: seconds)
+            lambda seconds: seconds, servers=servers)
 
     def _pull_dir(self, label: str, n: int = 0) -> Path:
         return self.work / f"pull-{label.replace(' ', '_').replace('=', '')}-{n}"
@@ -260,19 +298,19 @@ class Bench:
             shutil.rmtree(self._pull_dir(label, i), ignore_errors=True)
 
     # every timed pull writes into a directory of its own (no rm inside the timing)
-    def pull_big(self) -> None:
+    def pull_big(self, servers=None, title: str = "", runs: int = 0) -> None:
         self.interleaved(
-            f"pull {self.big_name} (skopeo)", "MB/s", True, self.plan.pull_repeats,
+            f"{title}pull {self.big_name} (skopeo)", "MB/s", True, runs or self.plan.pull_repeats,
             lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/big0:big",
                                                self._pull_dir(label, i)),
-            lambda seconds: self.images.big_bytes / MiB / seconds, cleanup=self._remove_pull)
+            lambda seconds: self.images.big_bytes / MiB / seconds, cleanup=self._remove_pull, servers=servers)
 
-    def pull_small(self) -> None:
+    def pull_small(self, servers=None, title: str = "", runs: int = 0) -> None:
         self.interleaved(
-            f"pull {self.small_name} (skopeo)", "s", False, self.plan.pull_repeats,
+            f"{title}pull {self.small_name} (skopeo)", "s", False, runs or self.plan.pull_repeats,
             lambda label, server, i: pull_into(self.skopeo, f"docker://{server.host}/bench/small0:small",
                                                self._pull_dir(label, i)),
-            lambda seconds: seconds, cleanup=self._remove_pull)
+            lambda seconds: seconds, cleanup=self._remove_pull, servers=servers)
 
     def pull_four(self) -> None:
         runs = max(1, (self.plan.repeats + 1) // 2)
@@ -291,12 +329,12 @@ class Bench:
             raise BenchError(f"{label}: {url}: {result.non_2xx} non-2xx answers, {result.errors} socket errors")
         return result
 
-    def manifest_get(self, label: str, server: launch.RegistryServer) -> None:
+    def manifest_get(self, label: str, server: launch.RegistryServer, title: str = "") -> None:
         result = self._wrk(label, f"{server.url}/v2/bench/big0/manifests/big",
                            [f"Accept: {content.MANIFEST_ACCEPT}"])
-        self.record(label, "manifest GET (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
+        self.record(label, f"{title}manifest GET (wrk -t2 -c32)", "req/s", True, result.requests_per_second)
         if result.latency_p99_ms is not None:
-            self.record(label, "manifest GET p99 latency", "ms", False, result.latency_p99_ms)
+            self.record(label, f"{title}manifest GET p99 latency", "ms", False, result.latency_p99_ms)
 
     def tags_list(self, label: str, server: launch.RegistryServer) -> None:
         result = self._wrk(label, f"{server.url}/v2/bench/big0/tags/list", [])
@@ -526,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="auth_token: bcrypt costs of the htpasswd entries, comma-separated (default 5,10: "
                              "`htpasswd -B`'s default, and the README's ~70 ms cost); the first also "
                              "logs in for the Bearer steps' token")
+    parser.add_argument("--s3-store", choices=_s3.STORES, default="bluestore",
+                        help="S3 steps: where the Ceph OSD keeps objects (default bluestore: a sparse file "
+                             "in the work directory; memstore: its memory, about twice what is stored)")
     args = parser.parse_args(argv)
     only = frozenset(s.strip() for s in args.only.split(",") if s.strip())
     known = set(Bench.STEPS) | set(Bench.GROUPS)
@@ -540,15 +581,19 @@ def main(argv: list[str] | None = None) -> int:
     if not costs or not all(4 <= c <= 31 for c in costs):
         parser.error("--bcrypt-costs: bcrypt costs are 4..31")
     with_auth = bool(set(Bench.selected(only)) & set(Bench.AUTH_STEPS))
+    with_s3 = bool(set(Bench.selected(only)) & set(Bench.S3_STEPS))
     plan = Plan.of(args.quick)
     if with_auth:
         plan = plan.with_auth()
+    if with_s3:
+        plan = plan.with_s3()
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dy-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     servers: list[launch.RegistryServer] = []
+    s3 = None
     try:
         need_tool("docker-registry"), need_tool("wrk"), need_tool("curl")
         policy = work / "policy.json"
@@ -580,9 +625,17 @@ def main(argv: list[str] | None = None) -> int:
                 servers.extend(auth.servers)
             for label, variants in auth.endpoints.items():
                 print(f"{label}: " + ", ".join(f"{v} {e.url}" for v, e in variants.items()), file=sys.stderr)
-        bench = Bench(by_label, images, plan, skopeo, work, only, auth)
+        if with_s3:
+            s3 = _s3.S3Targets(work / "s3", targets, store=args.s3_store,
+                               capacity=plan.s3_capacity(images, len(targets)))
+            s3.start()
+            for variant, variant_servers in s3.variants():
+                print(f"S3, {variant}: " + ", ".join(f"{label} {server.url}"
+                                                     for label, server in variant_servers.items()),
+                      file=sys.stderr)
+        bench = Bench(by_label, images, plan, skopeo, work, only, auth, s3)
         rows = {row.name: row for row in bench.run()}
-        notes = [*(auth.describe() if auth else []), *bench.notes]
+        notes = [*(auth.describe() if auth else []), *(s3.describe() if s3 else []), *bench.notes]
         goals = target_lines(rows, targets) if auth else []
 
         total = time.perf_counter() - started
@@ -613,13 +666,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BenchError as exc:
         print(f"bench_registry: {exc}", file=sys.stderr)
-        for server in servers:
+        for server in [*servers, *(s3.servers if s3 else [])]:
             if server.kind == "dockyard":
                 print(f"--- {server.kind} log (tail) ---\n{server.log()[-3000:]}", file=sys.stderr)
         return 1
     finally:
         for server in servers:
             server.stop()
+        if s3 is not None:
+            s3.stop()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 

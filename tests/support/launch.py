@@ -307,14 +307,15 @@ def distribution_config(root: str | Path, port: int, log_level: str = "warn") ->
 
 def launch_distribution(workdir: str | Path, *, port: int | None = None, log_level: str = "warn",
                         auth: str | Mapping[str, Any] | None = None, config: ConfigArg = None,
-                        timeout: float = 30.0) -> RegistryServer:
+                        env: Mapping[str, str] | None = None, timeout: float = 30.0) -> RegistryServer:
     """Start CNCF Distribution (`docker-registry`, Debian's package) with its
     files under workdir and wait until /v2/ answers.
 
     `auth` is the `auth:` section: a mapping, or YAML text indented by two
     spaces (`"  htpasswd:\\n    realm: r\\n    path: /f\\n"`). `config` is a
     file used as it is (its `http.addr` says where it listens), or a mapping
-    merged over `distribution_config()`.
+    merged over `distribution_config()`. `env`: variables set (over this
+    process's) for it.
     """
     binary = require_tool("docker-registry")
     workdir = Path(workdir)
@@ -339,7 +340,7 @@ def launch_distribution(workdir: str | Path, *, port: int | None = None, log_lev
         root = Path(_dig(settings, "storage", "filesystem", "rootdirectory") or root)
         path = workdir / "config.yml"
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
-    server = ServerProcess([binary, "serve", str(path)], ready_url=f"http://{listen}/v2/",
+    server = ServerProcess([binary, "serve", str(path)], ready_url=f"http://{listen}/v2/", env=env,
                            log_path=workdir / "registry.log", name="docker-registry")
     server.start(timeout)
     return RegistryServer("distribution", listen, root, server, path)
