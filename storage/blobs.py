@@ -9,7 +9,7 @@ from typing import AsyncIterator, Callable
 
 from storage import layout
 from storage.catalog import Catalog
-from storage.driver import FileWriter, PathNotFound, StorageDriver, delete_if_present, exists
+from storage.driver import FileWriter, PathNotFound, StorageDriver, delete_if_present, file_exists
 from storage.oci.digests import EMPTY_DIGEST, EMPTY_JSON
 from storage.oci.errors import BlobUnknown, BlobUploadUnknown
 from storage.oci.names import ALGORITHMS, parse_digest, validate_name
@@ -52,7 +52,7 @@ class Blobs:
     async def exists(self, digest: str) -> bool:
         """True when the blob's bytes are in the global store (any repository)."""
         self.check_digest(digest)
-        return await exists(self.driver, layout.blob_data(digest))
+        return await file_exists(self.driver, layout.blob_data(digest))
 
     async def stat(self, repo: str, digest: str) -> BlobInfo:
         """BlobUnknown unless the blob exists AND is linked into repo (as a
@@ -60,12 +60,13 @@ class Blobs:
         manifest through the blobs endpoint)."""
         validate_name(repo)
         self.check_digest(digest)
-        # Both links and the bytes in one storage round trip (HEAD is on
-        # every push's path for every blob, GET on every pull's).
-        layer, revision, data = await self.driver.stat_many([
-            layout.layer_link(repo, digest), layout.manifest_revision_link(repo, digest),
-            layout.blob_data(digest)])
-        if (layer or revision) and data is not None:
+        # The layer link and the bytes in one storage round trip (HEAD is on
+        # every push's path for every blob, GET on every pull's); the
+        # revision link only when the bytes are there but no layer link is:
+        # a manifest fetched through the blobs endpoint, which is rare.
+        layer, data = await self.driver.stat_files([layout.layer_link(repo, digest), layout.blob_data(digest)])
+        if data is not None and (layer is not None or
+                                 (await self.driver.stat_files([layout.manifest_revision_link(repo, digest)]))[0]):
             return BlobInfo(digest, data.size)
         raise self._unknown(repo, digest)
 
@@ -85,6 +86,8 @@ class Blobs:
         """An open local file of the blob (`.fd`, `.size`, `close()`) the
         registry may send from, None on backends without one. BlobUnknown if absent."""
         self.check_digest(digest)
+        if not self.driver.local_files:
+            return None
         try:
             return await self.driver.open_local(layout.blob_data(digest))
         except PathNotFound as exc:
@@ -136,7 +139,7 @@ class Blobs:
     async def _find_linked(self, digest: str,
                            readable: Callable[[str], bool] | None) -> BlobInfo | None:
         """The blob's size when some readable repository links it."""
-        data = (await self.driver.stat_many([layout.blob_data(digest)]))[0]
+        data = (await self.driver.stat_files([layout.blob_data(digest)]))[0]
         if data is None:
             return None
         last, searched = None, 0
@@ -144,7 +147,7 @@ class Blobs:
             page = await self.catalog.repositories(1000, last)
             candidates = [r for r in page.items if readable is None or readable(r)]
             searched += len(page.items)
-            found = await self.driver.stat_many(
+            found = await self.driver.stat_files(
                 [path for r in candidates for path in (layout.layer_link(r, digest),
                                                        layout.manifest_revision_link(r, digest))])
             if any(found):
@@ -178,7 +181,7 @@ class Blobs:
     async def put_small(self, digest: str, data: bytes) -> None:
         """Bytes the store itself vouches for (a manifest it hashed): written
         whole, atomically, unless already there."""
-        if not await exists(self.driver, layout.blob_data(digest)):
+        if not await file_exists(self.driver, layout.blob_data(digest)):
             await self.driver.put_content(layout.blob_data(digest), data)
 
     async def provide_empty(self, repo: str) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from storage import layout
-from storage.driver import PathNotFound, StorageDriver, exists
+from storage.driver import PathNotFound, StorageDriver, exists, file_exists
 from storage.oci.names import validate_name
 
 
@@ -42,7 +42,7 @@ class Catalog:
         if repo in self._known:
             return
         entry = layout.catalog_entry(repo)
-        if not await exists(self.driver, entry):
+        if not await file_exists(self.driver, entry):
             await self.driver.put_content(entry, b"")
         self._known.add(repo)
 

@@ -142,6 +142,9 @@ class StorageLock(abc.ABC):
 
 class StorageDriver(abc.ABC):
     name: str = "abstract"
+    # Whether open_local can ever give a local file: callers skip asking
+    # (an object store would answer each ask with a HEAD and then None).
+    local_files: bool = False
 
     # Every operation of every driver passes each path it is given through
     # this first (see the module docstring).
@@ -217,6 +220,13 @@ class StorageDriver(abc.ABC):
 
         return list(await asyncio.gather(*(one(p) for p in paths)))
 
+    async def stat_files(self, paths: Sequence[str]) -> list[FileInfo | None]:
+        """stat of each path that is a file; None for an absent path or a
+        directory. For callers that ask only about files (links, blob data):
+        an object store answers it with one HEAD a path, where stat_many
+        also lists a prefix to tell a directory from nothing."""
+        return [None if info is None or info.is_dir else info for info in await self.stat_many(paths)]
+
     @abc.abstractmethod
     async def list(self, path: str) -> list[str]:
         """Full paths of the direct children of a directory, sorted;
@@ -263,6 +273,11 @@ async def exists(driver: StorageDriver, path: str) -> bool:
         return True
     except PathNotFound:
         return False
+
+
+async def file_exists(driver: StorageDriver, path: str) -> bool:
+    """Whether path is a file (one HEAD on an object store, no listing)."""
+    return (await driver.stat_files([path]))[0] is not None
 
 
 async def delete_if_present(driver: StorageDriver, path: str) -> bool:

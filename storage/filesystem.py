@@ -271,6 +271,7 @@ def _take_flock(full: str) -> int | None:
 
 class FilesystemDriver(StorageDriver):
     name = "filesystem"
+    local_files = True
 
     def __init__(self, root: str, fsync: str = "data"):
         if fsync not in FSYNC_MODES:

@@ -23,7 +23,7 @@ import time
 from typing import Awaitable, Callable
 
 from storage import layout
-from storage.driver import PathNotFound, StorageDriver, exists
+from storage.driver import PathNotFound, StorageDriver, file_exists
 
 log = logging.getLogger("dockyard.storage.indexing")
 
@@ -55,14 +55,14 @@ class Indexing:
 
     async def _run(self) -> None:
         deadline = time.monotonic() + WAIT_LIMIT
-        while not await exists(self.driver, layout.INDEXED):
+        while not await file_exists(self.driver, layout.INDEXED):
             # try_lock needs its directory: a tiny file makes it (and says what it is)
-            if not await exists(self.driver, layout.OWN_README):
+            if not await file_exists(self.driver, layout.OWN_README):
                 await self.driver.put_content(layout.OWN_README, layout.OWN_README_TEXT)
             lock = await self.driver.try_lock(layout.INDEX_LOCK)
             if lock is not None:
                 async with lock:
-                    if not await exists(self.driver, layout.INDEXED):
+                    if not await file_exists(self.driver, layout.INDEXED):
                         await self._build()
                 break
             if time.monotonic() > deadline:

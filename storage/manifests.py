@@ -22,7 +22,7 @@ from typing import Awaitable, Callable
 from storage import layout
 from storage.blobs import Blobs, StoreLimits
 from storage.catalog import Catalog, Page, paginate
-from storage.driver import PathNotFound, StorageDriver, delete_if_present, exists
+from storage.driver import PathNotFound, StorageDriver, delete_if_present, file_exists
 from storage.oci.content import parse_manifest, parse_pushed_manifest, stored_media_type
 from storage.oci.digests import EMPTY_DIGEST, digest_of
 from storage.oci.errors import (DigestInvalid, ManifestBlobUnknown, ManifestInvalid, ManifestTooLarge,
@@ -119,7 +119,7 @@ class Manifests:
         a missing OCI empty blob provided, so a rejected push links nothing."""
         blobs, children = list(dict.fromkeys(parsed.blobs)), list(dict.fromkeys(parsed.children))
         # Every link of a 100-layer image in one storage round trip.
-        found = await self.driver.stat_many(
+        found = await self.driver.stat_files(
             [layout.layer_link(repo, d) for d in blobs]
             + [layout.manifest_revision_link(repo, d) for d in blobs + children])
         layer_links, blob_revisions = found[:len(blobs)], found[len(blobs):2 * len(blobs)]
@@ -190,7 +190,7 @@ class Manifests:
         # removing the revision, so either it sees our tag or we see its
         # removal: one of the two always repairs.)
         for _ in range(_RELINK_TRIES):
-            if not tags or await exists(self.driver, layout.manifest_revision_link(repo, digest)):
+            if not tags or await file_exists(self.driver, layout.manifest_revision_link(repo, digest)):
                 break
             await self._link_revision(repo, digest, len(body), parsed)
         await self.catalog.register(repo)
@@ -352,7 +352,7 @@ class Manifests:
             links = await self.driver.get_many([layout.manifest_revision_link(repo, d) for d in batch])
             bodies = await self.driver.get_many([layout.blob_data(d) for d in batch])
             rewrites, referrers = await asyncio.to_thread(_reindex_plan, repo, batch, links, bodies)
-            present = await self.driver.stat_many([path for path, _ in referrers])
+            present = await self.driver.stat_files([path for path, _ in referrers])
             for path, data in rewrites + [r for r, there in zip(referrers, present) if there is None]:
                 await self.driver.put_content(path, data)
 

@@ -354,6 +354,17 @@ async def test_stat_many(driver):
         await driver.stat_many(["/ok", "relative"])
 
 
+async def test_stat_files(driver):
+    """Like stat_many, but a directory is None: callers ask only about files."""
+    await driver.put_content("/m/file", b"12345")
+    infos = await driver.stat_files(["/m/file", "/m/absent", "/m", "/m/file/below", "/nowhere/x"])
+    assert [None if i is None else (i.path, i.size, i.is_dir) for i in infos] == [
+        ("/m/file", 5, False), None, None, None, None]
+    assert await driver.stat_files([]) == []
+    with pytest.raises(InvalidPath):
+        await driver.stat_files(["/ok", "relative"])
+
+
 async def test_get_many(driver):
     await driver.put_content("/g/a", b"alpha")
     await driver.put_content("/g/b", b"")
