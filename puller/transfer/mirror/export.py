@@ -21,13 +21,15 @@ Blobs are fetched concurrently into a staging layout beside the output
 (puller.transfer.pull.BlobFetcher: verified, resumable), then written into
 the tar in the kernel (copy_file_range) or through zstd, in one file or in
 volumes of at most `max_size` bytes. Nothing is visible under the output's
-name until the bundle is complete.
+name until the bundle is complete; what an export killed midway left beside
+it is removed by the next export to it (puller.transfer.mirror.leftovers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import pathlib
 import shutil
 import tempfile
@@ -39,7 +41,7 @@ from puller.client.reference import Reference, host_platform, parse_platform
 from puller.errors import StoreError, one_line
 from puller.oci import Descriptor
 from puller.store import REF_NAME, LocalStore
-from puller.transfer.mirror import signing
+from puller.transfer.mirror import leftovers, signing
 from puller.transfer.mirror.bundle import (BUNDLE_MANIFEST, BUNDLE_SIGNATURE, BundleImage, BundleManifest,
                                            BundleWriter, blob_member)
 from puller.transfer.mirror.errors import MirrorError
@@ -173,6 +175,22 @@ def _write_bundle(output: pathlib.Path, plan: _Plan, staging: LocalStore, manife
         raise
 
 
+def _staging(output: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """A fresh staging directory beside the output, locked while this process lives."""
+    try:
+        directory = pathlib.Path(tempfile.mkdtemp(prefix=leftovers.staging_prefix(output), dir=output.parent))
+    except OSError as exc:
+        raise StoreError(one_line(exc)) from exc
+    fd = os.open(directory, os.O_RDONLY)
+    leftovers.hold(fd)
+    return directory, fd
+
+
+def _drop_staging(directory: pathlib.Path, fd: int) -> None:
+    shutil.rmtree(directory, True)
+    os.close(fd)
+
+
 async def export_bundle(selection: Selection, output: str, *, options: ClientOptions | None = None,
                         client: RegistryClient | None = None, platform: str | None = None,
                         referrers: bool = False, compress: bool = False, fmt: str = "oci-archive",
@@ -185,6 +203,8 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
         raise MirrorError("--format docker-archive is read by `docker load` uncompressed: drop --zstd")
     wanted = parse_platform(platform) if platform else (host_platform() if fmt == "docker-archive" else None)
     output_path = pathlib.Path(output)
+    # what exports to this output that were killed left behind goes first
+    await asyncio.to_thread(leftovers.remove_stale, output_path)
     own = client is None
     client = client or RegistryClient(options)
     try:
@@ -199,11 +219,7 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
         plan.manifest.format = fmt
         manifest_bytes = await asyncio.to_thread(plan.manifest.to_json)
         signature = signing.sign(manifest_bytes, key) if key is not None else None
-        try:
-            staging_dir = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_path.name}.staging-",
-                                                        dir=output_path.parent))
-        except OSError as exc:
-            raise StoreError(one_line(exc)) from exc
+        staging_dir, lock = await asyncio.to_thread(_staging, output_path)
         try:
             staging = LocalStore(staging_dir)
             await asyncio.to_thread(staging.ensure)
@@ -222,7 +238,7 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
             except OSError as exc:
                 raise StoreError(f"{output_path}: {one_line(exc)}") from exc
         finally:
-            await asyncio.to_thread(shutil.rmtree, staging_dir, True)
+            await asyncio.to_thread(_drop_staging, staging_dir, lock)
     finally:
         if own:
             await client.close()

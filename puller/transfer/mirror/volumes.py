@@ -20,6 +20,7 @@ import pathlib
 import tempfile
 
 from puller.errors import one_line
+from puller.transfer.mirror import leftovers
 from puller.transfer.mirror.errors import BundleError
 
 VOLUME_MAGIC = b"DOCKYARD-BUNDLE-VOLUME\n"
@@ -58,7 +59,9 @@ class Output:
 
     def _next(self) -> None:
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+            fd, temp = tempfile.mkstemp(prefix=leftovers.partial_prefix(self.path), suffix=leftovers.PARTIAL,
+                                        dir=self.path.parent)
+            leftovers.hold(fd)          # a later export leaves it alone while this one lives
         except OSError as exc:
             raise BundleError(f"{self.path}: {one_line(exc)}") from exc
         if self.handle is not None:
