@@ -41,7 +41,7 @@ from puller.client.reference import Reference, host_platform, parse_platform
 from puller.errors import StoreError, one_line
 from puller.oci import Descriptor
 from puller.store import REF_NAME, LocalStore
-from puller.transfer.mirror import leftovers, signing
+from puller.transfer.mirror import leftovers
 from puller.transfer.mirror.bundle import (BUNDLE_MANIFEST, BUNDLE_SIGNATURE, BundleImage, BundleManifest,
                                            BundleWriter, blob_member)
 from puller.transfer.mirror.errors import MirrorError
@@ -198,7 +198,10 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
                         progress: Progress | None = None) -> ExportResult:
     started = time.perf_counter()
     progress = progress or Progress()
-    key = await asyncio.to_thread(signing.load_private_key, sign_key) if sign_key else None
+    signing = key = None
+    if sign_key:        # `cryptography` costs a start-up some 20 ms: only a signed export loads it
+        from puller.transfer.mirror import signing
+        key = await asyncio.to_thread(signing.load_private_key, sign_key)
     if fmt == "docker-archive" and compress:
         raise MirrorError("--format docker-archive is read by `docker load` uncompressed: drop --zstd")
     wanted = parse_platform(platform) if platform else (host_platform() if fmt == "docker-archive" else None)

@@ -32,8 +32,6 @@ from puller.client.http import ClientOptions, FetchedManifest, RegistryClient
 from puller.client.reference import Reference
 from puller.errors import DigestMismatchError
 from puller.oci import Descriptor, parse_descriptor
-from puller.transfer.copy import add_to_referrers_tag
-from puller.transfer.mirror import signing
 from puller.transfer.mirror.bundle import BundleImage, BundleManifest, BundleReader, Member, blob_member, manifest_of
 from puller.transfer.mirror.errors import BundleError, PrerequisiteError
 from puller.transfer.mirror.listing import manifest_digest
@@ -175,7 +173,10 @@ async def import_bundle(path: str | list[str], to: str, *, options: ClientOption
     started = time.perf_counter()
     progress = progress or Progress()
     target = Target.parse(to)
-    public = await asyncio.to_thread(signing.load_public_key, verify_key) if verify_key else None
+    public = None
+    if verify_key:      # `cryptography` costs a start-up some 20 ms: only a checked import loads it
+        from puller.transfer.mirror import signing
+        public = await asyncio.to_thread(signing.load_public_key, verify_key)
     reader = await asyncio.to_thread(BundleReader.open, path)
     own = client is None
     client = client or RegistryClient(options)
@@ -227,6 +228,7 @@ async def _push_one(client: RegistryClient, target: Target, source: BundleSource
         subject = root.parsed.subject
         if image.subject and subject and not pushed.subject_headers.get(root.digest):
             # the target does not index subjects: keep its referrers tag (the tag schema) up to date
+            from puller.transfer.copy import add_to_referrers_tag      # (pull, layouts: not for every import)
             descriptor = parse_descriptor(root.descriptor(), "referrer")
             await add_to_referrers_tag(client, dest, subject.digest, descriptor, root)
     for digest in _tree_blobs(documents, image.digest):
