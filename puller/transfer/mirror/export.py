@@ -224,7 +224,8 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
         signature = signing.sign(manifest_bytes, key) if key is not None else None
         staging_dir, lock = await asyncio.to_thread(_staging, output_path)
         try:
-            staging = LocalStore(staging_dir)
+            # scratch: the bundle is flushed once written, the staging directory removed
+            staging = LocalStore(staging_dir, durable=False)
             await asyncio.to_thread(staging.ensure)
             fetcher = BlobFetcher(client, staging, progress)
             await gather_all_or_cancel(fetcher.fetch(ref, descriptor) for ref, descriptor in plan.sources.values())
