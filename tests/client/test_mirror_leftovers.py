@@ -6,13 +6,8 @@ leftovers of another output."""
 from __future__ import annotations
 
 import fcntl
-import os
-import signal
-import subprocess
-import time
 
-from tests.client.test_mirror_bundle import bundle_manifest, dockyard, push_image, unique
-from tests.support import REPO_ROOT
+from tests.client.test_mirror_bundle import bundle_manifest, dockyard, kill_when, push_image, unique
 from tests.support.content import random_tar_layer
 from tests.support.launch import dockyard_command
 
@@ -30,20 +25,8 @@ def test_export_killed_midway_leaves_nothing_after_the_next_export(dockyard_regi
     bundle = out / "b.tar"
     argv = [*dockyard_command(), "mirror", "export", "-q", "--concurrency", "1", "--images",
             f"{dockyard_registry.host}/{repo}:v1", "--output", str(bundle)]
-    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    try:
-        # killed once a blob has landed in its staging directory
-        while time.monotonic() < deadline and proc.poll() is None:
-            staged = [p for p in out.glob(".b.tar.staging-*") if any(f.is_file() for f in p.rglob("*"))]
-            if staged:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"the export ended before it could be killed: {proc.stderr.read()!r}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    # killed once a blob has landed in its staging directory
+    kill_when(argv, lambda: any(f.is_file() for p in out.glob(".b.tar.staging-*") for f in p.rglob("*")))
     killed = _hidden(out)
     assert any(name.startswith(".b.tar.staging-") for name in killed) and not bundle.exists()
 
