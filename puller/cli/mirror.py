@@ -120,7 +120,7 @@ def cmd_sync(args) -> int:
             print_error(f"{failure['source']}: {failure['error']}")
         emit(args, summary, f"{result.target}: {summary['copied']} copied, {summary['unchanged']} unchanged, "
                             f"{summary['failed']} failed; {result.bytes_transferred} bytes in "
-                            f"{result.seconds:.1f}s")
+                            f"{result.seconds:.1f}s", one_line=bool(args.interval))
         sys.stdout.flush()                  # one summary per round, as it ends (a pipe buffers)
         return not result.failed
 
@@ -129,7 +129,8 @@ def cmd_sync(args) -> int:
         hosts = _registries(config.selection) + [config.target.registry]
         if not args.interval:
             return 0 if await one_round(config, hosts) else 1
-        # on a schedule until SIGTERM or SIGINT: between rounds that ends the loop (exit 0);
+        # on a schedule until SIGTERM or SIGINT (--json: one line per round); between rounds
+        # that ends the loop (exit 0);
         # during one, the round is cancelled (nothing is tagged before its image is whole)
         loop, stop = asyncio.get_running_loop(), asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
