@@ -53,6 +53,7 @@ class Output:
         self.max_size = max_size
         self.bundle_id = bundle_id
         self.temps: list[pathlib.Path] = []
+        self.held: list = []                    # the full volumes' files, until commit or abort
         self.handle = None
         self.room = 0
         self._next()
@@ -65,7 +66,8 @@ class Output:
         except OSError as exc:
             raise BundleError(f"{self.path}: {one_line(exc)}") from exc
         if self.handle is not None:
-            self.handle.close()
+            self.handle.flush()
+            self.held.append(self.handle)       # left open: its lock says this export still lives
         self.temps.append(pathlib.Path(temp))
         self.handle = os.fdopen(fd, "wb")
         if self.max_size is None:
@@ -103,11 +105,23 @@ class Output:
             if on_progress:
                 on_progress(n)
 
+    def _release(self) -> None:
+        for handle in self.held:
+            with contextlib.suppress(OSError):
+                handle.close()
+        self.held = []
+
     def commit(self) -> list[pathlib.Path]:
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        self.handle.close()
+        self.held.append(self.handle)           # locked until renamed
         self.handle = None
+        try:
+            return self._rename()
+        finally:
+            self._release()
+
+    def _rename(self) -> list[pathlib.Path]:
         if self.max_size is None:
             os.replace(self.temps[0], self.path)
             _sync_dir(self.path.parent)
@@ -130,6 +144,7 @@ class Output:
         if self.handle is not None:
             with contextlib.suppress(OSError):
                 self.handle.close()
+        self._release()
         for temp in self.temps:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
