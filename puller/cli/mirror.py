@@ -169,6 +169,18 @@ def _size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     mirror = subparsers.add_parser("mirror", help="carry images into an air-gapped network as bundles")
     sub = mirror.add_subparsers(dest="mirror_command", metavar="SUBCOMMAND", required=True)
@@ -203,7 +215,7 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("sync", help="copy images from registry to registry, once or on a schedule")
     p.add_argument("config", help="an images file with target: REGISTRY[/PREFIX] (and platform:, referrers:)")
-    p.add_argument("--interval", type=float, default=0, metavar="SECONDS",
+    p.add_argument("--interval", type=_seconds, default=0, metavar="SECONDS",
                    help="sync again every SECONDS until SIGTERM or SIGINT (default: once)")
     add_transport_flags(p)
     add_output_flags(p)

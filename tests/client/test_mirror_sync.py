@@ -12,7 +12,7 @@ import signal
 import subprocess
 import time
 
-from tests.client.test_mirror_bundle import manifest_head, push_image, unique
+from tests.client.test_mirror_bundle import dockyard, manifest_head, push_image, unique
 from tests.support import REPO_ROOT
 from tests.support.content import random_tar_layer, tar_layer
 from tests.support.launch import dockyard_command
@@ -51,3 +51,9 @@ def test_sync_interval_two_rounds_then_sigterm(dockyard_registry, distribution_r
     assert (second["copied"], second["unchanged"], second["bytes_transferred"]) == (0, 2, 0)
     for tag in ("a", "b"):
         assert manifest_head(target.url, f"{prefix}/{repo}", tag)
+
+
+def test_sync_interval_must_be_a_number_of_seconds(tmp_path):
+    for bad in ("-1", "nan", "soon"):
+        failed = dockyard("mirror", "sync", str(tmp_path / "none.yml"), "--interval", bad, check=False)
+        assert failed.returncode == 2 and f"--interval: not a number of seconds: '{bad}'" in failed.stderr
