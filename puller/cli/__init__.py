@@ -32,6 +32,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_process = argv is None              # the console script or `python -m puller`
     argv = sys.argv[1:] if argv is None else argv
     known = {c for commands in COMMAND_MODULES.values() for c in commands}
     parser = build_parser(argv[0] if argv and argv[0] in known else None)
@@ -40,10 +41,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dockyard: interrupted", file=sys.stderr)
         return 130
+    if as_process and getattr(args, "fast_exit", False):
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (clearing every module
+    of asyncio, ssl, ...: 20-50 ms, more than a no-change sync's requests). Only
+    for a command that set `fast_exit`: its files are closed and its threads
+    joined when it returns; what is left is output, flushed here."""
+    import os
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1               # the output did not get out (a closed pipe)
+    os._exit(code)
 
 
 if __name__ == "__main__":

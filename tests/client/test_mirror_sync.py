@@ -57,3 +57,10 @@ def test_sync_interval_must_be_a_number_of_seconds(tmp_path):
     for bad in ("-1", "nan", "soon"):
         failed = dockyard("mirror", "sync", str(tmp_path / "none.yml"), "--interval", bad, check=False)
         assert failed.returncode == 2 and f"--interval: not a number of seconds: '{bad}'" in failed.stderr
+
+
+def test_mirror_command_called_in_process_returns_its_code(tmp_path, capsys):
+    # the console script ends without interpreter teardown; a caller passing argv gets a return
+    from puller.cli import main
+    assert main(["mirror", "sync", str(tmp_path / "none.yml")]) == 1
+    assert capsys.readouterr().err.startswith("dockyard: error: ")
