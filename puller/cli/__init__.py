@@ -4,6 +4,7 @@ own subcommands and runs them; nothing else lives here."""
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -40,12 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    fast = as_process and getattr(args, "fast_exit", False)
+    if fast:
+        # its imports make thousands of objects and no garbage: no collections until
+        # its work starts (puller.cli.common.run_async turns them back on)
+        gc.disable()
     try:
         code = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dockyard: interrupted", file=sys.stderr)
         return 130
-    if as_process and getattr(args, "fast_exit", False):
+    if fast:
         _exit_now(code)
     return code
 

@@ -73,6 +73,9 @@ def progress_for(args):
 def run_async(coro_factory):
     """Run the coroutine coro_factory() to its end on a fresh event loop."""
     import asyncio
+    import gc
+    gc.freeze()             # what start-up made lives to the end: never scanned again
+    gc.enable()             # (puller.cli.main kept collections off until here)
     try:
         import uvloop
         runner = uvloop.run

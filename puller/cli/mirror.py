@@ -183,7 +183,7 @@ def _seconds(text: str) -> float:
 
 def register(subparsers) -> None:
     mirror = subparsers.add_parser("mirror", help="carry images into an air-gapped network as bundles")
-    # ends without the interpreter's teardown once done (puller.cli._exit_now)
+    # imports with collections off, ends without the interpreter's teardown (puller.cli.main)
     mirror.set_defaults(fast_exit=True)
     sub = mirror.add_subparsers(dest="mirror_command", metavar="SUBCOMMAND", required=True)
 
