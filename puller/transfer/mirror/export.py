@@ -46,12 +46,13 @@ from puller.transfer.mirror.bundle import (BUNDLE_MANIFEST, BUNDLE_SIGNATURE, Bu
                                            BundleWriter, blob_member)
 from puller.transfer.mirror.errors import MirrorError
 from puller.transfer.mirror.images_file import Selection
+from puller.transfer.mirror.regions import BundleRegions
 from puller.transfer.mirror.inventory import Have
 from puller.transfer.mirror.listing import expand
 from puller.transfer.mirror.walk import ImageTree, walk_image
 from puller.transfer.progress import Progress
 from puller.transfer.pull import BlobFetcher
-from puller.transfer.tasks import gather_all_or_cancel
+from puller.transfer.tasks import gather_all_or_cancel, to_the_end
 from storage.oci import media
 from storage.oci.digests import digest_of
 
@@ -153,25 +154,59 @@ def _docker_manifest(plan: _Plan) -> bytes:
     return json.dumps(entries).encode()
 
 
+def _write_members(writer: BundleWriter, plan: _Plan, manifest_bytes: bytes, signature: dict | None, fmt: str,
+                   add_blob) -> None:
+    """Every member in order; add_blob(name, digest, size) puts each blob's."""
+    writer.add_bytes(BUNDLE_MANIFEST, manifest_bytes)
+    if signature is not None:
+        writer.add_bytes(BUNDLE_SIGNATURE, json.dumps(signature).encode())
+    writer.add_bytes("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+    for digest, document in plan.documents.items():
+        writer.add_bytes(blob_member(digest), document.data)
+    for digest, size in plan.manifest.blobs.items():
+        add_blob(blob_member(digest), digest, size)
+    writer.add_bytes("index.json", _layout_index(plan))
+    if fmt == "docker-archive":
+        writer.add_bytes("manifest.json", _docker_manifest(plan))
+
+
 def _write_bundle(output: pathlib.Path, plan: _Plan, staging: LocalStore, manifest_bytes: bytes,
                   signature: dict | None, compress: bool, fmt: str, max_size: int | None,
                   advance) -> list[pathlib.Path]:
     writer = BundleWriter(output, compress, max_size=max_size, bundle_id=digest_of(manifest_bytes))
     try:
-        writer.add_bytes(BUNDLE_MANIFEST, manifest_bytes)
-        if signature is not None:
-            writer.add_bytes(BUNDLE_SIGNATURE, json.dumps(signature).encode())
-        writer.add_bytes("oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        for digest, document in plan.documents.items():
-            writer.add_bytes(blob_member(digest), document.data)
-        for digest, size in plan.manifest.blobs.items():
-            writer.add_file(blob_member(digest), staging.blob_path(digest), size, advance)
-        writer.add_bytes("index.json", _layout_index(plan))
-        if fmt == "docker-archive":
-            writer.add_bytes("manifest.json", _docker_manifest(plan))
+        _write_members(writer, plan, manifest_bytes, signature, fmt,
+                       lambda name, digest, size: writer.add_file(name, staging.blob_path(digest), size, advance))
         return writer.commit()
     except BaseException:
         writer.abort()
+        raise
+
+
+def _open_in_place(output: pathlib.Path, plan: _Plan, manifest_bytes: bytes, signature: dict | None,
+                   fmt: str) -> tuple[BundleWriter, BundleRegions]:
+    """A plain bundle with every member but the blobs' bytes written, and where those go."""
+    writer = BundleWriter(output, bundle_id=digest_of(manifest_bytes))
+    try:
+        offsets: dict[str, int] = {}
+        _write_members(writer, plan, manifest_bytes, signature, fmt,
+                       lambda name, digest, size: offsets.__setitem__(digest, writer.reserve(name, size)))
+        return writer, BundleRegions(writer.flush(), offsets)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+async def _fetch_in_place(client: RegistryClient, output: pathlib.Path, plan: _Plan, manifest_bytes: bytes,
+                          signature: dict | None, fmt: str, progress: Progress) -> list[pathlib.Path]:
+    """Blobs downloaded straight into their members (puller.transfer.mirror.regions): one write of each byte."""
+    writer, regions = await asyncio.to_thread(_open_in_place, output, plan, manifest_bytes, signature, fmt)
+    try:
+        fetcher = BlobFetcher(client, regions, progress)
+        await gather_all_or_cancel(fetcher.fetch(ref, descriptor) for ref, descriptor in plan.sources.values())
+        return await asyncio.to_thread(writer.commit)
+    except BaseException:
+        await to_the_end(writer.abort)
         raise
 
 
@@ -222,27 +257,15 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
         plan.manifest.format = fmt
         manifest_bytes = await asyncio.to_thread(plan.manifest.to_json)
         signature = signing.sign(manifest_bytes, key) if key is not None else None
-        staging_dir, lock = await asyncio.to_thread(_staging, output_path)
-        try:
-            # scratch: the bundle is flushed once written, the staging directory removed
-            staging = LocalStore(staging_dir, durable=False)
-            await asyncio.to_thread(staging.ensure)
-            fetcher = BlobFetcher(client, staging, progress)
-            await gather_all_or_cancel(fetcher.fetch(ref, descriptor) for ref, descriptor in plan.sources.values())
-            loop = asyncio.get_running_loop()
-            total = sum(plan.manifest.blobs.values())
-            progress.start("bundle", f"writing {output_path.name}", total)
-
-            def advance(n: int) -> None:
-                loop.call_soon_threadsafe(progress.advance, "bundle", n)
+        if not compress and max_size is None:
             try:
-                paths = await asyncio.to_thread(_write_bundle, output_path, plan, staging, manifest_bytes,
-                                                signature, compress, fmt, max_size, advance)
+                paths = await _fetch_in_place(client, output_path, plan, manifest_bytes, signature, fmt, progress)
                 size = sum(p.stat().st_size for p in paths)
             except OSError as exc:
                 raise StoreError(f"{output_path}: {one_line(exc)}") from exc
-        finally:
-            await asyncio.to_thread(_drop_staging, staging_dir, lock)
+        else:
+            paths, size = await _fetch_staged(client, output_path, plan, manifest_bytes, signature, compress, fmt,
+                                              max_size, progress)
     finally:
         if own:
             await client.close()
@@ -253,3 +276,30 @@ async def export_bundle(selection: Selection, output: str, *, options: ClientOpt
                         carried_bytes=bundle.carried_bytes, bundle_bytes=size, signed=signature is not None,
                         volumes=[str(p) for p in paths] if max_size else [],
                         seconds=time.perf_counter() - started)
+
+
+async def _fetch_staged(client: RegistryClient, output_path: pathlib.Path, plan: _Plan, manifest_bytes: bytes,
+                        signature: dict | None, compress: bool, fmt: str, max_size: int | None,
+                        progress: Progress) -> tuple[list[pathlib.Path], int]:
+    """Blobs fetched into a staging store first, then written through zstd or into volumes."""
+    staging_dir, lock = await asyncio.to_thread(_staging, output_path)
+    try:
+        # scratch: the bundle is flushed once written, the staging directory removed
+        staging = LocalStore(staging_dir, durable=False)
+        await asyncio.to_thread(staging.ensure)
+        fetcher = BlobFetcher(client, staging, progress)
+        await gather_all_or_cancel(fetcher.fetch(ref, descriptor) for ref, descriptor in plan.sources.values())
+        loop = asyncio.get_running_loop()
+        total = sum(plan.manifest.blobs.values())
+        progress.start("bundle", f"writing {output_path.name}", total)
+
+        def advance(n: int) -> None:
+            loop.call_soon_threadsafe(progress.advance, "bundle", n)
+        try:
+            paths = await asyncio.to_thread(_write_bundle, output_path, plan, staging, manifest_bytes,
+                                            signature, compress, fmt, max_size, advance)
+            return paths, sum(p.stat().st_size for p in paths)
+        except OSError as exc:
+            raise StoreError(f"{output_path}: {one_line(exc)}") from exc
+    finally:
+        await asyncio.to_thread(_drop_staging, staging_dir, lock)

@@ -90,6 +90,12 @@ class Output:
     def flush(self) -> None:
         self.handle.flush()
 
+    def skip(self, count: int) -> None:
+        """Leave count bytes to be written in place later (one file only)."""
+        self.handle.flush()
+        self.handle.seek(count, os.SEEK_CUR)
+        self.room -= count
+
     def copy_from(self, fd: int, count: int, on_progress=None) -> None:
         """count bytes of the file `fd` at its offset, copied in the kernel."""
         self.handle.flush()
