@@ -17,10 +17,11 @@ manifest) the bundle carries only what the far side lacks:
     any other image                                     all its manifests; its blobs unless the far
                                                         side holds them (prerequisites, not carried)
 
-Blobs are fetched concurrently into a staging layout beside the output
-(puller.transfer.pull.BlobFetcher: verified, resumable), then written into
-the tar in the kernel (copy_file_range) or through zstd, in one file or in
-volumes of at most `max_size` bytes. Nothing is visible under the output's
+Blobs are fetched concurrently (puller.transfer.pull.BlobFetcher: verified,
+resumable): for a plain bundle straight into their members of the tar, whose
+places are known up front (puller.transfer.mirror.regions); for a zstd one,
+or volumes of at most `max_size` bytes, into a staging layout beside the
+output first, then through zstd or copied in the kernel (copy_file_range). Nothing is visible under the output's
 name until the bundle is complete; what an export killed midway left beside
 it is removed by the next export to it (puller.transfer.mirror.leftovers).
 """
