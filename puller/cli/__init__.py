@@ -4,6 +4,7 @@ own subcommands and runs them; nothing else lives here."""
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -32,6 +33,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_process = argv is None              # the console script or `python -m puller`
     argv = sys.argv[1:] if argv is None else argv
     known = {c for commands in COMMAND_MODULES.values() for c in commands}
     parser = build_parser(argv[0] if argv and argv[0] in known else None)
@@ -39,11 +41,33 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    fast = as_process and getattr(args, "fast_exit", False)
+    if fast:
+        # its imports make thousands of objects and no garbage: no collections until
+        # its work starts (puller.cli.common.run_async turns them back on)
+        gc.disable()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("dockyard: interrupted", file=sys.stderr)
         return 130
+    if fast:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without the interpreter's teardown (clearing every module
+    of asyncio, ssl, ...: 20-50 ms, more than a no-change sync's requests). Only
+    for a command that set `fast_exit`: its files are closed and its threads
+    joined when it returns; what is left is output, flushed here."""
+    import os
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 1               # the output did not get out (a closed pipe)
+    os._exit(code)
 
 
 if __name__ == "__main__":

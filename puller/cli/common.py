@@ -10,7 +10,7 @@ push, copy, login, logout, inspect; puller.cli.run for unpack and run):
     run_command(coro_factory, args)        run_async, with a ClientError as one line and exit 1
     fail(exc, json_output=False)           print "dockyard: error: <first line>"; return 1
     print_error(message)                   the same line for a usage error found by hand
-    emit(args, payload, line)              the result: JSON, a line, or nothing
+    emit(args, payload, line)              the result: JSON, a line, or nothing (one_line=True: JSON Lines)
 
 Every failure a user can see is a puller.errors.ClientError, so this is the
 one place that catches: one class, printed as one line.
@@ -73,6 +73,9 @@ def progress_for(args):
 def run_async(coro_factory):
     """Run the coroutine coro_factory() to its end on a fresh event loop."""
     import asyncio
+    import gc
+    gc.freeze()             # what start-up made lives to the end: never scanned again
+    gc.enable()             # (puller.cli.main kept collections off until here)
     try:
         import uvloop
         runner = uvloop.run
@@ -100,8 +103,9 @@ def run_command(coro_factory, args=None) -> int:
         return fail(exc, json_output=getattr(args, "json", False))
 
 
-def emit(args, payload: dict, line: str) -> None:
+def emit(args, payload: dict, line: str, *, one_line: bool = False) -> None:
+    """`one_line`: JSON on one line (a command printing one result per round: JSON Lines)."""
     if args.json:
-        print(json.dumps(payload, indent=2))
+        print(json.dumps(payload, indent=None if one_line else 2))
     elif not args.quiet:
         print(line)

@@ -9,6 +9,7 @@ as one JSON object; progress bars with bytes and ETA on a terminal.
 from __future__ import annotations
 
 import os
+import sys
 
 from puller.cli.common import add_output_flags, add_transport_flags, client_options, emit, progress_for, run_command
 
@@ -26,6 +27,14 @@ def _selection(values: list[str]):
 def _registries(selection) -> list[str]:
     refs = list(selection.images) + [spec.repository for spec in selection.repositories]
     return sorted({host for ref in refs for host in (ref.registry, ref.api_host)})
+
+
+def _pushing(args, registries: list[str]):
+    """The client options of a command that pushes whole images: each blob goes in one
+    streamed PATCH (as docker push sends it), not 16 MiB chunks. A broken upload starts
+    its blob again anyway, so chunks bought nothing but a round trip each."""
+    import dataclasses
+    return dataclasses.replace(client_options(args, registries), upload_chunk_size=2 ** 62)
 
 
 def cmd_export(args) -> int:
@@ -64,7 +73,7 @@ def cmd_import(args) -> int:
     async def main() -> int:
         target = Target.parse(args.to)
         with progress_for(args) as progress:
-            result = await import_bundle(args.bundle, args.to, options=client_options(args, [target.registry]),
+            result = await import_bundle(args.bundle, args.to, options=_pushing(args, [target.registry]),
                                          verify_key=args.verify_key, progress=progress)
         emit(args, result.to_json(),
              f"{result.target}: {len(result.images)} image(s) ({result.referrers} referrers), "
@@ -98,25 +107,50 @@ def cmd_inventory(args) -> int:
 
 def cmd_sync(args) -> int:
     import asyncio
+    import signal
 
     from puller.cli.common import print_error
     from puller.transfer.mirror.sync import read_sync_config, sync_once
 
+    async def one_round(config, hosts) -> bool:
+        with progress_for(args) as progress:
+            result = await sync_once(config, options=_pushing(args, hosts), progress=progress)
+        summary = result.to_json()
+        for failure in result.failed:
+            print_error(f"{failure['source']}: {failure['error']}")
+        emit(args, summary, f"{result.target}: {summary['copied']} copied, {summary['unchanged']} unchanged, "
+                            f"{summary['failed']} failed; {result.bytes_transferred} bytes in "
+                            f"{result.seconds:.1f}s", one_line=bool(args.interval))
+        sys.stdout.flush()                  # one summary per round, as it ends (a pipe buffers)
+        return not result.failed
+
     async def main() -> int:
         config = await asyncio.to_thread(read_sync_config, args.config)
         hosts = _registries(config.selection) + [config.target.registry]
+        if not args.interval:
+            return 0 if await one_round(config, hosts) else 1
+        # on a schedule until SIGTERM or SIGINT (--json: one line per round); between rounds
+        # that ends the loop (exit 0);
+        # during one, the round is cancelled (nothing is tagged before its image is whole)
+        loop, stop = asyncio.get_running_loop(), asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         while True:
-            with progress_for(args) as progress:
-                result = await sync_once(config, options=client_options(args, hosts), progress=progress)
-            summary = result.to_json()
-            for failure in result.failed:
-                print_error(f"{failure['source']}: {failure['error']}")
-            emit(args, summary, f"{result.target}: {summary['copied']} copied, {summary['unchanged']} unchanged, "
-                                f"{summary['failed']} failed; {result.bytes_transferred} bytes in "
-                                f"{result.seconds:.1f}s")
-            if not args.interval:
-                return 1 if result.failed else 0
-            await asyncio.sleep(args.interval)
+            round_ = asyncio.ensure_future(one_round(config, hosts))
+            stopping = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([round_, stopping], return_when=asyncio.FIRST_COMPLETED)
+            if not round_.done():
+                round_.cancel()
+                await asyncio.gather(round_, return_exceptions=True)
+                print_error("stopped during a sync round")
+                return 143
+            stopping.cancel()
+            round_.result()
+            try:
+                await asyncio.wait_for(stop.wait(), args.interval)
+                return 0
+            except asyncio.TimeoutError:
+                continue
     return run_command(main, args)
 
 
@@ -135,8 +169,22 @@ def _size(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    import argparse
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     mirror = subparsers.add_parser("mirror", help="carry images into an air-gapped network as bundles")
+    # imports with collections off, ends without the interpreter's teardown (puller.cli.main)
+    mirror.set_defaults(fast_exit=True)
     sub = mirror.add_subparsers(dest="mirror_command", metavar="SUBCOMMAND", required=True)
 
     p = sub.add_parser("export", help="write images from registries into one bundle")
@@ -169,8 +217,8 @@ def register(subparsers) -> None:
 
     p = sub.add_parser("sync", help="copy images from registry to registry, once or on a schedule")
     p.add_argument("config", help="an images file with target: REGISTRY[/PREFIX] (and platform:, referrers:)")
-    p.add_argument("--interval", type=float, default=0, metavar="SECONDS",
-                   help="sync again every SECONDS until interrupted (default: once)")
+    p.add_argument("--interval", type=_seconds, default=0, metavar="SECONDS",
+                   help="sync again every SECONDS until SIGTERM or SIGINT (default: once)")
     add_transport_flags(p)
     add_output_flags(p)
     p.set_defaults(func=cmd_sync)

@@ -500,6 +500,12 @@ class Transport:
             except BaseException:
                 conn.close()
                 raise
+            if conn.proxy is not None and head.status_code == 407:
+                # the proxy, not the registry, refused: say which one, as the CONNECT path does
+                conn.close()
+                raise TransportError(f"proxy {conn.proxy} refused {method} {urlsplit(url).path} on {origin.host}: "
+                                     f"407 {head.reason.decode('latin-1') or 'Proxy Authentication Required'} "
+                                     f"(credentials go in HTTP_PROXY as http://USER:PASSWORD@HOST:PORT)")
             return Response(self, conn, exchange, head, method, url, read_timeout)
         raise TransportFailure(f"{origin.host}: connection closed before a response")  # pragma: no cover
 

@@ -69,8 +69,9 @@ def _write_and_hash(handle, hasher, parts: list[bytes]) -> None:
 class IngestFile:
     """The staged file of one digest, locked so two pulls never write it at once."""
 
-    def __init__(self, root: pathlib.Path, digest: str):
+    def __init__(self, root: pathlib.Path, digest: str, durable: bool = True):
         self.digest = digest
+        self.durable = durable          # False: a scratch store thrown away after use, never flushed
         self.path = partial_path(root, digest)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):
@@ -131,11 +132,13 @@ class IngestFile:
 
     def write_back(self) -> None:
         """Start writing what is there to disk (a download keeps going meanwhile)."""
-        os.fdatasync(self.handle.fileno())
+        if self.durable:
+            os.fdatasync(self.handle.fileno())
 
     def sync(self) -> None:
         self.handle.flush()
-        os.fdatasync(self.handle.fileno())
+        if self.durable:
+            os.fdatasync(self.handle.fileno())
 
     def unlink(self) -> None:
         with contextlib.suppress(OSError):

@@ -13,6 +13,7 @@ read it as an ordinary layout.
 API (stable; used by the transfers and the runtime):
 
     store = LocalStore(root=None)                # default $XDG_DATA_HOME/dockyard/store
+    scratch = LocalStore(tmp, durable=False)     # blobs never flushed (a staging area thrown away after)
     store.root                                   # pathlib.Path
     store.blob_path(digest) -> Path
     store.has_blob(digest) -> bool
@@ -109,8 +110,9 @@ def _store_io(method):
 class LocalStore:
     document_limit = MAX_DOCUMENT_SIZE   # manifests and configs are read whole: no larger than this
 
-    def __init__(self, root: str | os.PathLike | None = None):
+    def __init__(self, root: str | os.PathLike | None = None, *, durable: bool = True):
         self.root = pathlib.Path(root) if root is not None else default_store_root()
+        self.durable = durable          # False: blobs are not flushed to disk (a scratch store)
 
     # -- layout -----------------------------------------------------------------
     @_store_io
@@ -188,7 +190,7 @@ class LocalStore:
     def open_ingest(self, digest: str) -> ingest.IngestFile:
         """The staged file of a download of `digest`, locked for this process."""
         self.ingest_path(digest)                 # a bad digest is a StoreError, not a path
-        return ingest.IngestFile(self.root, digest)
+        return ingest.IngestFile(self.root, digest, self.durable)
 
     @_store_io
     def reclaim_ingest(self, now: float | None = None) -> list[str]:

@@ -2,7 +2,8 @@
 
     export  `dockyard mirror export --images REF -o B`   vs `skopeo copy docker://REF oci-archive:B`
     import  `dockyard mirror import B --to REGISTRY`      vs `skopeo copy oci-archive:B docker://...`
-    sync    `dockyard mirror sync CONFIG` (nothing to do)  vs `skopeo sync --src yaml` (the same)
+    sync    `dockyard mirror sync CONFIG`                  vs `skopeo sync --src yaml`: every image into an
+            empty registry, then again with nothing to do
 
     python tests/benchmarks/bench_mirror.py [--registry dockyard|distribution] [--repeats N]
                                             [--quick] [--no-debian] [--json]
@@ -19,13 +20,18 @@ has no delta: it carries the whole image again).
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import select
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from _common import (REPO_ROOT, MiB, Row, compile_dockyard, content, format_table, launch, need_tool,
+from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, content, format_table, launch, need_tool,
                      rows_as_json, timed)
 from bench_pull import big_layout, debian_layout, start_registry
 from bench_push import layout_bytes, run
@@ -49,30 +55,68 @@ def changed_layout(cache: Path, base: Path, size: int) -> Path:
     return directory
 
 
-def no_change_sync(source, names: list[str], workdir: Path, env: dict, dockyard: list, skopeo: str,
-                   policy: Path, repeats: int, kind: str) -> Row:
-    """Seconds of a sync that finds every image already in the target (after a first, untimed one)."""
+def sync_rows(source, names: list[str], workdir: Path, env: dict, dockyard: list, skopeo: str,
+              policy: Path, repeats: int, kind: str, total: int) -> list[Row]:
+    """A first sync of every image into an empty registry (timed, best of N, a fresh
+    target each time), then a sync that finds everything already there."""
+    config = workdir / "sync.yml"
+    skopeo_config = workdir / "skopeo-sync.yml"
+    skopeo_config.write_text(f"{source.host}:\n  tls-verify: false\n  images:\n"
+                             + "".join(f"    bench/{name}: ['1']\n" for name in names))
+
+    def commands(target) -> dict[str, list]:
+        config.write_text(f"target: {target.host}/dy\nimages:\n"
+                          + "".join(f"  - {source.host}/bench/{name}:1\n" for name in names))
+        return {"dockyard": [*dockyard, "mirror", "sync", "-q", config],
+                "skopeo": [skopeo, "--policy", policy, "sync", "--src", "yaml", "--dest", "docker",
+                           "--dest-tls-verify=false", skopeo_config, f"{target.host}/sk"]}
+
+    full: dict[str, list[float]] = {tool: [] for tool in TARGETS}
+    for attempt in range(repeats):
+        for tool in TARGETS:
+            storage = workdir / f"sync-full-{tool}-{attempt}"
+            storage.mkdir()
+            target = start_registry(kind, storage)
+            try:
+                full[tool].append(timed(lambda: run(commands(target)[tool], env)))
+            finally:
+                target.stop()
+                shutil.rmtree(storage, ignore_errors=True)
+    rows = [Row(f"sync {len(names)} images ({total / MiB:.0f} MiB)", "s", False,
+                {tool: min(v) for tool, v in full.items()})]
     (workdir / "sync-target").mkdir()
     target = start_registry(kind, workdir / "sync-target")
     try:
-        config = workdir / "sync.yml"
-        config.write_text(f"target: {target.host}/dy\nimages:\n"
-                          + "".join(f"  - {source.host}/bench/{name}:1\n" for name in names))
-        (workdir / "skopeo-sync.yml").write_text(
-            f"{source.host}:\n  tls-verify: false\n  images:\n"
-            + "".join(f"    bench/{name}: ['1']\n" for name in names))
-        commands = {
-            "dockyard": [*dockyard, "mirror", "sync", "-q", config],
-            "skopeo": [skopeo, "--policy", policy, "sync", "--src", "yaml", "--dest", "docker",
-                       "--dest-tls-verify=false", workdir / "skopeo-sync.yml", f"{target.host}/sk"],
-        }
-        for argv in commands.values():
+        argvs = commands(target)
+        for argv in argvs.values():
             run(argv, env)                                  # the first sync copies: not timed
-        return Row(f"no-change sync ({len(names)} images)", "s", False,
-                   {tool: min(timed(lambda: run(argv, env)) for _ in range(repeats))
-                    for tool, argv in commands.items()})
+        times = {tool: min(timed(lambda: run(argv, env)) for _ in range(repeats)) for tool, argv in argvs.items()}
+        rows.append(Row(f"no-change sync ({len(names)} images)", "s", False, times))
+        # the same, as a round of a running `--interval` sync (no interpreter start-up)
+        rows.append(Row("  a round of --interval", "s", False,
+                        {"dockyard": interval_round(argvs["dockyard"], env, repeats), "skopeo": times["skopeo"]}))
     finally:
         target.stop()
+    return rows
+
+
+def interval_round(argv: list, env: dict, repeats: int) -> float:
+    """The fastest of `repeats` rounds (after the first) of `mirror sync --interval`, as each
+    round's summary times itself; stopped with SIGTERM (bounded: 120 s)."""
+    argv = [str(a) for a in argv if a != "-q"] + ["--json", "--interval", "0.05"]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    rounds: list[dict] = []
+    deadline = time.monotonic() + 120
+    try:
+        while len(rounds) < repeats + 1 and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], 0.5)[0]:
+                rounds.append(json.loads(proc.stdout.readline()))      # --json: one line per round
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    if len(rounds) < repeats + 1:
+        raise BenchError(f"mirror sync --interval: {len(rounds)} rounds in 120 s ({proc.stderr.read()[-500:]!r})")
+    return min(r["seconds"] for r in rounds[1:])
 
 
 def main() -> int:
@@ -142,8 +186,8 @@ def main() -> int:
                                     {t: total / MiB / v for t, v in row.values.items() if v}))
                 sizes.append(f"full bundle of {name}: dockyard {bundles['dockyard'].stat().st_size / MiB:.1f} MiB, "
                              f"skopeo {bundles['skopeo'].stat().st_size / MiB:.1f} MiB")
-            rows.append(no_change_sync(source, list(images), workdir, env, dockyard, skopeo, policy, repeats,
-                                       args.registry))
+            rows += sync_rows(source, list(images), workdir, env, dockyard, skopeo, policy, repeats, args.registry,
+                              sum(layout_bytes(layout) for layout, _ in images.values()))
             # one layer of the big image changes: the delta against the full bundle
             changed = changed_layout(cache, images["big"][0], size)
             run([*dockyard, "push", "-q", f"oci:{changed}:big", f"{source.host}/bench/big:1"], env)

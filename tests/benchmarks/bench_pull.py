@@ -7,9 +7,9 @@ side by side against one local registry, in one run.
 Images:
   big     4 x 64 MiB layers of random (incompressible) bytes
   debian  a real Debian root filesystem: `debootstrap --variant=minbase bookworm`
-          from the mirror configured in /etc/apt (sources.list.d/*.sources or
-          sources.list), tarred and gzipped into one layer; cached between runs
-          under $DOCKYARD_BENCH_CACHE (default ~/.cache/dockyard-bench)
+          from the mirror configured in /etc/apt, tarred and gzipped into one
+          layer (tests.support.debian); cached between runs under
+          $DOCKYARD_BENCH_CACHE (default ~/.cache/dockyard-bench)
 
 Every run starts from an empty destination (fresh store / layout / docker
 image store), so all bytes cross the wire each time; the best of N runs is
@@ -21,11 +21,9 @@ dockyard is faster than the baseline (skopeo).
 from __future__ import annotations
 
 import argparse
-import glob
 import gzip
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -35,56 +33,12 @@ from pathlib import Path
 from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, content, format_table, launch,
                      need_tool, peers, rows_as_json, sh, timed)
 
+from tests.support.debian import debian_layer  # noqa: E402  (built once, cached by its inputs)
+
 BASELINE = "skopeo"
 # "dockyard transfer": the same dockyard runs, timed inside the process (the pull
 # without the Python interpreter's start-up and imports)
 TARGETS = ["dockyard", "dockyard transfer", "skopeo", "docker"]
-
-
-def debian_mirror() -> str:
-    """The Debian mirror this machine's apt uses (never hard-coded)."""
-    for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
-        text = Path(path).read_text()
-        for stanza in text.split("\n\n"):
-            uris = re.search(r"^URIs:\s*(\S+)", stanza, re.M)
-            suites = re.search(r"^Suites:\s*(.+)$", stanza, re.M)
-            if uris and suites and "bookworm" in suites.group(1).split() and "security" not in uris.group(1):
-                return uris.group(1)
-    if Path("/etc/apt/sources.list").is_file():
-        for line in Path("/etc/apt/sources.list").read_text().splitlines():
-            parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and "security" not in parts[1]:
-                return parts[1] if not parts[1].startswith("[") else parts[2]
-    raise BenchError("no Debian mirror found in /etc/apt/sources.list.d/*.sources or /etc/apt/sources.list")
-
-
-def debian_layer(cache: Path) -> Path:
-    """debootstrap minbase bookworm -> one gzipped tar layer, built once and cached."""
-    layer = cache / "debian-bookworm-minbase-slim.tar.gz"
-    if layer.is_file():
-        return layer
-    need_tool("debootstrap")
-    cache.mkdir(parents=True, exist_ok=True)
-    rootfs = Path(tempfile.mkdtemp(prefix="bench-debian-", dir=cache))
-    try:
-        print(f"building the Debian image with debootstrap (once; cached in {cache}) ...", file=sys.stderr)
-        sh(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()], timeout=1800)
-        tmp = layer.with_suffix(".partial")
-        tar = "pigz" if shutil.which("pigz") else "gzip"
-        with open(tmp, "wb") as out:
-            # like a published Debian image: no downloaded packages or package lists
-            tar_proc = subprocess.Popen(["tar", "--numeric-owner", "--xattrs", "-C", str(rootfs),
-                                         "--exclude=./var/cache/apt/archives/*.deb",
-                                         "--exclude=./var/lib/apt/lists/*_*", "-cf", "-", "."],
-                                        stdout=subprocess.PIPE)
-            zip_proc = subprocess.Popen([tar, "-6", "-n"], stdin=tar_proc.stdout, stdout=out)
-            tar_proc.stdout.close()
-            if zip_proc.wait() != 0 or tar_proc.wait() != 0:
-                raise BenchError("tarring the Debian root filesystem failed")
-        tmp.rename(layer)
-        return layer
-    finally:
-        shutil.rmtree(rootfs, ignore_errors=True)
 
 
 def big_layout(cache: Path, layers: int, size: int) -> Path:

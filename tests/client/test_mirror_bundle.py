@@ -49,6 +49,20 @@ def dockyard_json(*args: str, **kw) -> dict:
     return json.loads(dockyard(*args, "--json", **kw).stdout)
 
 
+def kill_when(argv: list[str], condition, timeout: float = 60) -> None:
+    """Run a dockyard command and SIGKILL it once condition() holds (polled; bounded)."""
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and not condition():
+            time.sleep(0.01)
+        assert proc.poll() is None, f"{argv[2:4]} ended before it could be killed: {proc.stderr.read()!r}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -404,18 +418,7 @@ def test_import_killed_midway_resumes_without_resending(dockyard_registry, start
 
     argv = [*dockyard_command(), "mirror", "import", str(bundle), "--to", f"{target.host}/k", "-q",
             "--concurrency", "1"]
-    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if blob_present(target.url, f"k/{repo}", digests[1]):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"the import ended before it could be killed: {proc.stderr.read()!r}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(30)
+    kill_when(argv, lambda: blob_present(target.url, f"k/{repo}", digests[1]))
     landed = [d for d in digests if blob_present(target.url, f"k/{repo}", d)]
     assert 2 <= len(landed) < len(digests)
     assert manifest_head(target.url, f"k/{repo}", "v1") is None           # no tag before its image is whole

@@ -133,5 +133,7 @@ def test_plain_http_registry_goes_through_http_proxy(start_dockyard, dockyard_re
             assert len(proxy.forwarded) == seen
             failed = dockyard_env(*export, str(tmp_path / "d.tar"), env={"HTTP_PROXY": proxy.url}, check=False)
             assert failed.returncode == 1 and len(failed.stderr.strip().splitlines()) == 1
+            # the proxy refused (RFC 9110 section 15.5.8), not the registry: the line names the proxy
+            assert "407" in failed.stderr and f"proxy {proxy.url.split('://', 1)[1]}" in failed.stderr, failed.stderr
     finally:
         entry.remove()

@@ -252,6 +252,22 @@ class BundleWriter:
                         on_progress(len(block))
         self._pad(size)
 
+    def reserve(self, name: str, size: int) -> int:
+        """A member whose `size` bytes are written later, elsewhere, at the offset
+        returned (puller.transfer.mirror.regions); a plain single-file bundle only."""
+        assert self._zstd is None and self.sink.max_size is None
+        self._header(name, size)
+        offset = self.written
+        self.sink.skip(size)
+        self.written += size
+        self._pad(size)
+        return offset
+
+    def flush(self) -> int:
+        """Everything written so far in the file; its descriptor (for reserve's regions)."""
+        self.sink.flush()
+        return self.sink.handle.fileno()
+
     def commit(self) -> list[pathlib.Path]:
         self._write(b"\0" * (2 * tarfile.BLOCKSIZE))
         record = tarfile.RECORDSIZE

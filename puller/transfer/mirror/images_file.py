@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-
-import yaml
+from typing import TYPE_CHECKING
 
 from puller.client.reference import Reference, parse_reference
 from puller.errors import ReferenceError
 from puller.transfer.mirror.errors import ImagesFileError
 from puller.transfer.mirror.semver import Range, RangeError, parse_range, parse_version
+
+if TYPE_CHECKING:          # yaml is loaded by the YAML path only: `--images REF` starts without it
+    import yaml
 
 MAX_FILE_BYTES = 4 * 1024 * 1024
 MAX_PATTERN_LENGTH = 1000
@@ -76,12 +78,14 @@ def _line(node) -> int:
 
 
 def _scalar(node, path: str, what: str) -> str:
+    import yaml
     if not isinstance(node, yaml.ScalarNode):
         raise ImagesFileError(path, _line(node), f"{what} must be a string")
     return node.value
 
 
 def _repository_spec(key: yaml.Node, value: yaml.Node, path: str) -> RepositorySpec:
+    import yaml
     ref = _reference(_scalar(key, path, "a repository"), path, _line(key), repository=True)
     if not isinstance(value, yaml.MappingNode):
         raise ImagesFileError(path, _line(value), f"{ref.name}: expected a mapping with tags and/or semver")
@@ -126,6 +130,7 @@ def parse_images_text(text: str, path: str = "images file", settings: tuple[str,
             if line:
                 selection.images.append(_reference(line, path, number))
         return selection
+    import yaml
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:

@@ -9,7 +9,8 @@ leaves a tag naming something absent:
    (puller.oci);
 2. every prerequisite (what a delta builds on and does not carry) is HEADed
    in the target: if any is missing the import stops, naming them;
-3. each image's tree is pushed by digest (puller.transfer.push.push_image:
+3. repository by repository (a few of its images at a time), each
+   image's tree is pushed by digest (puller.transfer.push.push_image:
    blobs the target has are skipped, blobs another repository of the
    target holds are mounted, the rest stream from the bundle and are hashed
    on the way, the last piece held back until the digest matches;
@@ -32,8 +33,6 @@ from puller.client.http import ClientOptions, FetchedManifest, RegistryClient
 from puller.client.reference import Reference
 from puller.errors import DigestMismatchError
 from puller.oci import Descriptor, parse_descriptor
-from puller.transfer.copy import add_to_referrers_tag
-from puller.transfer.mirror import signing
 from puller.transfer.mirror.bundle import BundleImage, BundleManifest, BundleReader, Member, blob_member, manifest_of
 from puller.transfer.mirror.errors import BundleError, PrerequisiteError
 from puller.transfer.mirror.listing import manifest_digest
@@ -46,6 +45,7 @@ from storage.oci import digests
 
 MiB = 1024 * 1024
 CHECKS_IN_FLIGHT = 8
+IMAGES_IN_FLIGHT = 4             # images of one repository pushed at once
 
 
 @dataclass
@@ -147,8 +147,8 @@ def _tree_blobs(documents: dict[str, FetchedManifest], digest: str, depth: int =
     return {b.digest for b in manifest.parsed.blobs}
 
 
-async def _bounded(jobs) -> list:
-    slots = asyncio.Semaphore(CHECKS_IN_FLIGHT)
+async def _bounded(jobs, limit: int = CHECKS_IN_FLIGHT) -> list:
+    slots = asyncio.Semaphore(limit)
 
     async def one(job):
         async with slots:
@@ -175,7 +175,10 @@ async def import_bundle(path: str | list[str], to: str, *, options: ClientOption
     started = time.perf_counter()
     progress = progress or Progress()
     target = Target.parse(to)
-    public = await asyncio.to_thread(signing.load_public_key, verify_key) if verify_key else None
+    public = None
+    if verify_key:      # `cryptography` costs a start-up some 20 ms: only a checked import loads it
+        from puller.transfer.mirror import signing
+        public = await asyncio.to_thread(signing.load_public_key, verify_key)
     reader = await asyncio.to_thread(BundleReader.open, path)
     own = client is None
     client = client or RegistryClient(options)
@@ -193,7 +196,17 @@ async def import_bundle(path: str | list[str], to: str, *, options: ClientOption
         for digest, (_, repository) in bundle.prerequisites.items():
             mounts.setdefault(digest, []).append(target.ref(repository).repository)
         source = BundleSource(reader, documents, mounts)
-        for image in [i for i in bundle.images if not i.subject] + [i for i in bundle.images if i.subject]:
+        # repository by repository, so a blob one of them received is mounted into the next;
+        # within one, its images a few at a time (their blobs share the client's --concurrency)
+        by_repository: dict[str, list[BundleImage]] = {}
+        for image in bundle.images:
+            if not image.subject:
+                by_repository.setdefault(image.repository, []).append(image)
+        for images in by_repository.values():
+            await _bounded((_push_one(client, target, source, i, documents, result, progress) for i in images),
+                           IMAGES_IN_FLIGHT)
+        # referrers one at a time, after their subjects: the tag schema is read-modify-write
+        for image in [i for i in bundle.images if i.subject]:
             await _push_one(client, target, source, image, documents, result, progress)
         for image in bundle.images:
             if image.tag:
@@ -227,6 +240,7 @@ async def _push_one(client: RegistryClient, target: Target, source: BundleSource
         subject = root.parsed.subject
         if image.subject and subject and not pushed.subject_headers.get(root.digest):
             # the target does not index subjects: keep its referrers tag (the tag schema) up to date
+            from puller.transfer.copy import add_to_referrers_tag      # (pull, layouts: not for every import)
             descriptor = parse_descriptor(root.descriptor(), "referrer")
             await add_to_referrers_tag(client, dest, subject.digest, descriptor, root)
     for digest in _tree_blobs(documents, image.digest):

@@ -8,15 +8,18 @@ that says whether a manifest is present without fetching it.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
 from puller.client.auth import Scope
 from puller.client.http import RegistryClient, read_document
 from puller.client.reference import Reference
-from puller.transfer.mirror.images_file import Selection
 from puller.errors import ContentError
 from puller.oci import parse_json_object
 from storage.oci import media
+
+if TYPE_CHECKING:          # the images file (and yaml) is not for an import's start-up
+    from puller.transfer.mirror.images_file import Selection
 
 PAGE = 1000
 MAX_PAGES = 10_000                  # a registry that pages forever ends the listing with an error

@@ -9,13 +9,14 @@ settings beside `images` and `repositories`:
     referrers: true                             # optional: signatures, SBOMs, attestations too
 
 Each image costs one manifest request to the target when it is already
-there (a HEAD of the tag, compared with the source's digest), not one per
-blob. A failed image does not stop the others: the run goes on, and its
+there (a HEAD of the tag, compared with the source's digest, both asked at
+once), not one per blob; images go a few at a time. A failed image does not stop the others: the run goes on, and its
 result lists what failed (the CLI then exits non-zero).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -27,8 +28,10 @@ from puller.transfer.mirror.images_file import Selection, read_images_file
 from puller.transfer.mirror.listing import expand, manifest_digest
 from puller.transfer.mirror.target import Target
 from puller.transfer.progress import Progress
+from puller.transfer.tasks import gather_all_or_cancel
 
 SETTINGS = ("target", "platform", "referrers")
+IMAGES_IN_FLIGHT = 4         # images synced at once (their blobs share the client's --concurrency)
 
 
 @dataclass(frozen=True)
@@ -76,26 +79,36 @@ class SyncResult:
                 "failed": len(self.failed), "seconds": round(self.seconds, 3)}
 
 
-async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, progress: Progress,
-                    result: SyncResult) -> None:
-    dest = config.target.ref(ref.repository, ref.tag)
-    entry = {"source": str(ref), "destination": str(dest), "digest": None, "state": "failed"}
-    result.images.append(entry)
-    wanted = parse_platform(config.platform) if config.platform else None
-    try:
-        # the transfers are imported once they are needed: a sync that finds
-        # everything in place is a few requests, and should start as fast
+async def _digests(client: RegistryClient, ref: Reference, dest: Reference, wanted) -> tuple[str, str | None, object]:
+    """The source's digest (and root, when a platform was picked) and the
+    target's for the tag: both asked at once, one manifest request each."""
+    async def source():
         if wanted is None:
             digest = await manifest_digest(client, ref, ref.identifier)
             if digest is None:
                 raise NotFoundError(f"manifest {ref.name}:{ref.identifier}: not found")
-            root = None
-        else:
-            from puller.transfer.mirror.walk import walk_image
-            root = (await walk_image(client, ref, platform=wanted)).root
-            digest = root.digest
+            return digest, None
+        from puller.transfer.mirror.walk import walk_image
+        root = (await walk_image(client, ref, platform=wanted)).root
+        return root.digest, root
+
+    async def target():
+        return await manifest_digest(client, dest, ref.tag) if ref.tag else None
+    (digest, root), present = await gather_all_or_cancel([source(), target()])
+    return digest, present, root
+
+
+async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, progress: Progress,
+                    entry: dict, result: SyncResult, referrers_turn: asyncio.Lock) -> None:
+    dest = config.target.ref(ref.repository, ref.tag)
+    entry.update({"destination": str(dest), "digest": None, "state": "failed"})
+    wanted = parse_platform(config.platform) if config.platform else None
+    try:
+        # the transfers are imported once they are needed: a sync that finds
+        # everything in place is a few requests, and should start as fast
+        digest, present, root = await _digests(client, ref, dest, wanted)
         entry["digest"] = digest
-        if ref.tag and await manifest_digest(client, dest, ref.tag) == digest:
+        if ref.tag and present == digest:
             entry["state"] = "unchanged"
             return
         from puller.transfer.copy import CopyResult, copy_referrers
@@ -108,7 +121,10 @@ async def _sync_one(client: RegistryClient, config: SyncConfig, ref: Reference, 
         result.bytes_transferred += pushed.bytes_uploaded
         if config.referrers:
             copied = CopyResult(str(ref), str(dest), digest, root.media_type)
-            await copy_referrers(client, ref, dest, list(pushed.manifests), copied, progress, 0)
+            # one image's referrers at a time: two tags of one image update the same
+            # referrers tag (the tag schema) read-modify-write
+            async with referrers_turn:
+                await copy_referrers(client, ref, dest, list(pushed.manifests), copied, progress, 0)
             result.bytes_transferred += copied.bytes_transferred
         entry["state"] = "copied"
     except ClientError as exc:
@@ -130,8 +146,19 @@ async def sync_once(config: SyncConfig, *, options: ClientOptions | None = None,
             except ClientError as exc:       # one repository unreadable: the others still sync
                 result.images.append({"source": spec.repository.name, "destination": None, "digest": None,
                                       "state": "failed", "error": one_line(exc)})
+        # images go concurrently, a few at a time (each also bounded per registry by the
+        # client's manifest slots); the result keeps the config's order
+        slots, referrers_turn = asyncio.Semaphore(IMAGES_IN_FLIGHT), asyncio.Lock()
+
+        async def one(ref: Reference, entry: dict) -> None:
+            async with slots:
+                await _sync_one(client, config, ref, progress, entry, result, referrers_turn)
+        jobs = []
         for ref in dict.fromkeys(refs):
-            await _sync_one(client, config, ref, progress, result)
+            entry = {"source": str(ref)}
+            result.images.append(entry)
+            jobs.append(one(ref, entry))
+        await gather_all_or_cancel(jobs)
     finally:
         if own:
             await client.close()

@@ -20,6 +20,7 @@ import pathlib
 import tempfile
 
 from puller.errors import one_line
+from puller.transfer.mirror import leftovers
 from puller.transfer.mirror.errors import BundleError
 
 VOLUME_MAGIC = b"DOCKYARD-BUNDLE-VOLUME\n"
@@ -52,17 +53,21 @@ class Output:
         self.max_size = max_size
         self.bundle_id = bundle_id
         self.temps: list[pathlib.Path] = []
+        self.held: list = []                    # the full volumes' files, until commit or abort
         self.handle = None
         self.room = 0
         self._next()
 
     def _next(self) -> None:
         try:
-            fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent)
+            fd, temp = tempfile.mkstemp(prefix=leftovers.partial_prefix(self.path), suffix=leftovers.PARTIAL,
+                                        dir=self.path.parent)
+            leftovers.hold(fd)          # a later export leaves it alone while this one lives
         except OSError as exc:
             raise BundleError(f"{self.path}: {one_line(exc)}") from exc
         if self.handle is not None:
-            self.handle.close()
+            self.handle.flush()
+            self.held.append(self.handle)       # left open: its lock says this export still lives
         self.temps.append(pathlib.Path(temp))
         self.handle = os.fdopen(fd, "wb")
         if self.max_size is None:
@@ -85,6 +90,12 @@ class Output:
     def flush(self) -> None:
         self.handle.flush()
 
+    def skip(self, count: int) -> None:
+        """Leave count bytes to be written in place later (one file only)."""
+        self.handle.flush()
+        self.handle.seek(count, os.SEEK_CUR)
+        self.room -= count
+
     def copy_from(self, fd: int, count: int, on_progress=None) -> None:
         """count bytes of the file `fd` at its offset, copied in the kernel."""
         self.handle.flush()
@@ -100,11 +111,23 @@ class Output:
             if on_progress:
                 on_progress(n)
 
+    def _release(self) -> None:
+        for handle in self.held:
+            with contextlib.suppress(OSError):
+                handle.close()
+        self.held = []
+
     def commit(self) -> list[pathlib.Path]:
         self.handle.flush()
         os.fsync(self.handle.fileno())
-        self.handle.close()
+        self.held.append(self.handle)           # locked until renamed
         self.handle = None
+        try:
+            return self._rename()
+        finally:
+            self._release()
+
+    def _rename(self) -> list[pathlib.Path]:
         if self.max_size is None:
             os.replace(self.temps[0], self.path)
             _sync_dir(self.path.parent)
@@ -127,6 +150,7 @@ class Output:
         if self.handle is not None:
             with contextlib.suppress(OSError):
                 self.handle.close()
+        self._release()
         for temp in self.temps:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
