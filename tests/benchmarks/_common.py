@@ -191,3 +191,47 @@ def rows_as_json(rows: Sequence[Row], targets: Sequence[str], baseline: str, **m
         "rows": [{**asdict(row), "ratios": {t: row.ratio(t, baseline) for t in targets if t != baseline}}
                  for row in rows],
     }, indent=2)
+
+
+# ---- the client benchmarks' shared command line and setup (bench_pull, bench_push, bench_mirror)
+
+def client_bench_parser(doc: str | None) -> "argparse.ArgumentParser":
+    import argparse
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
+    parser.add_argument("--no-debian", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    return parser
+
+
+@dataclass
+class ClientBench:
+    """What a client benchmark's run shares: its plan, the image cache, the
+    peer and the environment every command runs in."""
+    repeats: int
+    size: int            # bytes of each of the big image's four layers
+    cache: Path
+    skopeo: str
+    workdir: Path
+    dockyard: list[str]
+    env: dict[str, str]
+    policy: Path         # a containers policy accepting anything, for skopeo
+
+    @classmethod
+    def setup(cls, args, name: str) -> "ClientBench":
+        import os
+        import tempfile
+        cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
+        cache.mkdir(parents=True, exist_ok=True)
+        skopeo = need_tool("skopeo")
+        compile_dockyard()
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
+        policy = workdir / "policy.json"
+        policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+        return cls(repeats=1 if args.quick else args.repeats, size=(16 if args.quick else 64) * MiB,
+                   cache=cache, skopeo=skopeo, workdir=workdir, dockyard=[*launch.dockyard_command()],
+                   env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                        "DOCKER_CONFIG": str(workdir / "no-docker-config")},
+                   policy=policy)

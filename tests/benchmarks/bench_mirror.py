@@ -19,9 +19,7 @@ has no delta: it carries the whole image again).
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import select
 import shutil
 import signal
@@ -31,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, content, format_table, launch, need_tool,
+from _common import (BenchError, ClientBench, MiB, Row, client_bench_parser, content, format_table,
                      rows_as_json, timed)
 from bench_pull import big_layout, debian_layout, start_registry
 from bench_push import layout_bytes, run
@@ -120,24 +118,11 @@ def interval_round(argv: list, env: dict, repeats: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
-    parser.add_argument("--no-debian", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser = client_bench_parser(__doc__)
     args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
-    size = 16 * MiB if args.quick else 64 * MiB
-    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
-    cache.mkdir(parents=True, exist_ok=True)
-    skopeo = need_tool("skopeo")
-    compile_dockyard()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-mirror-"))
-    dockyard = launch.dockyard_command()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
-    policy = workdir / "policy.json"
-    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    bench = ClientBench.setup(args, "mirror")
+    repeats, size, cache, skopeo = bench.repeats, bench.size, bench.cache, bench.skopeo
+    workdir, dockyard, env, policy = bench.workdir, bench.dockyard, bench.env, bench.policy
     skopeo_copy = [skopeo, "--policy", str(policy), "copy", "-q", "--preserve-digests",
                    "--src-tls-verify=false", "--dest-tls-verify=false"]
     try:

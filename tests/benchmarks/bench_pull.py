@@ -20,7 +20,6 @@ dockyard is faster than the baseline (skopeo).
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -30,8 +29,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, content, format_table, launch,
-                     need_tool, peers, rows_as_json, sh, timed)
+from _common import (BenchError, ClientBench, MiB, Row, client_bench_parser, content, format_table,
+                     launch, need_tool, peers, rows_as_json, sh, timed)
 
 from tests.support.debian import debian_layer  # noqa: E402  (built once, cached by its inputs)
 
@@ -99,25 +98,12 @@ def best(repeats: int, run, reset) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
-    parser.add_argument("--no-debian", action="store_true")
+    parser = client_bench_parser(__doc__)
     parser.add_argument("--no-docker", action="store_true")
-    parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
-    size = 16 * MiB if args.quick else 64 * MiB
-    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
-    cache.mkdir(parents=True, exist_ok=True)
-    skopeo = need_tool("skopeo")
-    compile_dockyard()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-pull-"))
-    dockyard = [*launch.dockyard_command()]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
-    policy = workdir / "policy.json"
-    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    bench = ClientBench.setup(args, "pull")
+    repeats, size, cache, skopeo = bench.repeats, bench.size, bench.cache, bench.skopeo
+    workdir, dockyard, env, policy = bench.workdir, bench.dockyard, bench.env, bench.policy
     registry = start_registry(args.registry, workdir)
     docker = None
     try:

@@ -17,15 +17,12 @@ and the best of N is kept. Ratio > 1 means dockyard is faster than skopeo.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from _common import (REPO_ROOT, BenchError, MiB, Row, compile_dockyard, format_table, launch, need_tool,
+from _common import (BenchError, ClientBench, MiB, Row, client_bench_parser, format_table,
                      rows_as_json, timed)
 from bench_pull import big_layout, debian_layout, start_registry
 
@@ -45,24 +42,11 @@ def layout_bytes(layout: Path) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--registry", choices=["dockyard", "distribution"], default="dockyard")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="4 x 16 MiB instead of 4 x 64 MiB, one run")
-    parser.add_argument("--no-debian", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser = client_bench_parser(__doc__)
     args = parser.parse_args()
-    repeats = 1 if args.quick else args.repeats
-    size = 16 * MiB if args.quick else 64 * MiB
-    cache = Path(os.environ.get("DOCKYARD_BENCH_CACHE") or Path.home() / ".cache" / "dockyard-bench")
-    cache.mkdir(parents=True, exist_ok=True)
-    skopeo = need_tool("skopeo")
-    compile_dockyard()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-push-"))
-    dockyard = launch.dockyard_command()
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKER_CONFIG": str(workdir / "no-docker-config")}
-    policy = workdir / "policy.json"
-    policy.write_text('{"default": [{"type": "insecureAcceptAnything"}]}')
+    bench = ClientBench.setup(args, "push")
+    repeats, size, cache, skopeo = bench.repeats, bench.size, bench.cache, bench.skopeo
+    workdir, dockyard, env, policy = bench.workdir, bench.dockyard, bench.env, bench.policy
     try:
         images = {"big": (big_layout(cache, 4, size), "big")}
         if not args.no_debian:
