@@ -10,8 +10,10 @@ the next look.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import ssl
@@ -28,6 +30,8 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.ciphersuites:
+        set_tls13_ciphersuites(context, tls.ciphersuites)
     _load_pair(context, tls)
     if tls.client_ca:
         try:
@@ -36,6 +40,36 @@ def server_context(tls: TlsSettings) -> ssl.SSLContext | None:
             raise SettingsError(f"tls.client_ca {tls.client_ca}: {_reason(exc)}") from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def set_tls13_ciphersuites(context: ssl.SSLContext, suites: str) -> bool:
+    """Offer the TLS 1.3 cipher suites `suites` ("A:B:C") in the server's
+    order of preference. Python 3.11's ssl module has no call for TLS 1.3
+    suites (set_ciphers covers TLS 1.2 and older), so this calls OpenSSL's
+    SSL_CTX_set_ciphersuites on the context's SSL_CTX, from the very libssl
+    the ssl module uses (symbols looked up through _ssl's own handle). The
+    SSL_CTX pointer is the field right after the object's header; it is
+    used only after SSL_CTX_get_options through it matches the context's
+    options, so a Python whose layout differs gets OpenSSL's order and a
+    warning, never a wrong pointer. False when not applied."""
+    try:
+        libssl = ctypes.CDLL(_ssl.__file__)
+        get_options, set_suites = libssl.SSL_CTX_get_options, libssl.SSL_CTX_set_ciphersuites
+    except (OSError, AttributeError) as exc:
+        log.warning("tls.ciphersuites: OpenSSL's SSL_CTX_set_ciphersuites is not reachable (%s): "
+                    "OpenSSL's default order is used", exc)
+        return False
+    get_options.argtypes, get_options.restype = [ctypes.c_void_p], ctypes.c_uint64
+    set_suites.argtypes, set_suites.restype = [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int
+    pointer = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not pointer or get_options(pointer) != context.options:
+        log.warning("tls.ciphersuites: this Python's SSL context layout is not the expected one: "
+                    "OpenSSL's default order is used")
+        return False
+    if set_suites(pointer, suites.encode()) != 1:
+        raise SettingsError(f"tls.ciphersuites: OpenSSL refused {suites!r}")
+    context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+    return True
 
 
 def _load_pair(context: ssl.SSLContext, tls: TlsSettings) -> None:

@@ -152,6 +152,48 @@ def test_unusable_tls_settings_are_one_line_and_exit_2(tmp_path, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
 
 
+def negotiated_suite(port: int, context: ssl.SSLContext) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.cipher()[0]
+
+
+@pytest.mark.parametrize("suites, expected", [
+    (None, "TLS_AES_128_GCM_SHA256"),                # the default: the server's order, AES-128 first
+    ("", "TLS_AES_256_GCM_SHA384"),                  # OpenSSL's defaults: the client's order
+    ("TLS_CHACHA20_POLY1305_SHA256", "TLS_CHACHA20_POLY1305_SHA256"),
+], ids=["default", "openssl-order", "chacha-only"])
+def test_tls13_cipher_suites_are_the_servers_choice(tmp_path, suites, expected):
+    """An OpenSSL client (Python's, and curl, which lists AES-256-GCM first)
+    gets the suite tls.ciphersuites puts first (RFC 8446 4.1.1: the server
+    selects), as Go's crypto/tls would choose it."""
+    ca = CertificateAuthority(tmp_path / "ca")
+    files = ca.issue()
+    env = {} if suites is None else {"DOCKYARD_TLS_CIPHERSUITES": suites}
+    server, port = serve_tls(tmp_path, ca, files, env=env)
+    try:
+        client = files.client_context()
+        assert [c["name"] for c in client.get_ciphers()][0] == "TLS_AES_256_GCM_SHA384"   # the client's first
+        assert negotiated_suite(port, client) == expected
+        curl = subprocess.run(["curl", "-sv", "--http1.1", "--cacert", str(files.ca_cert), "-o", "/dev/null",
+                               f"https://127.0.0.1:{port}/v2/"], capture_output=True, text=True, timeout=30)
+        assert f"TLSv1.3 / {expected}" in curl.stderr, curl.stderr[-800:]
+    finally:
+        server.stop()
+
+
+def test_an_unknown_cipher_suite_is_one_line_and_exit_2(tmp_path):
+    files = CertificateAuthority(tmp_path / "ca").issue()
+    argv = [*dockyard_command(), "serve", "--port", "0", "--storage", str(tmp_path / "s"),
+            "--tls-cert", str(files.cert), "--tls-key", str(files.key)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
+                               "DOCKYARD_TLS_CIPHERSUITES": "TLS_AES_128_GCM_SHA256:ECDHE-RSA-AES128-GCM-SHA256"})
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tls.ciphersuites" in lines[0] and "ECDHE-RSA-AES128-GCM-SHA256" in lines[0]
+
+
 def test_a_public_address_without_tls_or_auth_warns():
     exposed = Settings(http=HttpSettings(host="0.0.0.0"))
     assert "plain HTTP without authentication on 0.0.0.0" in exposure_warning(exposed)
