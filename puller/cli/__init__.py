@@ -25,11 +25,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dockyard",
         description="A self-hosted OCI registry and its daemonless client.")
+    parser.add_argument("--version", action="version", version=f"dockyard {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, commands in COMMAND_MODULES.items():
         if command is None or command in commands:
             importlib.import_module(name).register(sub)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml), else the source tree's."""
+    from importlib import metadata
+    try:
+        return metadata.version("dockyard")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,13 +1,14 @@
 """`dockyard unpack` and `dockyard run`.
 
-    dockyard unpack [--store DIR] [--cache DIR | --no-cache] REF DIR
-    dockyard run [--rm] [-e K=V] [-v HOST:CONTAINER[:ro]] [--network none|host]
+    dockyard unpack [--store DIR] [--cache DIR | --no-cache] [--json] REF DIR
+    dockyard run [--rm] [--init] [-t] [-e K=V] [-v HOST|NAME:CONTAINER[:ro]] [--network none|host]
                  [--runtime runc|crun] [--name NAME] [-u USER] [-w DIR]
                  [--entrypoint CMD] REF [CMD...]
 
 REF is a reference (pulled into the local store if it is not there) or
 `oci:LAYOUTDIR[:TAG]`. Errors are one line on stderr and a non-zero exit;
-`run` exits with the container's exit code.
+`run` exits with the container's exit code (128+n when signal n ended it) and
+forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT and SIGWINCH to its PID 1.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from puller.cli.common import fail, run_async
+from puller.cli.common import emit, fail, run_async
 from puller.errors import ClientError
 from puller.runtime.bundle import write_bundle
 from puller.runtime.options import ApplyOptions, UnpackLimits
@@ -58,7 +59,8 @@ def _setup(args):
         except Exception:
             pass
     client_options = _options(args, registries)
-    progress = make_progress("quiet" if args.quiet or not sys.stderr.isatty() else "auto")
+    quiet = args.quiet or getattr(args, "json", False) or not sys.stderr.isatty()
+    progress = make_progress("quiet" if quiet else "auto")
     return store, cache, options, client_options, progress
 
 
@@ -78,23 +80,31 @@ def cmd_unpack(args) -> int:
         layers, config = _prepare(args, store, cache, options, client_options, progress)
         bundle = write_bundle(args.directory, layers, config, cache=cache, options=options)
     except ClientError as exc:  # the runtime's errors and its OSErrors included
-        return fail(exc)
-    if not args.quiet:
-        print(f"{args.reference}: unpacked {len(layers)} layers into {bundle}")
+        return fail(exc, json_output=args.json)
+    emit(args, {"reference": args.reference, "bundle": str(bundle), "rootfs": str(bundle / "rootfs"),
+                "config": str(bundle / "config.json"), "layers": [str(blob) for blob, _, _ in layers],
+                "diff_ids": [diff_id for _, _, diff_id in layers]},
+         f"{args.reference}: unpacked {len(layers)} layers into {bundle}")
     return 0
 
 
+def volumes_dir(store) -> Path:
+    """Named volumes live beside the store and the unpack cache (the user's data directory)."""
+    return store.root.parent / "volumes"
+
+
 def cmd_run(args) -> int:
-    from puller.runtime.run import find_runtime, run_container
+    from puller.runtime.run import find_init, find_runtime, run_container
+    from puller.store import LocalStore
     try:
         runtime = find_runtime(args.runtime)
         settings = RunSettings(
             command=tuple(args.command) if args.command else None,
             entrypoint=tuple(args.entrypoint.split()) if args.entrypoint is not None else None,
             env=tuple(args.env or ()), user=args.user, workdir=args.workdir,
-            volumes=tuple(Volume.parse(v) for v in args.volume or ()),
+            volumes=tuple(Volume.parse(v, volumes_dir(LocalStore(args.store))) for v in args.volume or ()),
             network=args.network, hostname=args.hostname, tty=args.tty,
-            readonly_rootfs=args.read_only)
+            readonly_rootfs=args.read_only, init=find_init() if args.init else None)
         args.no_cache = False
         store, cache, options, client_options, progress = _setup(args)
         layers, config = _prepare(args, store, cache, options, client_options, progress)
@@ -110,6 +120,7 @@ def register(subparsers) -> None:
     p.add_argument("directory", help="bundle directory to create (must not exist or be empty)")
     p.add_argument("--no-cache", action="store_true", help="apply layers straight into the bundle")
     _common(p)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=cmd_unpack)
 
     p = subparsers.add_parser("run", help="run an image with runc or crun")
@@ -117,7 +128,9 @@ def register(subparsers) -> None:
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)")
     p.add_argument("--rm", action="store_true", help="remove the container's bundle when it exits")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="set an environment variable")
-    p.add_argument("-v", "--volume", action="append", metavar="HOST:CONTAINER[:ro]", help="bind mount")
+    p.add_argument("-v", "--volume", action="append", metavar="HOST:CONTAINER[:ro]",
+                   help="bind mount an existing file or directory, or NAME:CONTAINER for a named volume")
+    p.add_argument("--init", action="store_true", help="run a tiny init (tini) as PID 1 that forwards signals")
     p.add_argument("--network", choices=("none", "host"), default="none",
                    help="none: own network namespace with loopback (default); host: the host's")
     p.add_argument("--runtime", choices=("runc", "crun"), help="OCI runtime (default: runc, else crun)")

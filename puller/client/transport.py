@@ -378,7 +378,9 @@ class Transport:
                     try:
                         context.load_verify_locations(cafile=self.options.ca_file)
                     except OSError as exc:      # missing, unreadable, or not PEM (ssl.SSLError)
-                        raise TransportError(one_line(exc)) from exc
+                        # OSError's str() omits the file name load_verify_locations was given
+                        why = exc.strerror if exc.strerror and not isinstance(exc, ssl.SSLError) else one_line(exc)
+                        raise TransportError(f"cannot load CA file {self.options.ca_file}: {why}") from exc
             context.set_alpn_protocols(["http/1.1"])
             self._ssl = context
         return self._ssl

@@ -115,18 +115,52 @@ def remove_bundle(bundle: Path) -> None:
     shutil.rmtree(bundle, ignore_errors=True)
 
 
+# ---- --init --------------------------------------------------------------------------------------
+
+INIT_CANDIDATES = ("docker-init", "tini-static", "catatonit")
+
+
+def find_init() -> str:
+    """A statically linked init on the host (tini as docker ships it, or
+    catatonit): mounted into the container, it must not need the image's libc."""
+    for name in INIT_CANDIDATES:
+        path = shutil.which(name)
+        if path and _is_static_elf(os.path.realpath(path)):
+            return os.path.realpath(path)
+    raise RunError(f"--init needs a statically linked init on PATH ({', '.join(INIT_CANDIDATES)}; "
+                   "Debian's tini package has tini-static)")
+
+
+def _is_static_elf(path: str) -> bool:
+    """An ELF executable without a PT_INTERP program header (no dynamic loader)."""
+    import struct
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if head[:4] != b"\x7fELF" or head[4] != 2:         # 64-bit only
+                return False
+            order = "<" if head[5] == 1 else ">"
+            phoff, = struct.unpack_from(order + "Q", head, 32)
+            phentsize, phnum = struct.unpack_from(order + "HH", head, 54)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except (OSError, struct.error):
+        return False
+    PT_INTERP = 3
+    return len(table) == phentsize * phnum and all(
+        struct.unpack_from(order + "I", table, i * phentsize)[0] != PT_INTERP for i in range(phnum))
+
+
 # ---- run -----------------------------------------------------------------------------------------
 
 
-@os_errors_mapped
-def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSettings, *,
-                  cache: SnapshotCache, runtime: Runtime, name: str | None = None, remove: bool = False,
-                  options: ApplyOptions | None = None, use_overlay: bool | None = None) -> int:
-    """Create a bundle for this image, run it in the foreground, return its exit code."""
-    container_id = name or uuid.uuid4().hex
+def create_bundle(layers: Sequence[Layer], image_config: dict, settings: RunSettings, *,
+                  cache: SnapshotCache, runtime: Runtime, container_id: str,
+                  options: ApplyOptions | None = None, use_overlay: bool | None = None) -> Path:
+    """CACHE/containers/<id>/ with its rootfs (overlay or copy) and config.json."""
     if not NAME_RE.match(container_id):
         raise RunError(f"invalid container name {container_id!r}")
-    containers = cache.root / "containers"
+    containers = containers_dir(cache)
     containers.mkdir(mode=0o700, exist_ok=True)
     new_trees_here(containers)
     bundle = containers / container_id
@@ -148,23 +182,60 @@ def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSett
     except BaseException:
         remove_bundle(bundle)
         raise
+    return bundle
+
+
+def containers_dir(cache: SnapshotCache) -> Path:
+    return cache.root / "containers"
+
+
+@os_errors_mapped
+def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSettings, *,
+                  cache: SnapshotCache, runtime: Runtime, name: str | None = None, remove: bool = False,
+                  options: ApplyOptions | None = None, use_overlay: bool | None = None) -> int:
+    """Create a bundle for this image, run it in the foreground, return its exit
+    code (128+n when a signal n ended PID 1, as Docker reports it)."""
+    container_id = name or uuid.uuid4().hex
+    bundle = create_bundle(layers, image_config, settings, cache=cache, runtime=runtime,
+                           container_id=container_id, options=options, use_overlay=use_overlay)
     runtime.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    argv = runtime.argv("run", "--bundle", str(bundle), container_id)
     try:
-        proc = subprocess.Popen(argv)
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:
-                continue  # the runtime got the SIGINT too and forwards it
+        return run_bundle(runtime, bundle, container_id, tty=settings.tty)
     finally:
         if _runtime_state(runtime, container_id) is not None:
             subprocess.run(runtime.argv("delete", "--force", container_id), capture_output=True)
         unmount(bundle / "rootfs")
         if remove:
             remove_bundle(bundle)
-    return code
+
+
+def run_bundle(runtime: Runtime, bundle: Path, container_id: str, *, tty: bool,
+               stdout=None, stderr=None) -> int:
+    """`<runtime> run` in the foreground with signals forwarded (puller.runtime.signals).
+
+    With a terminal (-t) the runtime shares our process group: it reads our
+    terminal (in raw mode, so a typed ^C is a byte for the container, not a
+    signal). Without one it gets its own process group, so a Ctrl-C at our
+    terminal reaches only us and is forwarded once; the container's stdin is
+    then ours unless that is a terminal (it could not read it from a
+    background group: /dev/null, as `docker run` without -i)."""
+    from puller.runtime.signals import forward_signals
+    argv = runtime.argv("run", "--bundle", str(bundle), container_id)
+    stdin = None
+    if not tty and _is_terminal(0):
+        stdin = subprocess.DEVNULL
+    proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
+                            process_group=None if tty else 0)
+    with forward_signals(lambda sig: runtime.argv("kill", container_id, sig), container_id, proc, tty=tty):
+        code = proc.wait()
+    return 128 - code if code < 0 else code  # the runtime itself ended by a signal
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _runtime_state(runtime: Runtime, container_id: str) -> dict | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,26 +42,57 @@ DEFAULT_NOFILE = 1048576
 READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 # the runtime mounts its own filesystems here: nothing from the image may point into them
 RUNTIME_MOUNTED = ("proc", "sys", "dev")
+INIT_PATH = "/sbin/docker-init"     # where --init's binary is mounted, as docker mounts it
+
+
+VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class Volume:
+    """A bind mount: `host` is a path that must exist (a file or a directory),
+    or for a named volume (`-v NAME:/path`, no slash in NAME) a directory
+    under the user's volumes directory, made on first use."""
     host: str
     container: str
     readonly: bool = False
+    named: bool = False
 
     @classmethod
-    def parse(cls, spec: str) -> "Volume":
+    def parse(cls, spec: str, volumes_dir: str | os.PathLike | None = None) -> "Volume":
         parts = spec.split(":")
         readonly = False
         if len(parts) == 3 and parts[2] in ("ro", "rw"):
             readonly = parts[2] == "ro"
             parts = parts[:2]
         if len(parts) != 2 or not parts[0] or not parts[1]:
-            raise UnpackError(f"invalid volume {spec!r} (want HOST:CONTAINER[:ro])")
+            raise UnpackError(f"invalid volume {spec!r} (want HOST:CONTAINER[:ro] or NAME:CONTAINER[:ro])")
         if not parts[1].startswith("/"):
             raise UnpackError(f"invalid volume {spec!r}: the container path must be absolute")
-        return cls(os.path.abspath(parts[0]), parts[1], readonly)
+        source = parts[0]
+        if "/" not in source and source not in (".", ".."):
+            if not VOLUME_NAME_RE.match(source):
+                raise UnpackError(f"invalid volume name {source!r} (letters, digits, '_', '.', '-')")
+            if volumes_dir is None:
+                raise UnpackError(f"named volume {source!r}: no volumes directory")
+            return cls(str(Path(volumes_dir) / source), parts[1], readonly, named=True)
+        return cls(os.path.abspath(source), parts[1], readonly)
+
+    def source(self) -> Path:
+        """The host path to bind, checked (a named volume's directory is made)."""
+        path = Path(self.host)
+        if self.named:
+            path.mkdir(mode=0o755, parents=True, exist_ok=True)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ConfigError(f"volume source {self.host} does not exist "
+                              "(create it, or use a named volume NAME:CONTAINER)") from None
+        except OSError as exc:
+            raise ConfigError(f"volume source {self.host}: {exc.strerror}") from None
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise ConfigError(f"volume source {self.host} is neither a file nor a directory")
+        return path.resolve()
 
 
 @dataclass(frozen=True)
@@ -76,6 +108,7 @@ class RunSettings:
     hostname: str | None = None
     tty: bool = False
     readonly_rootfs: bool = False
+    init: str | None = None                     # host path of a static init run as PID 1 (--init)
 
 
 # -- reading files inside the rootfs
@@ -267,6 +300,8 @@ def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: Run
     args = entrypoint + cmd
     if not args and require_command:
         raise ConfigError("no command: the image has no Entrypoint or Cmd, give one")
+    if settings.init:
+        args = [INIT_PATH, "--", *args]
     user = resolve_user(rootfs, settings.user if settings.user is not None else cfg.get("User"))
     cwd = safe_workdir(rootfs, settings.workdir if settings.workdir is not None else cfg.get("WorkingDir"))
     hostname = settings.hostname or container_id[:12]
@@ -302,14 +337,15 @@ def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: Run
     for rel in files:
         mounts.append({"destination": "/" + rel, "type": "bind", "source": str(bundle / rel),
                        "options": ["rbind", "rprivate"]})
+    if settings.init:
+        mounts.append({"destination": INIT_PATH, "type": "bind", "source": settings.init,
+                       "options": ["rbind", "rprivate", "ro"]})
     for volume in settings.volumes:
         dest = _clean_container_path(volume.container)
         if dest == "/" or dest.split("/")[1] in RUNTIME_MOUNTED:
             raise ConfigError(f"cannot mount a volume at {dest}")
-        source = Path(volume.host)
-        source.mkdir(parents=True, exist_ok=True)
         options = ["rbind", "rprivate"] + (["ro"] if volume.readonly else [])
-        mounts.append({"destination": dest, "type": "bind", "source": str(source.resolve()),
+        mounts.append({"destination": dest, "type": "bind", "source": str(volume.source()),
                        "options": options})
 
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]

@@ -86,6 +86,7 @@ def test_env_workdir_and_user_from_image(dirs, runtime, image_ref):
 
 def test_volume_persists_between_runs(dirs, runtime, image_ref):
     vol = dirs["vol"] / runtime
+    vol.mkdir(parents=True, exist_ok=True)  # a host path must exist (a missing one is an error)
     w = dockyard_run(dirs, runtime, image_ref, "/bin/sh", "-c", "echo persisted-$0 > /vol/f", runtime,
                      extra=("--rm", "-u", "0", "-v", f"{vol}:/vol"))
     assert w.returncode == 0, w.stderr.decode()
