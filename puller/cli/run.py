@@ -46,11 +46,23 @@ def _setup(args):
     from puller.runtime.image import default_cache_dir
     from puller.store import LocalStore, parse_layout_reference
 
+    from puller.runtime import rootless
+
     store = LocalStore(args.store)
-    options = ApplyOptions(limits=UnpackLimits(max_layer_bytes=int(args.max_layer_size * GiB)))
+    mode = rootless.current()
+    # with only the user's ID mapped, the image's other owners cannot be set
+    as_root = False if mode is not None and not mode.subids else None
+    options = ApplyOptions(limits=UnpackLimits(max_layer_bytes=int(args.max_layer_size * GiB)), as_root=as_root)
     cache = None
     if not getattr(args, "no_cache", False):
-        cache = SnapshotCache(Path(args.cache) if args.cache else default_cache_dir(store.root))
+        if args.cache:
+            cache_dir = Path(args.cache)
+        else:
+            cache_dir = default_cache_dir(store.root)
+            if mode is not None and mode.subids:
+                # owners from the user's ID range: not to be mixed with the snapshots unpacked without it
+                cache_dir = cache_dir.with_name(cache_dir.name + "-userns")
+        cache = SnapshotCache(cache_dir)
     registries: list[str] = []
     if parse_layout_reference(args.reference) is None:
         try:
@@ -94,9 +106,14 @@ def volumes_dir(store) -> Path:
 
 
 def cmd_run(args) -> int:
+    import os
+
+    from puller.runtime import rootless
     from puller.runtime.run import find_init, find_runtime, run_container
     from puller.store import LocalStore
     try:
+        if os.geteuid() != 0 and rootless.current() is None:
+            rootless.enter_user_namespace()  # runs this command again in a user namespace of ours
         runtime = find_runtime(args.runtime)
         settings = RunSettings(
             command=tuple(args.command) if args.command else None,

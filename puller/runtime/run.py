@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from puller.runtime import rootless
 from puller.runtime.errors import RunError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
@@ -47,8 +48,19 @@ class Runtime:
     path: str
     state_root: Path
 
+    rootless: bool = False
+
     def argv(self, *args: str) -> list[str]:
         base = [self.path, "--root", str(self.state_root), *args]
+        if self.name == "crun" and self.rootless:
+            # no cgroup it could write from a user namespace; the hybrid check (below) still runs,
+            # and the host's cgroup2 mount, locked in our namespace, cannot be unmounted: hidden
+            # under an empty tmpfs instead, in the namespace of this one command
+            base = [self.path, "--cgroup-manager=disabled", *base[1:]]
+            if _crun_needs_legacy_view():
+                script = 'mount -t tmpfs -o ro,size=4k tmpfs /sys/fs/cgroup/unified; exec "$@"'
+                return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "crun", *base]
+            return base
         if self.name == "crun" and _crun_needs_legacy_view():
             script = 'umount -l /sys/fs/cgroup/unified 2>/dev/null; exec "$@"'
             return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script,
@@ -70,6 +82,9 @@ def find_runtime(name: str | None = None) -> Runtime:
     for candidate in names:
         path = shutil.which(candidate)
         if path:
+            mode = rootless.current()
+            if mode is not None:
+                return Runtime(candidate, path, rootless.state_root(mode, candidate), rootless=True)
             base = Path("/run/dockyard") if os.geteuid() == 0 else \
                 Path(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/dockyard-{os.getuid()}")
             return Runtime(candidate, path, base / candidate)
@@ -178,6 +193,9 @@ def create_bundle(layers: Sequence[Layer], image_config: dict, settings: RunSett
                     shutil.rmtree(bundle / d)
             materialize(snapshot, bundle / "rootfs")
         config, files = runtime_config(image_config, bundle / "rootfs", bundle, settings, container_id)
+        mode = rootless.current()
+        rootless.check_process_user(mode, config)
+        rootless.adapt_config(mode, config)
         write_bundle_files(bundle, config, files)
     except BaseException:
         remove_bundle(bundle)
