@@ -148,8 +148,9 @@ def register(subparsers) -> None:
     p.add_argument("-v", "--volume", action="append", metavar="HOST:CONTAINER[:ro]",
                    help="bind mount an existing file or directory, or NAME:CONTAINER for a named volume")
     p.add_argument("--init", action="store_true", help="run a tiny init (tini) as PID 1 that forwards signals")
-    p.add_argument("--network", choices=("none", "host"), default="none",
-                   help="none: own network namespace with loopback (default); host: the host's")
+    p.add_argument("--network", choices=("none", "host", "slirp4netns"), default="none",
+                   help="none: own network namespace with loopback (default); host: the host's; "
+                        "slirp4netns: outbound access without root (the host's loopback refused)")
     p.add_argument("--runtime", choices=("runc", "crun"), help="OCI runtime (default: runc, else crun)")
     p.add_argument("--name", help="container name (default: random)")
     p.add_argument("-u", "--user", help="USER[:GROUP] or UID[:GID]")

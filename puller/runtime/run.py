@@ -18,6 +18,8 @@ unmounted, so it sees plain cgroup v1 (nothing changes on the host).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -214,6 +216,14 @@ def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSett
     """Create a bundle for this image, run it in the foreground, return its exit
     code (128+n when a signal n ended PID 1, as Docker reports it)."""
     container_id = name or uuid.uuid4().hex
+    with contextlib.ExitStack() as network:
+        if settings.network == "slirp4netns":
+            from puller.runtime.network import slirp_network
+            settings = dataclasses.replace(settings, network_path=network.enter_context(slirp_network()))
+        return _run_new(layers, image_config, settings, cache, runtime, container_id, remove, options, use_overlay)
+
+
+def _run_new(layers, image_config, settings, cache, runtime, container_id, remove, options, use_overlay) -> int:
     bundle = create_bundle(layers, image_config, settings, cache=cache, runtime=runtime,
                            container_id=container_id, options=options, use_overlay=use_overlay)
     runtime.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -104,7 +104,8 @@ class RunSettings:
     user: str | None = None
     workdir: str | None = None
     volumes: tuple[Volume, ...] = ()
-    network: str = "none"                       # "none" (own namespace, loopback) | "host"
+    network: str = "none"                       # "none" (own namespace, loopback) | "host" | "slirp4netns"
+    network_path: str | None = None             # join this network namespace (slirp4netns's, puller.runtime.network)
     hostname: str | None = None
     tty: bool = False
     readonly_rootfs: bool = False
@@ -332,7 +333,7 @@ def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: Run
         "etc/hostname": hostname + "\n",
         "etc/hosts": ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
                       f"127.0.1.1\t{hostname}\n"),
-        "etc/resolv.conf": _resolv_conf(host_net),
+        "etc/resolv.conf": "nameserver 10.0.2.3\n" if settings.network == "slirp4netns" else _resolv_conf(host_net),
     }
     for rel in files:
         mounts.append({"destination": "/" + rel, "type": "bind", "source": str(bundle / rel),
@@ -350,7 +351,7 @@ def runtime_config(image_config: dict, rootfs: Path, bundle: Path, settings: Run
 
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if not host_net:
-        namespaces.append({"type": "network"})
+        namespaces.append({"type": "network", **({"path": settings.network_path} if settings.network_path else {})})
     caps = list(DEFAULT_CAPABILITIES)
     nofile = _nofile_limit()
     config = {

@@ -23,7 +23,7 @@ from tests.support.peers import busybox_layer, require_root, require_tool
 
 pytestmark = pytest.mark.interop
 
-APPLETS = ("sh", "cat", "echo", "sleep", "ls", "id", "true", "kill")
+APPLETS = ("sh", "cat", "echo", "sleep", "ls", "id", "true", "kill", "wget", "ping")
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +163,39 @@ def test_unpack_json(dirs, image, tmp_path):
     assert again.returncode == 1
     assert json.loads(again.stdout)["error"].endswith("already exists and is not empty")
     assert os.listdir(bundle) != []
+
+
+def test_slirp4netns_network_routes_out_but_not_to_the_host_loopback(dirs, runtime, image):
+    """--network slirp4netns: a tap device with a default route through
+    slirp4netns's gateway, its DNS in resolv.conf, and the host's 127.0.0.1
+    not reachable through 10.0.2.2 (a service bound to loopback stays private)."""
+    require_tool("slirp4netns")
+    import http.server
+    import threading
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            self.wfile.write(b"host-secret\n")
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        script = (f"cat /proc/net/route; ping -c 1 -W 5 10.0.2.2 >/dev/null && echo gateway-answers; "
+                  f"cat /etc/resolv.conf; wget -q -T 5 -O- http://10.0.2.2:{port}/ || echo host-loopback-refused")
+        proc = run(dirs, runtime, image, "/bin/sh", "-c", script, extra=("--network", "slirp4netns"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr
+    routes = [line.split()[:3] for line in proc.stdout.splitlines() if line.startswith("tap0")]
+    assert ["tap0", "00000000", "0202000A"] in routes     # default route via 10.0.2.2
+    assert "gateway-answers" in proc.stdout
+    assert "nameserver 10.0.2.3" in proc.stdout.splitlines()
+    assert "host-loopback-refused" in proc.stdout and "host-secret" not in proc.stdout
