@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import uuid
 from pathlib import Path
 
 from puller.cli.common import emit, fail, run_async
@@ -43,7 +44,6 @@ def _setup(args):
     from puller.cli.common import client_options as _options
     from puller.transfer.progress import make_progress
     from puller.client.reference import parse_reference
-    from puller.runtime.image import default_cache_dir
     from puller.store import LocalStore, parse_layout_reference
 
     from puller.runtime import rootless
@@ -55,14 +55,7 @@ def _setup(args):
     options = ApplyOptions(limits=UnpackLimits(max_layer_bytes=int(args.max_layer_size * GiB)), as_root=as_root)
     cache = None
     if not getattr(args, "no_cache", False):
-        if args.cache:
-            cache_dir = Path(args.cache)
-        else:
-            cache_dir = default_cache_dir(store.root)
-            if mode is not None and mode.subids:
-                # owners from the user's ID range: not to be mixed with the snapshots unpacked without it
-                cache_dir = cache_dir.with_name(cache_dir.name + "-userns")
-        cache = SnapshotCache(cache_dir)
+        cache = SnapshotCache(cache_dir_for(args, store))
     registries: list[str] = []
     if parse_layout_reference(args.reference) is None:
         try:
@@ -74,6 +67,20 @@ def _setup(args):
     quiet = args.quiet or getattr(args, "json", False) or not sys.stderr.isatty()
     progress = make_progress("quiet" if quiet else "auto")
     return store, cache, options, client_options, progress
+
+
+def cache_dir_for(args, store) -> Path:
+    """--cache, else the default next to the store (its own in a user namespace with an ID range)."""
+    from puller.runtime import rootless
+    from puller.runtime.image import default_cache_dir
+    if args.cache:
+        return Path(args.cache)
+    cache_dir = default_cache_dir(store.root)
+    mode = rootless.current()
+    if mode is not None and mode.subids:
+        # owners from the user's ID range: not to be mixed with the snapshots unpacked without it
+        cache_dir = cache_dir.with_name(cache_dir.name + "-userns")
+    return cache_dir
 
 
 def _prepare(args, store, cache, options, client_options, progress):
@@ -125,8 +132,12 @@ def cmd_run(args) -> int:
         args.no_cache = False
         store, cache, options, client_options, progress = _setup(args)
         layers, config = _prepare(args, store, cache, options, client_options, progress)
-        return run_container(layers, config, settings, cache=cache, runtime=runtime, name=args.name,
-                             remove=args.rm, options=options)
+        container_id = args.name or uuid.uuid4().hex
+        code = run_container(layers, config, settings, cache=cache, runtime=runtime, name=container_id,
+                             remove=args.rm, options=options, detach=args.detach, image=args.reference)
+        if args.detach and not args.quiet:
+            print(container_id)
+        return code
     except ClientError as exc:  # the runtime's errors and its OSErrors included
         return fail(exc)
 
@@ -144,6 +155,8 @@ def register(subparsers) -> None:
     p.add_argument("reference", help="NAME[:TAG|@DIGEST] or oci:LAYOUTDIR[:TAG]")
     p.add_argument("command", nargs=argparse.REMAINDER, help="command and arguments (default: the image's)")
     p.add_argument("--rm", action="store_true", help="remove the container's bundle when it exits")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="run in the background and print its ID (see dockyard ps, logs, stop, rm)")
     p.add_argument("-e", "--env", action="append", metavar="K=V", help="set an environment variable")
     p.add_argument("-v", "--volume", action="append", metavar="HOST:CONTAINER[:ro]",
                    help="bind mount an existing file or directory, or NAME:CONTAINER for a named volume")

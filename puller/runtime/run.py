@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from puller.runtime import rootless
+from puller.runtime import containers, rootless
 from puller.runtime.errors import RunError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
@@ -177,14 +177,14 @@ def create_bundle(layers: Sequence[Layer], image_config: dict, settings: RunSett
     """CACHE/containers/<id>/ with its rootfs (overlay or copy) and config.json."""
     if not NAME_RE.match(container_id):
         raise RunError(f"invalid container name {container_id!r}")
-    containers = containers_dir(cache)
-    containers.mkdir(mode=0o700, exist_ok=True)
-    new_trees_here(containers)
-    bundle = containers / container_id
+    parent = containers_dir(cache)
+    parent.mkdir(mode=0o700, exist_ok=True)
+    new_trees_here(parent)
+    bundle = parent / container_id
     if bundle.exists():
-        if _runtime_state(runtime, container_id) is not None:
-            raise RunError(f"container name {container_id!r} is already in use")
-        remove_bundle(bundle)  # left over by a run that ended without --rm
+        if _runtime_state(runtime, container_id) is not None or containers.describe(bundle) is not None:
+            raise RunError(f"container name {container_id!r} is already in use (dockyard rm {container_id})")
+        remove_bundle(bundle)  # a half-made bundle, left by a run that was killed
     bundle.mkdir(mode=0o700)
     try:
         snapshot = cache.ensure(layers, options)
@@ -205,40 +205,64 @@ def create_bundle(layers: Sequence[Layer], image_config: dict, settings: RunSett
     return bundle
 
 
-def containers_dir(cache: SnapshotCache) -> Path:
+def containers_dir(cache: SnapshotCache) -> Path:  # (each bundle: puller.runtime.containers)
     return cache.root / "containers"
 
 
 @os_errors_mapped
 def run_container(layers: Sequence[Layer], image_config: dict, settings: RunSettings, *,
                   cache: SnapshotCache, runtime: Runtime, name: str | None = None, remove: bool = False,
-                  options: ApplyOptions | None = None, use_overlay: bool | None = None) -> int:
+                  options: ApplyOptions | None = None, use_overlay: bool | None = None,
+                  detach: bool = False, image: str = "") -> int:
     """Create a bundle for this image, run it in the foreground, return its exit
-    code (128+n when a signal n ended PID 1, as Docker reports it)."""
+    code (128+n when a signal n ended PID 1, as Docker reports it). With
+    `detach`, a shim runs it in the background (puller.runtime.containers)
+    and 0 is returned once it runs."""
     container_id = name or uuid.uuid4().hex
+    if detach and settings.tty:
+        raise RunError("--detach with -t is not supported (there is no attach)")
+    if detach and settings.network == "slirp4netns":
+        raise RunError("--detach with --network slirp4netns is not supported")
     with contextlib.ExitStack() as network:
         if settings.network == "slirp4netns":
             from puller.runtime.network import slirp_network
             settings = dataclasses.replace(settings, network_path=network.enter_context(slirp_network()))
-        return _run_new(layers, image_config, settings, cache, runtime, container_id, remove, options, use_overlay)
+        bundle = create_bundle(layers, image_config, settings, cache=cache, runtime=runtime,
+                               container_id=container_id, options=options, use_overlay=use_overlay)
+        runtime.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        args = json.loads((bundle / "config.json").read_text())["process"]["args"]
+        containers.write_record(bundle, container_id=container_id, image=image, args=args, runtime=runtime,
+                                detached=detach, remove=remove)
+        if detach:
+            try:
+                containers.start_detached(bundle, container_id, runtime)
+            except BaseException:
+                _kill_shim_and_remove(bundle)
+                raise
+            return 0
+        code = 127
+        try:
+            code = run_bundle(runtime, bundle, container_id, tty=settings.tty)
+            return code
+        finally:
+            if _runtime_state(runtime, container_id) is not None:
+                subprocess.run(runtime.argv("delete", "--force", container_id), capture_output=True)
+            unmount(bundle / "rootfs")
+            if remove:
+                remove_bundle(bundle)
+            else:
+                containers.write_exit(bundle, code)
 
 
-def _run_new(layers, image_config, settings, cache, runtime, container_id, remove, options, use_overlay) -> int:
-    bundle = create_bundle(layers, image_config, settings, cache=cache, runtime=runtime,
-                           container_id=container_id, options=options, use_overlay=use_overlay)
-    runtime.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        return run_bundle(runtime, bundle, container_id, tty=settings.tty)
-    finally:
-        if _runtime_state(runtime, container_id) is not None:
-            subprocess.run(runtime.argv("delete", "--force", container_id), capture_output=True)
-        unmount(bundle / "rootfs")
-        if remove:
-            remove_bundle(bundle)
+def _kill_shim_and_remove(bundle: Path) -> None:
+    pid = containers.shim_alive(bundle)
+    if pid is not None:
+        os.kill(pid, containers.KILL_SIGNAL)
+    remove_bundle(bundle)
 
 
 def run_bundle(runtime: Runtime, bundle: Path, container_id: str, *, tty: bool,
-               stdout=None, stderr=None) -> int:
+               stdout=None, stderr=None, translated: dict[int, int] | None = None) -> int:
     """`<runtime> run` in the foreground with signals forwarded (puller.runtime.signals).
 
     With a terminal (-t) the runtime shares our process group: it reads our
@@ -254,7 +278,8 @@ def run_bundle(runtime: Runtime, bundle: Path, container_id: str, *, tty: bool,
         stdin = subprocess.DEVNULL
     proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr,
                             process_group=None if tty else 0)
-    with forward_signals(lambda sig: runtime.argv("kill", container_id, sig), container_id, proc, tty=tty):
+    with forward_signals(lambda sig: runtime.argv("kill", container_id, sig), container_id, proc, tty=tty,
+                         translated=translated):
         code = proc.wait()
     return 128 - code if code < 0 else code  # the runtime itself ended by a signal
 

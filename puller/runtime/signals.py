@@ -59,11 +59,15 @@ class SignalForwarder:
 
 
 @contextlib.contextmanager
-def forward_signals(kill_argv, container_id: str, proc: subprocess.Popen, *, tty: bool):
+def forward_signals(kill_argv, container_id: str, proc: subprocess.Popen, *, tty: bool,
+                    translated: dict[int, int] | None = None):
+    """`translated`: signals that reach the container as another ({SIGUSR2: SIGKILL} for a shim)."""
     forwarder = SignalForwarder(kill_argv, container_id, proc)
     previous = {}
     for signum in FORWARDED:
         previous[signum] = signal.signal(signum, lambda n, _frame: forwarder.forward(n))
+    for signum, sent in (translated or {}).items():
+        previous[signum] = signal.signal(signum, lambda _n, _frame, sent=sent: forwarder.forward(sent))
     if not tty:
         previous[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, lambda n, _frame: forwarder.forward(n))
     try:

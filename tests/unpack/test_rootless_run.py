@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pwd
 import shutil
@@ -279,6 +280,23 @@ def _dockyard_pid(runuser_pid: int) -> int:
     children = Path(f"/proc/{runuser_pid}/task/{runuser_pid}/children").read_text().split()
     assert len(children) == 1, children
     return int(children[0])
+
+
+@pytest.mark.interop
+def test_rootless_detach_ps_stop_rm(mapped, image):
+    def dy(*args):
+        return _run(mapped.argv(*args, "--store", str(mapped.base / "store")))
+    started = _run(mapped.argv("run", "-d", "--name", "rl-bg", "--store", str(mapped.base / "store"), image,
+                               "/bin/sh", "-c", "trap 'exit 5' TERM; echo up; while true; do sleep 0.1; done"))
+    assert started.returncode == 0 and started.stdout.strip() == "rl-bg", started.stderr
+    listed = json.loads(dy("ps", "--json").stdout)
+    assert [(c["id"], c["status"]) for c in listed] == [("rl-bg", "running")]
+    assert dy("stop", "rl-bg").returncode == 0
+    assert json.loads(dy("ps", "-a", "--json").stdout)[0]["exit_code"] == 5
+    assert dy("logs", "rl-bg").stdout == "up\n"
+    removed = dy("rm", "rl-bg")          # its rootfs holds files of the user's ID range
+    assert removed.returncode == 0, removed.stderr
+    assert json.loads(dy("ps", "-a", "--json").stdout) == []
 
 
 @pytest.mark.interop
