@@ -23,7 +23,7 @@ from tests.support.peers import busybox_layer, require_root, require_tool
 
 pytestmark = pytest.mark.interop
 
-APPLETS = ("sh", "cat", "echo", "sleep", "ls", "id", "true", "kill", "wget", "ping")
+APPLETS = ("sh", "cat", "echo", "sleep", "ls", "id", "true", "kill", "wget", "ping", "tty")
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +199,36 @@ def test_slirp4netns_network_routes_out_but_not_to_the_host_loopback(dirs, runti
     assert "gateway-answers" in proc.stdout
     assert "nameserver 10.0.2.3" in proc.stdout.splitlines()
     assert "host-loopback-refused" in proc.stdout and "host-secret" not in proc.stdout
+
+
+def test_tty_gives_a_terminal_and_ctrl_c_typed_there_interrupts(dirs, runtime, image):
+    """-t: PID 1 has a pseudo-terminal (runtime-spec config.md process.terminal);
+    our terminal goes raw, so a typed ^C travels as a byte and the
+    container's own terminal turns it into SIGINT for its foreground job."""
+    import pty
+    import select
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv(dirs, runtime, image, "/bin/sh", "-c", "tty; echo ready; sleep 60; echo not-reached",
+                                 extra=("-t",)),
+                            stdin=slave, stdout=slave, stderr=slave, cwd=REPO_ROOT, start_new_session=True)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + 60
+    try:
+        while b"ready" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert b"/dev/pts/" in seen, seen
+        os.write(master, b"\x03")
+        code = proc.wait(timeout=30)
+        while select.select([master], [], [], 0.2)[0]:
+            try:
+                seen += os.read(master, 4096)
+            except OSError:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert code == 130, seen
+    assert b"not-reached" not in seen
