@@ -18,6 +18,7 @@ COMMAND_MODULES = {
     "puller.cli.run": ("unpack", "run"),
     "puller.cli.mirror": ("mirror",),
     "puller.cli.containers": ("ps", "logs", "stop", "rm"),
+    "puller.cli.images": ("images", "rmi", "prune", "df"),
     "puller.cli.verbs": ("ls", "catalog", "manifest", "config", "blob", "tag", "delete", "digest"),
 }
 

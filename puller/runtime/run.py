@@ -188,6 +188,7 @@ def create_bundle(layers: Sequence[Layer], image_config: dict, settings: RunSett
     bundle.mkdir(mode=0o700)
     try:
         snapshot = cache.ensure(layers, options)
+        (bundle / "lower").write_text(snapshot.name)   # kept by prune while the bundle lives
         overlay = _overlay_supported() if use_overlay is None else use_overlay
         if not (overlay and mount_overlay(snapshot, bundle)):
             for d in ("rootfs", "upper", "work"):
