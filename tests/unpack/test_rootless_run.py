@@ -294,6 +294,9 @@ def test_rootless_detach_ps_stop_rm(mapped, image):
     assert dy("stop", "rl-bg").returncode == 0
     assert json.loads(dy("ps", "-a", "--json").stdout)[0]["exit_code"] == 5
     assert dy("logs", "rl-bg").stdout == "up\n"
+    # the rootfs was an overlay over the cached snapshot (a user namespace may mount one), not a copy
+    bundle = mapped.base / "unpacked-userns" / "containers" / "rl-bg"
+    assert (bundle / "upper").is_dir() and list((bundle / "rootfs").iterdir()) == []
     removed = dy("rm", "rl-bg")          # its rootfs holds files of the user's ID range
     assert removed.returncode == 0, removed.stderr
     assert json.loads(dy("ps", "-a", "--json").stdout) == []
