@@ -89,3 +89,16 @@ def test_detached_rm_flag_and_generated_id(dirs, runtime, image):
     out = dockyard(dirs, "run", "-d", "--runtime", runtime, image, "/bin/sh", "-c", "sleep 60").stdout.strip()
     dockyard(dirs, "rm", "-f", out[:10])                 # a unique prefix names it
     assert out not in ps(dirs, "-a")
+
+
+def test_prune_removes_stopped_containers_and_keeps_running_ones(dirs, runtime, image):
+    stopped = f"done-{runtime}"
+    dockyard(dirs, "run", "-q", "--runtime", runtime, "--name", stopped, image, "/bin/true")
+    running = dockyard(dirs, "run", "-d", "--runtime", runtime, image, "/bin/sh", "-c", "sleep 60").stdout.strip()
+    listed = ps(dirs, "-a")
+    assert listed[stopped]["status"] == "exited" and listed[stopped]["exit_code"] == 0
+    pruned = json.loads(dockyard(dirs, "prune", "--json").stdout)
+    assert pruned["containers"] == [stopped]
+    assert pruned["snapshots"] == 0                 # the running container's snapshot stays
+    assert list(ps(dirs, "-a")) == [running]
+    dockyard(dirs, "rm", "-f", running)
