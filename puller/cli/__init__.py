@@ -48,6 +48,8 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     as_process = argv is None              # the console script or `python -m puller`
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ROOTLESS_COMMANDS:
+        _rootless_early()
     known = {c for commands in COMMAND_MODULES.values() for c in commands}
     parser = build_parser(argv[0] if argv and argv[0] in known else None)
     args = parser.parse_args(argv)
@@ -67,6 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     if fast:
         _exit_now(code)
     return code
+
+
+# run as an ordinary user, these re-run themselves in a user namespace (puller.runtime.rootless):
+# done first, before the imports of the command, which the second process makes anyway
+ROOTLESS_COMMANDS = ("run", "ps", "logs", "stop", "rm", "prune", "df")
+
+
+def _rootless_early() -> None:
+    import os
+    if os.geteuid() == 0:
+        return
+    from puller.runtime import rootless
+    if rootless.current() is None:
+        from puller.errors import ClientError
+        try:
+            rootless.enter_user_namespace()
+        except ClientError as exc:
+            from puller.cli.common import fail
+            sys.exit(fail(exc))
 
 
 def _exit_now(code: int) -> None:
