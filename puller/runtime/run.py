@@ -2,18 +2,22 @@
 
     code = run_container(layers, config, settings, cache=..., runtime=..., ...)
         a fresh bundle under CACHE/containers/<id>/ (rootfs: an overlay mount
-        over the cached snapshot when root, else a private copy), then
-        `<runtime> run --bundle DIR ID` with our stdin/stdout/stderr, the
-        container's exit status returned; --rm removes state and bundle.
+        over the cached snapshot, else a private copy), then `<runtime> run
+        --bundle DIR ID` with our stdin/stdout/stderr and signals forwarded
+        (puller.runtime.signals), the container's exit status returned; --rm
+        removes state and bundle; --detach hands the bundle to a shim
+        (puller.runtime.containers).
 
 The overlay (lower: the snapshot, upper: the bundle's own directory) costs
-O(1), as containerd does it; without root, or where the kernel refuses it,
-the rootfs is a private copy (puller.runtime.tree.materialize).
+O(1), as containerd does it: as root, and as an ordinary user inside the user
+namespace puller.runtime.rootless makes, where the kernel allows it. Where
+the kernel refuses it, the rootfs is a private copy (puller.runtime.tree.materialize).
 
 Runtimes: runc or crun found on PATH (first of the two unless one is named).
 crun refuses cgroup "hybrid" hosts whose cgroup2 hierarchy holds a controller;
 there it runs in a private mount namespace in which /sys/fs/cgroup/unified is
-unmounted, so it sees plain cgroup v1 (nothing changes on the host).
+unmounted (rootless: hidden under a tmpfs), so it sees plain cgroup v1
+(nothing changes on the host). `--init` mounts the host's static tini.
 """
 
 from __future__ import annotations
