@@ -115,18 +115,34 @@ def _start(dirs, runtime, image, script, extra=()) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)
 
 
-def test_sigterm_to_dockyard_reaches_pid1(dirs, runtime, image):
+@pytest.mark.parametrize("sig", ["TERM", "INT", "HUP", "QUIT", "WINCH"])
+def test_signals_to_dockyard_reach_pid1(dirs, runtime, image, sig):
     """Without forwarding, SIGTERM ended dockyard alone (exit -15) and left the
     container running; now PID 1's trap runs and its exit code comes back."""
-    proc = _start(dirs, runtime, image, "trap 'echo got-term; exit 7' TERM; echo ready; "
+    proc = _start(dirs, runtime, image, f"trap 'echo got-{sig}; exit 7' {sig}; echo ready; "
                                         "while true; do sleep 0.1; done")
     _wait_for_line(proc, "ready")
     started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, f"SIG{sig}"))
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 7, err
-    assert "got-term" in out
+    assert f"got-{sig}" in out
     assert time.monotonic() - started < 10
+
+
+def test_third_interrupt_kills_a_pid1_that_ignores_them(dirs, runtime, image):
+    """A PID 1 that ignores SIGINT (as any without a handler does: the kernel
+    shields a namespace's init); the third Ctrl-C in a row kills it: 128+9."""
+    proc = _start(dirs, runtime, image, "trap '' INT; echo ready; while true; do sleep 0.1; done")
+    _wait_for_line(proc, "ready")
+    for _ in range(2):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None           # ignored: still running
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 137, err
+    assert "3 interrupts: killing container" in err
 
 
 def test_sigint_with_init_gives_130_and_a_shell_pid1_stops_at_once(dirs, runtime, image):
