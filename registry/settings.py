@@ -33,9 +33,13 @@ underscores, under the prefix DOCKYARD_:
     auth.htpasswd               DOCKYARD_AUTH_HTPASSWD       (and every auth.* key)
     auth.token.realm            DOCKYARD_AUTH_TOKEN_REALM    (and every auth.token.* key)
     log.level                   DOCKYARD_LOG_LEVEL
+    log.format                  DOCKYARD_LOG_FORMAT
+    metrics.enabled             DOCKYARD_METRICS_ENABLED     (and every metrics.* key)
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
-wrong type, bad value) is a `SettingsError` with a one-line message.
+unknown DOCKYARD_* variable, wrong type, bad value) is a `SettingsError`
+with a one-line message; with `lenient=True` unknown keys and variables are
+passed to `warn` instead and ignored.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ from storage.config import (FilesystemSettings, S3Settings, StorageConfigError,
 
 ENV_PREFIX = "DOCKYARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+# DOCKYARD_* variables that are not server settings: the client's and the
+# test suite's. Every other DOCKYARD_* name must be a settings key.
+NOT_SETTINGS_VARIABLES = ("DOCKYARD_UNPACK_CACHE", "DOCKYARD_BENCH_", "DOCKYARD_TEST_",
+                          "DOCKYARD_REQUIRE_INTEROP", "DOCKYARD_INTEROP_")
 
 
 class SettingsError(ValueError):
@@ -101,6 +110,17 @@ class ValidationSettings:
 @dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
+    format: str = "text"           # text | json (one JSON object a line, with the request ID)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True           # Prometheus text at /metrics
+    # host:port of a listener of its own for /metrics (and the probes);
+    # empty: /metrics on the main listener.
+    addr: str = ""
+    # A file holding a secret /metrics then requires as "Authorization: Bearer <secret>".
+    token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -182,6 +202,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -224,6 +245,12 @@ class Settings:
             raise SettingsError("uploads.purge_interval must be 0 (off) or more seconds")
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
+        if self.log.format not in LOG_FORMATS:
+            raise SettingsError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {self.log.format!r}")
+        if self.metrics.addr:
+            host, sep, port = self.metrics.addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise SettingsError(f"metrics.addr must be host:port, got {self.metrics.addr!r}")
         return self
 
     def _validate_auth(self) -> None:
@@ -293,20 +320,25 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     raise SettingsError(f"{key}: unsupported setting type")  # pragma: no cover
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: Mapping[str, Any], prefix: str,
+           warn: "typing.Callable[[str], None] | None" = None) -> Any:
     if not isinstance(data, Mapping):
         raise SettingsError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown and warn is None:
         raise SettingsError(f"unknown setting {prefix}{unknown[0]}")
+    for name in unknown:
+        warn(f"unknown setting {prefix}{name} ignored")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        if name not in known:
+            continue
         kind = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value or {}, key + ".")
+            kwargs[name] = _build(kind, value or {}, key + ".", warn)
         else:
             kwargs[name] = _convert(value, kind, key)
     return cls(**kwargs)
@@ -336,6 +368,28 @@ def _env_overrides(cls: type, environ: Mapping[str, str], prefix: str = ENV_PREF
     return out
 
 
+def env_names(cls: type = None, prefix: str = ENV_PREFIX) -> set[str]:
+    """Every DOCKYARD_* variable the settings dataclasses define."""
+    cls = cls or Settings
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        name = f"{prefix}{f.name.upper()}"
+        names |= env_names(kind, name + "_") if dataclasses.is_dataclass(kind) else {name}
+    return names
+
+
+def _check_env_names(environ: Mapping[str, str], warn: "typing.Callable[[str], None] | None") -> None:
+    known = env_names()
+    for name in sorted(environ):
+        if (name.startswith(ENV_PREFIX) and name not in known
+                and not name.startswith(NOT_SETTINGS_VARIABLES)):
+            if warn is None:
+                raise SettingsError(f"unknown environment variable {name} (not a setting; "
+                                    f"see deploy/config.example.yml)")
+            warn(f"unknown environment variable {name} ignored")
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
     import yaml
 
@@ -347,8 +401,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SettingsError(f"config file {path}{where}: invalid YAML") from None
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        reason = " ".join(str(getattr(exc, "problem", None) or "").split())
+        raise SettingsError(f"config file {path}{where}: invalid YAML"
+                            + (f": {reason}" if reason else "")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -357,16 +413,25 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
-    """defaults < config file < environment < overrides ({"http": {"port": 1}, ...})."""
+                  overrides: Mapping[str, Any] | None = None, *, lenient: bool = False,
+                  warn: "typing.Callable[[str], None] | None" = None) -> Settings:
+    """defaults < config file < environment < overrides ({"http": {"port": 1}, ...}).
+
+    Unknown keys and DOCKYARD_* variables are a SettingsError, or with
+    `lenient` a message to `warn` (default: dropped)."""
     environ = os.environ if environ is None else environ
+    if lenient and warn is None:
+        warn = lambda message: None  # noqa: E731
+    elif not lenient:
+        warn = None
+    _check_env_names(environ, warn)
     data: dict = {}
     if config_file:
         data = _merge(data, load_yaml(config_file))
     data = _merge(data, _env_overrides(Settings, environ))
     if overrides:
         data = _merge(data, overrides)
-    return _build(Settings, data, "").validate()
+    return _build(Settings, data, "", warn).validate()
 
 
 def settings_for_tests(root: str | os.PathLike, **sections: Any) -> Settings:

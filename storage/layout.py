@@ -9,7 +9,8 @@
     ├── _dockyard/                             (Dockyard's own)
     │   ├── README                             what this directory is
     │   ├── indexed-v1                         the one-time index build is done (below)
-    │   └── index.lock                         held by the process doing it
+    │   ├── index.lock                         held by the process doing it
+    │   └── health/<probe id>                  readiness probes' write-read-delete (for moments)
     └── repositories/<repo>/
         ├── _layers/<alg>/<hex>/link           blob linked into the repo (content: digest)
         ├── _manifests/
@@ -73,6 +74,7 @@ _OWN = f"{ROOT}/_dockyard"
 INDEXED = f"{_OWN}/indexed-v1"          # a new index format gets a new name: built again
 INDEX_LOCK = f"{_OWN}/index.lock"
 OWN_README = f"{_OWN}/README"
+HEALTH = f"{_OWN}/health"
 OWN_README_TEXT = (b"Dockyard's own state beside CNCF Distribution's layout (which never reads it);\n"
                    b"see storage/layout.py in Dockyard.\n")
 
@@ -81,6 +83,13 @@ _CATALOG_SEPARATOR = "+"
 
 
 # ---- global blobs ------------------------------------------------------
+def health_probe(probe_id: str) -> str:
+    """A readiness probe's file (the id is the server's own, never a client's)."""
+    if not _UPLOAD_ID_RE.fullmatch(probe_id):
+        raise ValueError(f"bad probe id {probe_id!r}")
+    return f"{HEALTH}/{probe_id}"
+
+
 def blob_data(digest: str) -> str:
     alg, hex_ = parse_digest(digest)
     return f"{BLOBS}/{alg}/{hex_[:2]}/{hex_}/data"
