@@ -166,7 +166,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print("dockyard serve: configuration OK", flush=True)
         return 0
     from registry.ops.configcheck import effective_settings_line
-    from registry.ops.metrics import prepare_multiprocess
+    from registry.ops.multiproc import prepare_multiprocess
 
     log.info("%s", effective_settings_line(settings))
     # before prometheus_client is imported and before the fork
@@ -440,7 +440,7 @@ def _supervise(settings: Settings) -> int:
                 slot = sentinels[sentinel]
                 proc, started = workers.procs[slot]
                 proc.join()
-                from registry.ops.metrics import worker_exited
+                from registry.ops.multiproc import worker_exited
 
                 worker_exited(proc.pid)
                 quick_deaths = quick_deaths + 1 if time.monotonic() - started < _RESTART_WINDOW else 0

@@ -18,7 +18,7 @@ from registry.settings import Settings
 
 MASK = "***"
 # leaf keys holding a secret itself (a path to a secret file is no secret)
-_SECRET_KEY = re.compile(r"(secret|password|session_token|access_key_id)$")
+_SECRET_KEY = re.compile(r"secret|password|session_token|access_key_id")
 
 
 def masked(settings: Settings) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 With `dockyard serve --workers N` every worker writes its figures to files
 in one directory (prometheus-client's multiprocess mode), which /metrics of
 any worker adds up. The supervisor names the directory in
-PROMETHEUS_MULTIPROC_DIR before it forks and before anything imports
-prometheus_client: the client picks its value class at import.
+PROMETHEUS_MULTIPROC_DIR before it forks (registry.ops.multiproc).
 
 Metric names are listed in README.md (Monitoring). Label values are the
 route's pattern ("/v2/{name}/blobs/{digest}"), never a repository name or
@@ -24,9 +23,8 @@ from aiohttp import web
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 
+from registry.ops.multiproc import multiprocess_dir
 from storage.driver import FileInfo, FileWriter, LocalFile, PathNotFound, StorageDriver, StorageLock
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # seconds; a manifest GET is ~1 ms, a big blob PUT many seconds
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -57,37 +55,6 @@ TOKENS_ISSUED = Counter("dockyard_auth_tokens_issued", "Tokens the built-in toke
 AUTH_FAILURES = Counter("dockyard_auth_failures",
                         "Requests with credentials that were refused (401) or denied (403).",
                         ("status",))
-
-
-def multiprocess_dir() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
-
-
-def prepare_multiprocess(workers: int, metrics_enabled: bool) -> str | None:
-    """Before the fork: a fresh directory for the workers' figures (when
-    there are several workers). Returns it, or None (one process)."""
-    if workers <= 1 or not metrics_enabled:
-        return None
-    existing = multiprocess_dir()
-    if existing:
-        path = Path(existing)
-        path.mkdir(parents=True, exist_ok=True)
-    else:
-        import tempfile
-
-        path = Path(tempfile.mkdtemp(prefix="dockyard-metrics-"))
-        os.environ[MULTIPROC_ENV] = str(path)
-    for stale in path.glob("*.db"):      # figures of an earlier run would add up with ours
-        stale.unlink(missing_ok=True)
-    return str(path)
-
-
-def worker_exited(pid: int) -> None:
-    """A worker died: its live gauges no longer count."""
-    if multiprocess_dir():
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid)
 
 
 def _exposition() -> bytes:

@@ -56,14 +56,15 @@ class _Series:
             got.inc(received)
 
 
-def _sent_bytes(response: web.StreamResponse | None) -> int:
-    if response is None:
+def _sent_bytes(request: web.Request, response: web.StreamResponse | None) -> int:
+    """Body bytes of the response (its Content-Length; what a chunked one wrote)."""
+    if response is None or request.method == "HEAD":
         return 0
-    if response.prepared:
-        return response.body_length
     length = response.content_length
     if length is not None:
         return length
+    if response.prepared:
+        return response.body_length     # chunked: counts its head too, near enough
     body = getattr(response, "body", None)
     return len(body) if isinstance(body, (bytes, bytearray)) else 0
 
@@ -95,7 +96,7 @@ def ops_middleware(*, metrics_on: bool, access_log: bool):
             raise
         finally:
             elapsed = time.perf_counter() - start
-            sent = _sent_bytes(response)
+            sent = _sent_bytes(request, response)
             received = request.content.total_bytes if request.body_exists else 0
             if metrics_on:
                 metrics.IN_FLIGHT.dec()
