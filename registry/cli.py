@@ -165,10 +165,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if checking:
         print("dockyard serve: configuration OK", flush=True)
         return 0
-    from registry.ops.configcheck import effective_settings_line
     from registry.ops.multiproc import prepare_multiprocess
 
-    log.info("%s", effective_settings_line(settings))
     # before prometheus_client is imported and before the fork
     prepare_multiprocess(settings.http.workers, settings.metrics.enabled)
     try:
@@ -226,6 +224,10 @@ def _announcer(settings: Settings) -> Callable[[str, int], None]:
     scheme = "https" if settings.tls.enabled else "http"
 
     def announce(host: str, port: int) -> None:
+        from registry.ops.configcheck import effective_settings_line
+
+        # once the server stands (a failed start keeps to its one line), once a server
+        log.info("%s", effective_settings_line(settings))
         shown = f"[{host}]" if ":" in host else host
         print(f"listening on {scheme}://{shown}:{port}", flush=True)
 

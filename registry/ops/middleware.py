@@ -15,7 +15,8 @@ from registry.ops.requestlog import (ACCESS_LOG, REQUEST_ID_HEADER, request_id_o
                                      safe_query)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-REQUEST_ID = "dockyard_request_id"            # request[REQUEST_ID]
+# request[REQUEST_ID]; aiohttp before 3.11 keys requests by plain strings
+REQUEST_ID = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") else "dockyard_request_id"
 _UPLOAD_METHODS = frozenset(("POST", "PATCH", "PUT"))
 TOKEN_ROUTE = "/auth/token"
 
