@@ -20,7 +20,10 @@ from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
 from registry.ops.health import READINESS, Readiness, add_health_routes
 from registry.ops.metrics import InstrumentedDriver, add_metrics_route
+from registry.ops.events import events_middleware
 from registry.ops.middleware import echo_request_id, ops_middleware
+from registry.ops.requestlog import AccessWriter
+from registry.ops.webhooks import delivery_context
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
@@ -43,10 +46,13 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
     runtime = AuthRuntime(settings)
+    access_writer = AccessWriter(settings.log.format)
     app = web.Application(
-        middlewares=[ops_middleware(metrics_on=settings.metrics.enabled,
-                                    access_log=settings.http.access_log),
-                     error_middleware, auth_middleware(lambda: runtime.gate)],
+        middlewares=[ops_middleware(metrics_on=settings.metrics.enabled, access_log=settings.http.access_log,
+                                    log_format=settings.log.format, writer=access_writer),
+                     error_middleware,
+                     *([events_middleware(settings.events)] if settings.events.endpoints else []),
+                     auth_middleware(lambda: runtime.gate)],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
@@ -55,13 +61,19 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
     app.cleanup_ctx.append(_upload_purger(settings))
+    app.cleanup_ctx.append(delivery_context(settings.events))
     app.on_shutdown.append(_stop_waiting_sends)
     app.on_response_prepare.append(echo_request_id)
+    app.on_cleanup.append(lambda app: _flush(access_writer))
     add_routes(app)
     add_ops_routes(app, settings)
     if runtime.issues_tokens:
         app.add_subapp("/auth/", token_app(lambda: runtime.service))
     return app
+
+
+async def _flush(writer: AccessWriter) -> None:
+    writer.flush()
 
 
 def add_ops_routes(app: web.Application, settings: Settings) -> None:

@@ -35,6 +35,10 @@ underscores, under the prefix DOCKYARD_:
     log.level                   DOCKYARD_LOG_LEVEL
     log.format                  DOCKYARD_LOG_FORMAT
     metrics.enabled             DOCKYARD_METRICS_ENABLED     (and every metrics.* key)
+    events.format               DOCKYARD_EVENTS_FORMAT       (and every scalar events.* key;
+                                events.endpoints is a list: YAML only)
+
+A list of strings in a variable is comma-separated (DOCKYARD_EVENTS_ALLOW=10.0.0.0/8,hooks).
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
 unknown DOCKYARD_* variable, wrong type, bad value) is a `SettingsError`
@@ -192,6 +196,31 @@ class AuthSettings:
         return self.mode != "none"
 
 
+EVENT_FORMATS = ("cloudevents", "distribution")
+EVENT_ACTIONS = ("push", "pull", "delete", "tag")
+
+
+@dataclass(frozen=True)
+class EventEndpointSettings:
+    url: str = ""                              # http(s) URL events are POSTed to
+    headers: tuple[str, ...] = ()              # "Name: value" lines sent with each event
+    repositories: tuple[str, ...] = ()         # repository globs ("team-a/*"); empty: every repository
+    actions: tuple[str, ...] = ()              # of EVENT_ACTIONS; empty: every action
+    timeout: int = 5                           # seconds one delivery may take
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    format: str = "cloudevents"                # cloudevents | distribution (its notification envelope)
+    endpoints: tuple[EventEndpointSettings, ...] = ()
+    # Hosts and networks (CIDR) an endpoint may be on although private,
+    # loopback, link-local or a cloud metadata address; nothing else of those.
+    allow: tuple[str, ...] = ()
+    backoff: int = 1                           # seconds before the first retry, doubled each failure
+    backoff_max: int = 300                     # most seconds between retries
+    poll_interval: int = 1                     # seconds between looks at the outbox
+
+
 @dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -203,6 +232,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -251,7 +281,28 @@ class Settings:
             host, sep, port = self.metrics.addr.rpartition(":")
             if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
                 raise SettingsError(f"metrics.addr must be host:port, got {self.metrics.addr!r}")
+        self._validate_events()
         return self
+
+    def _validate_events(self) -> None:
+        events = self.events
+        if events.format not in EVENT_FORMATS:
+            raise SettingsError(f"events.format must be one of {', '.join(EVENT_FORMATS)}, got {events.format!r}")
+        if events.backoff < 1 or events.backoff_max < events.backoff or events.poll_interval < 1:
+            raise SettingsError("events.backoff and events.poll_interval must be at least 1 second, "
+                                "events.backoff_max at least events.backoff")
+        for n, endpoint in enumerate(events.endpoints):
+            key = f"events.endpoints[{n}]"
+            if not endpoint.url.startswith(("http://", "https://")):
+                raise SettingsError(f"{key}.url must be an http(s) URL, got {endpoint.url!r}")
+            bad = [a for a in endpoint.actions if a not in EVENT_ACTIONS]
+            if bad:
+                raise SettingsError(f"{key}.actions: {bad[0]!r} is not one of {', '.join(EVENT_ACTIONS)}")
+            bad = [h for h in endpoint.headers if ":" not in h or not h.split(":", 1)[0].strip()]
+            if bad:
+                raise SettingsError(f"{key}.headers: expected \"Name: value\", got {bad[0]!r}")
+            if endpoint.timeout < 1:
+                raise SettingsError(f"{key}.timeout must be at least 1 second")
 
     def _validate_auth(self) -> None:
         auth, token = self.auth, self.auth.token
@@ -313,6 +364,17 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
             return int(str(value).strip(), 10) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{key}: expected an integer, got {value!r}") from None
+    if typing.get_origin(kind) is tuple:        # tuple[X, ...]: a YAML list (env: comma-separated)
+        item = typing.get_args(kind)[0]
+        if isinstance(value, str) and not dataclasses.is_dataclass(item):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise SettingsError(f"{key}: expected a list, got {type(value).__name__}")
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(item, entry or {}, f"{key}[{n}].") for n, entry in enumerate(value))
+        return tuple(_convert(entry, item, f"{key}[{n}]") for n, entry in enumerate(value))
     if kind is str:
         if isinstance(value, (dict, list)):
             raise SettingsError(f"{key}: expected a string, got {type(value).__name__}")
@@ -363,7 +425,7 @@ def _env_overrides(cls: type, environ: Mapping[str, str], prefix: str = ENV_PREF
             nested = _env_overrides(kind, environ, name + "_")
             if nested:
                 out[f.name] = nested
-        elif name in environ:
+        elif name in environ and not _is_list_of_sections(kind):
             out[f.name] = environ[name]
     return out
 
@@ -375,8 +437,15 @@ def env_names(cls: type = None, prefix: str = ENV_PREFIX) -> set[str]:
     for f in dataclasses.fields(cls):
         kind = _field_types(cls)[f.name]
         name = f"{prefix}{f.name.upper()}"
-        names |= env_names(kind, name + "_") if dataclasses.is_dataclass(kind) else {name}
+        if dataclasses.is_dataclass(kind):
+            names |= env_names(kind, name + "_")
+        elif not _is_list_of_sections(kind):
+            names.add(name)
     return names
+
+
+def _is_list_of_sections(kind: Any) -> bool:
+    return typing.get_origin(kind) is tuple and dataclasses.is_dataclass(typing.get_args(kind)[0])
 
 
 def _check_env_names(environ: Mapping[str, str], warn: "typing.Callable[[str], None] | None") -> None:

@@ -11,8 +11,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from registry.ops import metrics
-from registry.ops.requestlog import (ACCESS_LOG, REQUEST_ID_HEADER, request_id_of, request_id_var,
-                                     safe_query)
+from registry.ops.requestlog import (ACCESS_LOG, REQUEST_ID_HEADER, AccessWriter, request_id_of,
+                                     request_id_var, safe_query)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # request[REQUEST_ID]; aiohttp before 3.11 keys requests by plain strings
@@ -70,9 +70,14 @@ def _sent_bytes(request: web.Request, response: web.StreamResponse | None) -> in
     return len(body) if isinstance(body, (bytes, bytearray)) else 0
 
 
-def ops_middleware(*, metrics_on: bool, access_log: bool):
+def ops_middleware(*, metrics_on: bool, access_log: bool, log_format: str = "text",
+                   writer: AccessWriter | None = None):
+    """`writer`: where access lines go (default: a batching writer to stderr
+    when the access logger is enabled for info, as `dockyard serve` sets it)."""
     series = _Series()
-    access = ACCESS_LOG if access_log else None
+    access = None
+    if access_log and ACCESS_LOG.isEnabledFor(logging.INFO):
+        access = writer or AccessWriter(log_format)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -110,23 +115,23 @@ def ops_middleware(*, metrics_on: bool, access_log: bool):
                 elif status == 200 and route == TOKEN_ROUTE:
                     metrics.TOKENS_ISSUED.inc()
             if access is not None:
-                _log_access(access, request, route, status, sent, received, elapsed)
+                _log_access(access, request, rid, route, status, sent, received, elapsed)
             request_id_var.reset(token)
 
     return middleware
 
 
-def _log_access(log: logging.Logger, request: web.Request, route: str, status: int, sent: int,
+def _log_access(writer: AccessWriter, request: web.Request, rid: str, route: str, status: int, sent: int,
                 received: int, elapsed: float) -> None:
-    query = safe_query(request.query_string)
-    target = f"{request.path}?{query}" if query else request.path
+    query = safe_query(request.query_string) if request.query_string else ""
+    path = request.path
+    target = f"{path}?{query}" if query else path
     remote = request.remote or "-"
-    log.info("%s \"%s %s\" %d %d %.1fms", remote, request.method, target, status, sent, elapsed * 1000,
-             extra={"access": {"remote": remote, "method": request.method, "path": request.path,
-                               "query": query, "route": route, "status": status, "bytes_sent": sent,
-                               "bytes_received": received,
-                               "duration_ms": round(elapsed * 1000, 3),
-                               "user_agent": request.headers.get("User-Agent", "")}})
+    message = f'{remote} "{request.method} {target}" {status} {sent} {elapsed * 1000:.1f}ms'
+    fields = {"remote": remote, "method": request.method, "path": path, "query": query, "route": route,
+              "status": status, "bytes_sent": sent, "bytes_received": received,
+              "duration_ms": round(elapsed * 1000, 3), "user_agent": request.headers.get("User-Agent", "")}
+    writer.write(message, fields, rid, time.time())
 
 
 async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:

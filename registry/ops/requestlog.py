@@ -88,6 +88,61 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"), default=str)
 
 
+class AccessWriter:
+    """Access lines, written in batches: one line through `logging` cost
+    ~100 us of a ~250 us manifest GET. Lines gather for at most FLUSH_AFTER
+    seconds (or BATCH lines), then go out in one write, shaped as the log
+    handler's lines (text or JSON) with the request ID."""
+
+    FLUSH_AFTER = 0.1
+    BATCH = 256
+
+    def __init__(self, fmt: str, stream=None):
+        self.json = fmt == "json"
+        self.stream = stream
+        self.lines: list[str] = []
+        self._timer = None
+        self._stamp_second = -1
+        self._stamp = ""
+
+    def _time(self, now: float) -> str:
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp_second = second
+            moment = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+            self._stamp = moment.strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._stamp}.{int((now - second) * 1000):03d}"
+
+    def write(self, message: str, fields: dict, request_id: str, now: float) -> None:
+        if self.json:
+            head = (f'{{"time":"{self._time(now)}Z","level":"info","logger":"dockyard.access",'
+                    f'"message":{json.dumps(message)},"request_id":{json.dumps(request_id)},')
+            self.lines.append(head + json.dumps(fields, separators=(",", ":"))[1:] + "\n")
+        else:
+            stamp = self._time(now).replace("T", " ").replace(".", ",")
+            self.lines.append(f"{stamp} INFO dockyard.access: {message} request_id={request_id}\n")
+        if len(self.lines) >= self.BATCH:
+            self.flush()
+        elif self._timer is None:
+            import asyncio
+
+            self._timer = asyncio.get_running_loop().call_later(self.FLUSH_AFTER, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.lines:
+            return
+        text, self.lines = "".join(self.lines), []
+        stream = self.stream or sys.stderr
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):     # a closed stderr must not fail requests
+            pass
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """The process's one log handler (stderr), in the configured format."""
     handler = logging.StreamHandler(sys.stderr)
