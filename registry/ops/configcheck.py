@@ -29,6 +29,10 @@ def masked(settings: Settings) -> dict[str, Any]:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 out[f.name] = walk(value)
+            elif isinstance(value, tuple):
+                out[f.name] = [walk(v) if dataclasses.is_dataclass(v) else v for v in value]
+                if f.name == "headers":      # "Authorization: Bearer ...": the name, not the value
+                    out[f.name] = [f"{h.split(':', 1)[0]}: {MASK}" for h in value]
             elif _SECRET_KEY.search(f.name) and value:
                 out[f.name] = MASK
             else:

@@ -163,12 +163,22 @@ class Deliverer:
             with contextlib.suppress(StorageError, OSError):
                 await lock.release()
 
+    def check_literal(self, host: str) -> None:
+        """An address in the URL itself: aiohttp connects to it without asking the resolver."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if not (self.allow.host_allowed(host) or self.allow.address_allowed(host)):
+            raise EndpointRefused(f"{host} is an address events.allow does not list")
+
     async def _post(self, entry_id: str, record: dict[str, Any]) -> bool:
         url = record["url"]
         content_type = DISTRIBUTION_TYPE if record.get("format") == "distribution" else CLOUDEVENTS_TYPE
         headers = {**self.headers[url], "Content-Type": content_type}
         body = json.dumps(record["body"], separators=(",", ":")).encode()
         try:
+            self.check_literal(urlsplit(url).hostname or "")
             async with self.session.post(url, data=body, headers=headers, allow_redirects=False,
                                          timeout=aiohttp.ClientTimeout(total=self.timeouts[url])) as answer:
                 await answer.read()

@@ -112,6 +112,13 @@ def test_effective_settings_mask_secrets():
     line = effective_settings_line(settings)
     assert "s3cr3t-value-xyz" not in line and "AKIAEXAMPLEKEY" not in line
     assert "\n" not in line
+    from registry.settings import EventEndpointSettings, EventsSettings
+
+    hooks = Settings(events=EventsSettings(endpoints=(EventEndpointSettings(
+        url="https://hooks.example/x", headers=("Authorization: Bearer hook-s3cret",)),)))
+    shown = masked(hooks)["events"]["endpoints"][0]
+    assert shown["headers"] == ["Authorization: ***"] and shown["url"] == "https://hooks.example/x"
+    assert "hook-s3cret" not in effective_settings_line(hooks)
     # an empty secret is shown as empty: the operator sees it is unset
     assert masked(Settings())["storage"]["s3"]["secret_access_key"] == ""
 
