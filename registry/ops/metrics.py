@@ -127,55 +127,57 @@ class InstrumentedDriver(StorageDriver):
         finally:
             duration.observe(time.perf_counter() - start)
 
-    async def get_content(self, path: str) -> bytes:
-        return await self._timed("get_content", self.inner.get_content(path))
+    # Every operation passes its arguments through as they came: the
+    # contract grows keywords (try_lock's caller_checks_dir) and a wrapper
+    # must not be the one place that refuses them.
+    async def get_content(self, *args: Any, **kwargs: Any) -> bytes:
+        return await self._timed("get_content", self.inner.get_content(*args, **kwargs))
 
-    async def put_content(self, path: str, data: bytes, *, durable: bool = True) -> None:
-        return await self._timed("put_content", self.inner.put_content(path, data, durable=durable))
+    async def put_content(self, *args: Any, **kwargs: Any) -> None:
+        return await self._timed("put_content", self.inner.put_content(*args, **kwargs))
 
-    def reader(self, path: str, offset: int = 0, length: int | None = None,
-               chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
+    def reader(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
         # a stream: its pace is the client's, not the storage's
-        return self.inner.reader(path, offset, length, chunk_size)
+        return self.inner.reader(*args, **kwargs)
 
-    async def writer(self, path: str, append: bool = False) -> FileWriter:
-        return await self._timed("writer", self.inner.writer(path, append))
+    async def writer(self, *args: Any, **kwargs: Any) -> FileWriter:
+        return await self._timed("writer", self.inner.writer(*args, **kwargs))
 
-    async def atomic_writer(self, path: str) -> FileWriter | None:
-        return await self._timed("atomic_writer", self.inner.atomic_writer(path))
+    async def atomic_writer(self, *args: Any, **kwargs: Any) -> FileWriter | None:
+        return await self._timed("atomic_writer", self.inner.atomic_writer(*args, **kwargs))
 
-    async def try_lock(self, path: str) -> StorageLock | None:
-        return await self._timed("try_lock", self.inner.try_lock(path))
+    async def try_lock(self, *args: Any, **kwargs: Any) -> StorageLock | None:
+        return await self._timed("try_lock", self.inner.try_lock(*args, **kwargs))
 
-    async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
-        return await self._timed("get_many", self.inner.get_many(paths))
+    async def get_many(self, *args: Any, **kwargs: Any) -> list[bytes | None]:
+        return await self._timed("get_many", self.inner.get_many(*args, **kwargs))
 
-    async def stat(self, path: str) -> FileInfo:
-        return await self._timed("stat", self.inner.stat(path))
+    async def stat(self, *args: Any, **kwargs: Any) -> FileInfo:
+        return await self._timed("stat", self.inner.stat(*args, **kwargs))
 
-    async def stat_many(self, paths: Sequence[str]) -> list[FileInfo | None]:
-        return await self._timed("stat_many", self.inner.stat_many(paths))
+    async def stat_many(self, *args: Any, **kwargs: Any) -> list[FileInfo | None]:
+        return await self._timed("stat_many", self.inner.stat_many(*args, **kwargs))
 
-    async def stat_files(self, paths: Sequence[str]) -> list[FileInfo | None]:
-        return await self._timed("stat_files", self.inner.stat_files(paths))
+    async def stat_files(self, *args: Any, **kwargs: Any) -> list[FileInfo | None]:
+        return await self._timed("stat_files", self.inner.stat_files(*args, **kwargs))
 
-    async def list(self, path: str) -> list[str]:
-        return await self._timed("list", self.inner.list(path))
+    async def list(self, *args: Any, **kwargs: Any) -> list[str]:
+        return await self._timed("list", self.inner.list(*args, **kwargs))
 
-    async def move(self, src: str, dst: str) -> None:
-        return await self._timed("move", self.inner.move(src, dst))
+    async def move(self, *args: Any, **kwargs: Any) -> None:
+        return await self._timed("move", self.inner.move(*args, **kwargs))
 
-    async def delete(self, path: str) -> None:
-        return await self._timed("delete", self.inner.delete(path))
+    async def delete(self, *args: Any, **kwargs: Any) -> None:
+        return await self._timed("delete", self.inner.delete(*args, **kwargs))
 
-    async def url_for(self, path: str, method: str = "GET", **kwargs: Any):
-        return await self._timed("url_for", self.inner.url_for(path, method, **kwargs))
+    async def url_for(self, *args: Any, **kwargs: Any) -> str | None:
+        return await self._timed("url_for", self.inner.url_for(*args, **kwargs))
 
-    async def open_local(self, path: str) -> LocalFile | None:
-        return await self._timed("open_local", self.inner.open_local(path))
+    async def open_local(self, *args: Any, **kwargs: Any) -> LocalFile | None:
+        return await self._timed("open_local", self.inner.open_local(*args, **kwargs))
 
-    async def reclaim_leftovers(self, older_than: float) -> int:
-        return await self._timed("reclaim_leftovers", self.inner.reclaim_leftovers(older_than))
+    async def reclaim_leftovers(self, *args: Any, **kwargs: Any) -> int:
+        return await self._timed("reclaim_leftovers", self.inner.reclaim_leftovers(*args, **kwargs))
 
     async def close(self) -> None:
         await self.inner.close()
