@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.support import REPO_ROOT
-from tests.support.content import OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, gzip_bytes, sha256_digest, tar_layer
+from tests.support.content import (OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST, gzip_bytes, sha256_digest,
+                                   tar_layer)
 from tests.support.registry_http import http_request, push_blob, put_manifest
 
 pytestmark = pytest.mark.interop

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO_ROOT
-from tests.support.content import OCI_LAYER_GZIP, OciLayoutWriter, gzip_bytes, image_config, sha256_digest
+from tests.support.content import OCI_LAYER_GZIP, OciLayoutWriter, image_config, sha256_digest
 from tests.support.peers import busybox_layer, require_root, require_tool
 
 pytestmark = pytest.mark.interop
