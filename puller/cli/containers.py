@@ -2,7 +2,7 @@
 (puller.runtime.containers), found under the unpack cache.
 
     dockyard ps [-a] [--json]               running ones (-a: all, exited too)
-    dockyard logs NAME                      a detached container's output so far
+    dockyard logs [-f] NAME                 a detached container's output (-f: until it ends)
     dockyard stop [-t SECONDS] NAME...      SIGTERM to PID 1, SIGKILL after -t (10)
     dockyard rm [-f] NAME...                remove stopped ones (-f: stop first)
 
@@ -71,12 +71,29 @@ def cmd_logs(args) -> int:
             raise ClientError(f"container {container.id} has no logs (only a detached container's output is kept)")
         with open(log, "rb") as f:
             shutil.copyfileobj(f, sys.stdout.buffer)
-        sys.stdout.flush()
+            sys.stdout.flush()
+            if args.follow:
+                _follow(f, container)
     except OSError as exc:
         return fail(ClientError(f"cannot read the logs: {exc.strerror or exc}"))
     except ClientError as exc:
         return fail(exc)
     return 0
+
+
+def _follow(f, container) -> None:
+    """New output as it comes, until the container's shim is gone (then what it wrote last)."""
+    from puller.runtime.containers import shim_alive
+    while True:
+        alive = shim_alive(container.bundle) is not None
+        chunk = f.read(65536)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            continue
+        if not alive:
+            return
+        time.sleep(0.1)
 
 
 def _each(args, action) -> int:
@@ -120,6 +137,7 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("logs", help="print a detached container's output")
     p.add_argument("name", help="container name or ID prefix")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new output until the container ends")
     _location_flags(p)
     p.set_defaults(func=cmd_logs)
 

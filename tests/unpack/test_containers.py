@@ -102,3 +102,15 @@ def test_prune_removes_stopped_containers_and_keeps_running_ones(dirs, runtime, 
     assert pruned["snapshots"] == 0                 # the running container's snapshot stays
     assert list(ps(dirs, "-a")) == [running]
     dockyard(dirs, "rm", "-f", running)
+
+
+def test_logs_follow_until_the_container_ends(dirs, runtime, image):
+    name = f"talker-{runtime}"
+    dockyard(dirs, "run", "-d", "-q", "--runtime", runtime, "--name", name, image,
+             "/bin/sh", "-c", "for i in 1 2 3 4 5; do echo line-$i; sleep 0.2; done")
+    started = time.monotonic()
+    followed = dockyard(dirs, "logs", "-f", name).stdout
+    assert followed.splitlines() == [f"line-{i}" for i in range(1, 6)]
+    assert time.monotonic() - started < 20
+    assert ps(dirs, "-a")[name]["status"] == "exited"
+    dockyard(dirs, "rm", name)
