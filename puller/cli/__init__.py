@@ -48,6 +48,9 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     as_process = argv is None              # the console script or `python -m puller`
     argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--version"]:   # without loading every room for the parser
+        print(f"dockyard {_version()}")
+        return 0
     if argv and argv[0] in ROOTLESS_COMMANDS:
         _rootless_early()
     known = {c for commands in COMMAND_MODULES.values() for c in commands}
