@@ -17,6 +17,7 @@ underscores, under the prefix DOCKYARD_:
     storage.redirect            DOCKYARD_STORAGE_REDIRECT
     storage.filesystem.fsync    DOCKYARD_STORAGE_FILESYSTEM_FSYNC
     storage.delete_enabled      DOCKYARD_STORAGE_DELETE_ENABLED
+    storage.pull_cache_seconds  DOCKYARD_STORAGE_PULL_CACHE_SECONDS
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
     limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
@@ -237,7 +238,8 @@ class Settings:
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
         return StoreLimits(max_manifest_bytes=self.limits.max_manifest_bytes,
-                           allow_sparse_manifests=self.validation.allow_sparse_manifests)
+                           allow_sparse_manifests=self.validation.allow_sparse_manifests,
+                           pull_cache_seconds=self.storage.pull_cache_seconds)
 
     def validate(self) -> "Settings":
         if not 0 <= self.http.port <= 65535:

@@ -24,7 +24,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry,
                                Histogram, generate_latest)
 
 from registry.ops.multiproc import multiprocess_dir
-from storage.driver import FileInfo, FileWriter, LocalFile, PathNotFound, StorageDriver, StorageLock
+from storage.driver import (FileInfo, FileWriter, LocalFile, PathNotFound, SizedStream, StorageDriver,
+                            StorageLock)
 
 # seconds; a manifest GET is ~1 ms, a big blob PUT many seconds
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -130,6 +131,9 @@ class InstrumentedDriver(StorageDriver):
     # Every operation passes its arguments through as they came: the
     # contract grows keywords (try_lock's caller_checks_dir) and a wrapper
     # must not be the one place that refuses them.
+    def check_path(self, path: str) -> None:
+        self.inner.check_path(path)
+
     async def get_content(self, *args: Any, **kwargs: Any) -> bytes:
         return await self._timed("get_content", self.inner.get_content(*args, **kwargs))
 
@@ -139,6 +143,10 @@ class InstrumentedDriver(StorageDriver):
     def reader(self, *args: Any, **kwargs: Any) -> AsyncIterator[bytes]:
         # a stream: its pace is the client's, not the storage's
         return self.inner.reader(*args, **kwargs)
+
+    async def open_reader(self, *args: Any, **kwargs: Any) -> SizedStream:
+        # the opening is timed (S3: the GET's answer); the stream is the client's pace
+        return await self._timed("open_reader", self.inner.open_reader(*args, **kwargs))
 
     async def writer(self, *args: Any, **kwargs: Any) -> FileWriter:
         return await self._timed("writer", self.inner.writer(*args, **kwargs))
