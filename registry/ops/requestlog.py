@@ -88,6 +88,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"), default=str)
 
 
+# one encoder: json.dumps with separators= builds a new one each call (~5 us)
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 class AccessWriter:
     """Access lines, written in batches: one line through `logging` cost
     ~100 us of a ~250 us manifest GET. Lines gather for at most FLUSH_AFTER
@@ -116,8 +120,8 @@ class AccessWriter:
     def write(self, message: str, fields: dict, request_id: str, now: float) -> None:
         if self.json:
             head = (f'{{"time":"{self._time(now)}Z","level":"info","logger":"dockyard.access",'
-                    f'"message":{json.dumps(message)},"request_id":{json.dumps(request_id)},')
-            self.lines.append(head + json.dumps(fields, separators=(",", ":"))[1:] + "\n")
+                    f'"message":{_encode(message)},"request_id":{_encode(request_id)},')
+            self.lines.append(head + _encode(fields)[1:] + "\n")
         else:
             stamp = self._time(now).replace("T", " ").replace(".", ",")
             self.lines.append(f"{stamp} INFO dockyard.access: {message} request_id={request_id}\n")
