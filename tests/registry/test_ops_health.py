@@ -100,15 +100,28 @@ def test_start_refuses_unwritable_storage_with_one_line(tmp_path):
     assert "listening" not in proc.stdout
 
 
-@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes through permissions")
 def test_start_refuses_read_only_storage_root(tmp_path):
+    """Root writes through permissions: as root the storage is a read-only
+    bind mount (what a volume mounted :ro gives a container), else a 0500
+    directory."""
+    import os
+    import subprocess
+
     root = tmp_path / "storage"
     root.mkdir()
-    root.chmod(0o500)
+    as_root = os.geteuid() == 0
+    if as_root:
+        subprocess.run(["mount", "--bind", str(root), str(root)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(root)], check=True)
+    else:
+        root.chmod(0o500)
     try:
         proc = _serve("--storage", str(root), "--port", str(free_port()))
     finally:
-        root.chmod(0o700)
+        if as_root:
+            subprocess.run(["umount", str(root)], check=True)
+        else:
+            root.chmod(0o700)
     assert proc.returncode == 2
     assert "storage is not usable" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
