@@ -65,8 +65,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 # DOCKYARD_* variables that are not server settings: the client's and the
 # test suite's. Every other DOCKYARD_* name must be a settings key.
-NOT_SETTINGS_VARIABLES = ("DOCKYARD_UNPACK_CACHE", "DOCKYARD_ROOTLESS", "DOCKYARD_BENCH_", "DOCKYARD_TEST_",
-                          "DOCKYARD_REQUIRE_INTEROP", "DOCKYARD_INTEROP_")
+NOT_SETTINGS_VARIABLES = ("DOCKYARD_UNPACK_CACHE", "DOCKYARD_ROOTLESS", "DOCKYARD_BENCH_",
+                          "DOCKYARD_TEST_", "DOCKYARD_REQUIRE_INTEROP", "DOCKYARD_INTEROP_")
 
 
 class SettingsError(ValueError):
