@@ -50,6 +50,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
     app.cleanup_ctx.append(_upload_purger(settings))
+    app.cleanup_ctx.append(_garbage_collector(settings))
     app.on_shutdown.append(_stop_waiting_sends)
     add_routes(app)
     if runtime.issues_tokens:
@@ -168,3 +169,35 @@ async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
         except Exception:  # keep purging next time; never take the server down
             log.exception("upload purge failed")
         await asyncio.sleep(uploads.purge_interval)
+
+
+# ---- garbage collection inside serve (gc.interval) ---------------------------------
+
+def _garbage_collector(settings: Settings):
+    """A background pass every gc.interval seconds; passes of every worker
+    and replica share the storage's GC lock, so one runs at a time."""
+    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = None
+        if settings.gc.interval > 0:
+            task = asyncio.create_task(_gc_loop(app[STORE], settings))
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return gc_ctx
+
+
+async def _gc_loop(store: ContentStore, settings: Settings) -> None:
+    from registry.gc_cli import gc_policy
+    from storage.gc import collect_garbage
+
+    policy = gc_policy(settings)
+    await asyncio.sleep(random.uniform(0, settings.gc.interval))
+    while True:
+        try:
+            await collect_garbage(store, policy)
+        except Exception:  # next time again; never take the server down
+            log.exception("garbage collection pass failed")
+        await asyncio.sleep(settings.gc.interval)

@@ -33,6 +33,10 @@ underscores, under the prefix DOCKYARD_:
     auth.htpasswd               DOCKYARD_AUTH_HTPASSWD       (and every auth.* key)
     auth.token.realm            DOCKYARD_AUTH_TOKEN_REALM    (and every auth.token.* key)
     log.level                   DOCKYARD_LOG_LEVEL
+    gc.interval                 DOCKYARD_GC_INTERVAL
+    gc.grace                    DOCKYARD_GC_GRACE
+    gc.untagged                 DOCKYARD_GC_UNTAGGED
+    gc.referrers                DOCKYARD_GC_REFERRERS
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
 wrong type, bad value) is a `SettingsError` with a one-line message.
@@ -172,6 +176,25 @@ class AuthSettings:
         return self.mode != "none"
 
 
+GC_REFERRER_MODES = ("keep", "follow-subject")
+
+
+@dataclass(frozen=True)
+class GcSettings:
+    # Seconds between garbage collection passes inside `serve` (0: none;
+    # `dockyard gc` runs one). Every worker and replica may run them: one
+    # pass at a time holds the storage's GC lock, the others skip their turn.
+    interval: int = 0
+    # Seconds anything written or linked stays safe from collection, and a
+    # recorded candidate waits before it is swept. 0 only when no push runs.
+    grace: int = 6 * 3600
+    # Collect manifests that no tag, kept index or kept referrer reaches.
+    untagged: bool = False
+    # keep: referrers (signatures, SBOMs) are never collected as untagged;
+    # follow-subject: a referrer goes with its subject.
+    referrers: str = "keep"
+
+
 @dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -182,6 +205,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    gc: GcSettings = field(default_factory=GcSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -222,6 +246,11 @@ class Settings:
             raise SettingsError("uploads.max_age must be at least 1 second")
         if self.uploads.purge_interval < 0:
             raise SettingsError("uploads.purge_interval must be 0 (off) or more seconds")
+        if self.gc.interval < 0 or self.gc.grace < 0:
+            raise SettingsError("gc.interval and gc.grace must be 0 or more seconds")
+        if self.gc.referrers not in GC_REFERRER_MODES:
+            raise SettingsError(f"gc.referrers must be one of {', '.join(GC_REFERRER_MODES)}, "
+                                f"got {self.gc.referrers!r}")
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
         return self

@@ -17,6 +17,7 @@ COMMAND_MODULES = {
     "puller.cli.client": ("pull", "push", "copy", "login", "logout", "inspect"),
     "puller.cli.run": ("unpack", "run"),
     "puller.cli.mirror": ("mirror",),
+    "registry.gc_cli": ("gc",),
 }
 
 
