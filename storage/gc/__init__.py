@@ -65,7 +65,7 @@ from typing import Callable
 from storage import layout
 from storage.gc.mark import REFERRER_MODES, MarkPolicy, Marker
 from storage.gc.markset import MarkSet, remove_stale_dirs
-from storage.gc.record import (complete_records, load_record, new_run_id, remove_record, storage_now,
+from storage.gc.record import (Record, complete_records, load_record, new_run_id, remove_record, storage_now,
                                write_record)
 from storage.gc.sweep import sweep
 from storage.store import ContentStore
@@ -158,20 +158,28 @@ async def collect_garbage(store: ContentStore, policy: GcPolicy, *, dry_run: boo
             report.uploads_purged = await store.purge_uploads(time.time() - policy.upload_max_age)
             report.leftovers_removed = await store.reclaim_leftovers(time.time() - LEFTOVER_AGE)
         records = await complete_records(driver)
-        due = [r for r in records if r.completed + policy.grace <= now]
-        waiting = [r for r in records if r not in due]
-        cutoff = min([now - policy.grace] + [r.cutoff for r in due])
+        if policy.grace <= 0:
+            # Nothing is in flight (the operator's word): this pass's own
+            # mark supersedes every earlier record, and it sweeps at once.
+            due, waiting, cutoff = [], [], now
+        else:
+            due = [r for r in records if r.completed + policy.grace <= now]
+            waiting = [r for r in records if r not in due]
+            cutoff = min([now - policy.grace] + [r.cutoff for r in due])
         markset = await MarkSet().open()
         try:
             marker = Marker(store, markset, MarkPolicy(policy.untagged, policy.referrers), cutoff)
             with phase("mark"):
                 report.repositories = await marker.mark_all()
             await _count_candidates(markset, report)
-            if policy.grace <= 0 and not waiting and report.candidates:
-                with phase("record"):
-                    run_id = new_run_id(now)
-                    report.recorded = await write_record(driver, markset, run_id, cutoff)
-                    due = [r for r in await complete_records(driver) if r.completed <= now or r.run_id == run_id]
+            if policy.grace <= 0:
+                for old in records:
+                    await remove_record(driver, old.run_id)
+                if report.candidates:
+                    with phase("record"):
+                        run_id = new_run_id(now)
+                        report.recorded = await write_record(driver, markset, run_id, cutoff)
+                    due = [Record(run_id, cutoff, now)]
             for record in due:
                 with phase("sweep"):
                     await load_record(driver, markset, record)
