@@ -37,6 +37,8 @@ underscores, under the prefix DOCKYARD_:
     gc.grace                    DOCKYARD_GC_GRACE
     gc.untagged                 DOCKYARD_GC_UNTAGGED
     gc.referrers                DOCKYARD_GC_REFERRERS
+    lifecycle.read_only         DOCKYARD_LIFECYCLE_READ_ONLY
+    lifecycle.immutable_tags    DOCKYARD_LIFECYCLE_IMMUTABLE_TAGS
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
 wrong type, bad value) is a `SettingsError` with a one-line message.
@@ -196,6 +198,15 @@ class GcSettings:
 
 
 @dataclass(frozen=True)
+class LifecycleSettings:
+    # Refuse every write (405 UNSUPPORTED); pulls go on.
+    read_only: bool = False
+    # Comma-separated "<repository glob>:<tag glob>" rules: a matching tag
+    # is pushed once and never moved or deleted (DENIED). Example: "prod/*:v*".
+    immutable_tags: str = ""
+
+
+@dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
@@ -206,6 +217,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     gc: GcSettings = field(default_factory=GcSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -251,6 +263,11 @@ class Settings:
         if self.gc.referrers not in GC_REFERRER_MODES:
             raise SettingsError(f"gc.referrers must be one of {', '.join(GC_REFERRER_MODES)}, "
                                 f"got {self.gc.referrers!r}")
+        from registry.lifecycle.rules import ImmutableTags, RuleError
+        try:
+            ImmutableTags.parse(self.lifecycle.immutable_tags)
+        except RuleError as exc:
+            raise SettingsError(str(exc)) from None
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
         return self
