@@ -55,6 +55,7 @@ class RepoContent:
     revisions: list[str]
     layers: list[str]
     referrers: dict[str, list[str]]
+    revision_times: dict[str, float]    # when each revision's link was written
 
 
 def manifest_children(body: bytes) -> dict:
@@ -131,7 +132,11 @@ class Marker:
             links = await self.driver.get_many([layout.tag_current_link(repo, t) for t in batch])
             for tag, link in zip(batch, links):
                 tags[tag] = _link_digest(link)
-        revisions = await self._digest_dirs(layout.manifest_revisions_dir(repo))
+        # A revision is its link: CNCF Distribution deletes the link and leaves the directory.
+        listed = await self._digest_dirs(layout.manifest_revisions_dir(repo))
+        times = await self._mtimes([layout.manifest_revision_link(repo, d) for d in listed])
+        revision_times = {d: t for d, t in zip(listed, times) if t is not None}
+        revisions = [d for d in listed if d in revision_times]
         layers = await self._digest_dirs(layout.layer_digest_dirs(repo))
         referrers: dict[str, list[str]] = {}
         subject_dirs = [d for listing in await self._listed_many(await self._listed(layout.referrers_root(repo)))
@@ -140,7 +145,7 @@ class Marker:
             subject = layout.digest_of_dir(subject_dir)
             if subject is not None:
                 referrers[subject] = [r for r in (layout.referrer_digest_of_entry(e) for e in entries) if r]
-        return RepoContent(tags, revisions, layers, referrers)
+        return RepoContent(tags, revisions, layers, referrers, revision_times)
 
     async def _digest_dirs(self, base: str) -> list[str]:
         out: list[str] = []
@@ -197,9 +202,8 @@ class Marker:
         await self.walk(roots, kept_revs, kept_blobs)
 
         # Fresh revisions and referrers of kept manifests, until nothing new is kept.
-        unkept = [d for d in content.revisions if d not in kept_revs]
-        times = dict(zip(unkept, await self._mtimes([layout.manifest_revision_link(repo, d) for d in unkept])))
-        fresh = {d for d, t in times.items() if t is None or t >= self.cutoff}
+        times = content.revision_times
+        fresh = {d for d, t in times.items() if d not in kept_revs and t >= self.cutoff}
         await self.walk(fresh, kept_revs, kept_blobs)
         while True:
             following = {r for s in list(kept_revs) for r in content.referrers.get(s, ())
@@ -215,10 +219,8 @@ class Marker:
         for digest in content.revisions:
             if digest in kept_revs and digest in present:
                 continue
-            when = times.get(digest)
-            if when is None:
-                when = (await self._mtimes([layout.manifest_revision_link(repo, digest)]))[0]
-            if when is not None and when < self.cutoff:
+            when = times[digest]
+            if when < self.cutoff:
                 found.append(("R", repo, digest, when, 0))
         # T: tags naming a manifest the repository does not hold
         dangling = [t for t, d in content.tags.items() if d is not None and (d not in revset or d not in present)]
