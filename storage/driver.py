@@ -29,7 +29,7 @@ import asyncio
 import os
 import re
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 
 class StorageError(Exception):
@@ -127,6 +127,27 @@ class LocalFile:
             os.close(fd)
 
 
+class SizedStream:
+    """The whole content of a file as it is read: its size, known before
+    the first byte, and its chunks (`async for`). Iterate it to the end or
+    `aclose()` it: an unread stream holds a connection."""
+
+    def __init__(self, size: int, chunks: AsyncIterator[bytes], release: Callable[[], None] | None = None):
+        self.size = size
+        self._chunks = chunks
+        # what an opened but never iterated stream holds (a generator's own
+        # cleanup does not run when it never started)
+        self._release = release
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+        if self._release is not None:
+            self._release()
+
+
 class StorageLock(abc.ABC):
     """An exclusive lock on one name in storage, held until `release()`."""
 
@@ -169,6 +190,15 @@ class StorageDriver(abc.ABC):
         """Stream the content from offset (up to length bytes). Raises
         PathNotFound / InvalidOffset on first iteration at the latest."""
 
+    async def open_reader(self, path: str, chunk_size: int = 1 << 20) -> SizedStream:
+        """The whole content of path with its size (PathNotFound if absent),
+        from one round trip where the backend answers both at once (S3: the
+        GET's Content-Length); the default stats, then reads."""
+        info = await self.stat(path)
+        if info.is_dir:
+            raise PathNotFound(path)
+        return SizedStream(info.size, self.reader(path, chunk_size=chunk_size))
+
     @abc.abstractmethod
     async def writer(self, path: str, append: bool = False) -> FileWriter:
         """An appending writer; with append=True continue an existing file."""
@@ -185,14 +215,20 @@ class StorageDriver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def try_lock(self, path: str) -> StorageLock | None:
+    async def try_lock(self, path: str, *, caller_checks_dir: bool = False) -> StorageLock | None:
         """Take the exclusive lock named by path, or None at once when another
         holder has it. The lock holds across every process and host sharing
         this storage (it is what serialises requests on one upload session),
         and a holder that dies loses it. It never creates directories:
         PathNotFound when path's directory does not exist, or stops existing
         while the lock is taken (the session finished meanwhile). A driver
-        may keep a file at path; it goes when its directory is deleted."""
+        may keep a file at path; it goes when its directory is deleted.
+
+        caller_checks_dir: the caller reads a file of the directory under the
+        lock anyway (an upload session its data's size) and releases the lock
+        when it is gone, so a driver whose directory check is a round trip of
+        its own (S3: a listing) may skip it and return a lock in a directory
+        deleted meanwhile."""
 
     async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
         """get_content of each path, None for an absent one. Drivers with a

@@ -128,7 +128,9 @@ class Uploads:
         pause = 0.005
         while True:
             try:
-                lock = await self.driver.try_lock(path)
+                # every holder reads the session's data size first (_upload_size):
+                # that is the check that the session still exists
+                lock = await self.driver.try_lock(path, caller_checks_dir=True)
             except PathNotFound as exc:
                 raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
             if lock is not None:
@@ -241,7 +243,7 @@ class Uploads:
             with contextlib.suppress(StorageError):
                 await writer.cancel()
             raise
-        await self.blobs.link(repo, digest)
+        await self.blobs.link(repo, digest, total)
         return BlobInfo(digest, total)
 
     async def _digest_of_upload(self, repo: str, upload_id: str, alg: str,
@@ -327,7 +329,7 @@ class Uploads:
                                 {"expected": digest, "actual": actual})
         await self.blobs.commit(layout.upload_data(repo, upload_id), digest)
         # The bytes are in place: link them and drop the session together.
-        await asyncio.gather(self.blobs.link(repo, digest),
+        await asyncio.gather(self.blobs.link(repo, digest, total),
                              delete_if_present(self.driver, layout.upload_dir(repo, upload_id)))
         self._hashers.pop((repo, upload_id), None)
         return BlobInfo(digest, total)
