@@ -142,10 +142,6 @@ class MarkSet:
     async def clear_recorded(self) -> None:
         await self.call(lambda: self._db.execute("DELETE FROM recorded"))
 
-    async def forget_found(self, rows: list[tuple[str, str, str]]) -> None:
-        if rows:
-            await self.call(self._many, "DELETE FROM found WHERE kind = ? AND repo = ? AND name = ?", rows)
-
     # ---- manifest children cache -------------------------------------------------------
     async def put_children(self, items: list[tuple[str, dict]]) -> None:
         if items:

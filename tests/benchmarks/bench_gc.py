@@ -31,7 +31,7 @@ from pathlib import Path
 import _common
 from _common import REPO_ROOT, BenchError, Row, format_table, need_tool, rows_as_json
 from tests.support.launch import dockyard_command, distribution_config, free_port, launch_dockyard
-from tests.support.registry_http import http_request, push_blob, put_manifest
+from tests.support.registry_http import push_blob, put_manifest
 
 V2 = "docker/registry/v2"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
