@@ -35,8 +35,9 @@ from tests.support.registry_http import http_request, push_blob, put_manifest
 from tests.support.replicas import ReplicaSet, backend_names, backend_storage, open_storage_driver
 
 CLIENTS = 4
-LOAD_SECONDS = 10.0             # each client pushes and deletes for this long ...
-LOAD_ROUNDS = 80                # ... or this many rounds, whichever ends first
+LOAD_SECONDS = 8.0              # clients push and delete at least this long, until GC collected
+LOAD_LIMIT = 45.0               # something during the load, and at most this long ...
+LOAD_ROUNDS = 150               # ... or this many rounds each, whichever ends first
 GRACE = 2                       # whole seconds: S3 keeps times to the second
 SHARED_LAYER = b"a base layer every client's images share " * 64
 
@@ -97,9 +98,9 @@ class Client(threading.Thread):
     """Pushes an image a round to its own repository, and deletes (by
     digest) every other one it pushed, for a bounded time and count."""
 
-    def __init__(self, url: str, number: int, deadline: float):
+    def __init__(self, url: str, number: int, deadline: float, stop: threading.Event):
         super().__init__(daemon=True)
-        self.url, self.repo, self.deadline = url, f"load/client-{number}", deadline
+        self.url, self.repo, self.deadline, self.stop = url, f"load/client-{number}", deadline, stop
         self.kept: dict[str, str] = {}
         self.deleted_layers: list[str] = []     # the own layer of each image deleted
         self.failed_pushes = 0
@@ -108,7 +109,7 @@ class Client(threading.Thread):
     def run(self) -> None:
         try:
             for round_ in range(LOAD_ROUNDS):
-                if time.monotonic() > self.deadline:
+                if time.monotonic() > self.deadline or self.stop.is_set():
                     break
                 tag = f"r{round_}"
                 manifest, blobs = image(f"{self.repo}-{round_}-{uuid.uuid4().hex[:6]}")
@@ -134,6 +135,15 @@ async def stored_blobs(driver) -> set[str]:
     return out
 
 
+async def blobs_in(storage) -> set[str]:
+    """The blobs a fresh driver on the storage lists."""
+    driver = open_storage_driver(storage)
+    try:
+        return await stored_blobs(driver)
+    finally:
+        await driver.close()
+
+
 async def _listed(driver, path: str) -> list[str]:
     try:
         return await driver.list(path)
@@ -152,32 +162,33 @@ def test_gc_while_four_clients_push_and_delete_on_two_replicas(shared_storage, t
     with ReplicaSet(shared_storage, tmp_path / "replicas", settings=gc_settings) as replicas:
         config = tmp_path / "replicas" / "replica-0.yml"
         url = replicas.proxy.url
-        deadline = time.monotonic() + LOAD_SECONDS
-        clients = [Client(url, n, deadline) for n in range(CLIENTS)]
+        started = time.monotonic()
+        stop = threading.Event()
+        clients = [Client(url, n, started + LOAD_LIMIT, stop) for n in range(CLIENTS)]
         for client in clients:
             client.start()
-        passes = []
-        while any(c.is_alive() for c in clients) and time.monotonic() < deadline + 60:
+        passes, collected = [], set()
+        while any(c.is_alive() for c in clients) and time.monotonic() < started + LOAD_LIMIT + 60:
             passes.append(run_gc(config, tmp_path))
+            deleted_layers = {d for c in clients for d in list(c.deleted_layers)}
+            collected |= deleted_layers - asyncio.run(blobs_in(shared_storage))
+            if collected and time.monotonic() - started >= LOAD_SECONDS:
+                stop.set()
         for client in clients:
             client.join(60)
             assert not client.is_alive()
             assert client.error is None, client.error
         assert len(passes) >= 2, passes      # the replicas' own passes hold the lock now and then
-        driver = open_storage_driver(shared_storage)
-        try:
-            during = asyncio.run(stored_blobs(driver))
-        finally:
-            asyncio.run(driver.close())
-        deleted_layers = {d for c in clients for d in c.deleted_layers}
         # collected while the clients pushed (by these passes or the replicas' own), not only after
-        assert deleted_layers - during, "no deleted image's layer was collected during the load"
+        assert collected, "no deleted image's layer was collected during the load"
 
         # Pushes stopped: a pass with grace 0 (the operator's choice then) leaves only what tags reach.
         time.sleep(1.1)
         final = run_gc(config, tmp_path, "--grace", "0")
-        if final["busy"]:                  # a replica's own pass had the lock: once more
-            time.sleep(2)
+        for _ in range(30):                # a replica's own pass has the lock: again, bounded
+            if not final["busy"]:
+                break
+            time.sleep(0.5)
             final = run_gc(config, tmp_path, "--grace", "0")
         assert not final["busy"]
         referenced: set[str] = set()
@@ -187,11 +198,7 @@ def test_gc_while_four_clients_push_and_delete_on_two_replicas(shared_storage, t
                 for replica in replicas.urls:
                     reached = pull_completely(replica, client.repo, tag)
                 referenced |= set(reached)
-        driver = open_storage_driver(shared_storage)
-        try:
-            left = asyncio.run(stored_blobs(driver))
-        finally:
-            asyncio.run(driver.close())
+        left = asyncio.run(blobs_in(shared_storage))
         assert left == referenced, (sorted(left - referenced)[:5], sorted(referenced - left)[:5])
         assert sum(c.failed_pushes for c in clients) == 0, [c.failed_pushes for c in clients]
 
