@@ -18,6 +18,7 @@ from registry.auth.runtime import AUTH, AuthRuntime, auth_context
 from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
+from registry.lifecycle import read_only_middleware
 from registry.ops.health import READINESS, Readiness, add_health_routes
 from registry.ops.metrics import InstrumentedDriver, add_metrics_route
 from registry.ops.events import events_middleware
@@ -52,7 +53,8 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
                                     log_format=settings.log.format, writer=access_writer),
                      error_middleware,
                      *([events_middleware(settings.events)] if settings.events.endpoints else []),
-                     auth_middleware(lambda: runtime.gate)],
+                     auth_middleware(lambda: runtime.gate),
+                     read_only_middleware(lambda: settings.lifecycle.read_only)],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
@@ -62,6 +64,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app.cleanup_ctx.append(auth_context(runtime))
     app.cleanup_ctx.append(_upload_purger(settings))
     app.cleanup_ctx.append(delivery_context(settings.events))
+    app.cleanup_ctx.append(_garbage_collector(settings))
     app.on_shutdown.append(_stop_waiting_sends)
     app.on_response_prepare.append(echo_request_id)
     app.on_cleanup.append(lambda app: _flush(access_writer))
@@ -208,3 +211,35 @@ async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
         except Exception:  # keep purging next time; never take the server down
             log.exception("upload purge failed")
         await asyncio.sleep(uploads.purge_interval)
+
+
+# ---- garbage collection inside serve (gc.interval) ---------------------------------
+
+def _garbage_collector(settings: Settings):
+    """A background pass every gc.interval seconds; passes of every worker
+    and replica share the storage's GC lock, so one runs at a time."""
+    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = None
+        if settings.gc.interval > 0:
+            task = asyncio.create_task(_gc_loop(app[STORE], settings))
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return gc_ctx
+
+
+async def _gc_loop(store: ContentStore, settings: Settings) -> None:
+    from registry.gc_cli import gc_policy
+    from storage.gc import collect_garbage
+
+    policy = gc_policy(settings)
+    await asyncio.sleep(random.uniform(0, settings.gc.interval))
+    while True:
+        try:
+            await collect_garbage(store, policy)
+        except Exception:  # next time again; never take the server down
+            log.exception("garbage collection pass failed")
+        await asyncio.sleep(settings.gc.interval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from registry.lifecycle import ImmutableTags, guard_manifest_delete, guard_manifest_put
 from registry.protocol import (DIGEST_HEADER, OCI_SUBJECT_HEADER, OCI_TAG_HEADER, absolute,
                                manifest_path, read_limited)
 from registry.state import SETTINGS, STORE
@@ -59,6 +60,8 @@ async def put_manifest(request: web.Request) -> web.Response:
     body = await read_limited(request, limit, ManifestTooLarge(
         f"manifest larger than {limit} bytes", {"limit": limit}))
     media_type = request.headers.get("Content-Type", "").split(";", 1)[0].strip()
+    await guard_manifest_put(request.app[STORE], ImmutableTags.parse(settings.lifecycle.immutable_tags), name,
+                             ([] if ":" in reference else [reference]) + tags, body)
     result = await request.app[STORE].manifests.put(name, reference, body, media_type,
                                                    extra_tags=tags)
     headers = {
@@ -76,5 +79,7 @@ async def delete_manifest(request: web.Request) -> web.Response:
     name, reference = _name_and_reference(request)
     if not request.app[SETTINGS].storage.delete_enabled:
         raise Unsupported("deletion is disabled on this registry")
+    await guard_manifest_delete(request.app[STORE],
+                                ImmutableTags.parse(request.app[SETTINGS].lifecycle.immutable_tags), name, reference)
     await request.app[STORE].manifests.delete(name, reference)
     return web.Response(status=202)

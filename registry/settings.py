@@ -38,6 +38,12 @@ underscores, under the prefix DOCKYARD_:
     metrics.enabled             DOCKYARD_METRICS_ENABLED     (and every metrics.* key)
     events.format               DOCKYARD_EVENTS_FORMAT       (and every scalar events.* key;
                                 events.endpoints is a list: YAML only)
+    gc.interval                 DOCKYARD_GC_INTERVAL
+    gc.grace                    DOCKYARD_GC_GRACE
+    gc.untagged                 DOCKYARD_GC_UNTAGGED
+    gc.referrers                DOCKYARD_GC_REFERRERS
+    lifecycle.read_only         DOCKYARD_LIFECYCLE_READ_ONLY
+    lifecycle.immutable_tags    DOCKYARD_LIFECYCLE_IMMUTABLE_TAGS
 
 A list of strings in a variable is comma-separated (DOCKYARD_EVENTS_ALLOW=10.0.0.0/8,hooks).
 
@@ -222,6 +228,34 @@ class EventsSettings:
     poll_interval: int = 1                     # seconds between looks at the outbox
 
 
+GC_REFERRER_MODES = ("keep", "follow-subject")
+
+
+@dataclass(frozen=True)
+class GcSettings:
+    # Seconds between garbage collection passes inside `serve` (0: none;
+    # `dockyard gc` runs one). Every worker and replica may run them: one
+    # pass at a time holds the storage's GC lock, the others skip their turn.
+    interval: int = 0
+    # Seconds anything written or linked stays safe from collection, and a
+    # recorded candidate waits before it is swept. 0 only when no push runs.
+    grace: int = 6 * 3600
+    # Collect manifests that no tag, kept index or kept referrer reaches.
+    untagged: bool = False
+    # keep: referrers (signatures, SBOMs) are never collected as untagged;
+    # follow-subject: a referrer goes with its subject.
+    referrers: str = "keep"
+
+
+@dataclass(frozen=True)
+class LifecycleSettings:
+    # Refuse every write (405 UNSUPPORTED); pulls go on.
+    read_only: bool = False
+    # Comma-separated "<repository glob>:<tag glob>" rules: a matching tag
+    # is pushed once and never moved or deleted (DENIED). Example: "prod/*:v*".
+    immutable_tags: str = ""
+
+
 @dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -234,6 +268,8 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
+    gc: GcSettings = field(default_factory=GcSettings)
+    lifecycle: LifecycleSettings = field(default_factory=LifecycleSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -275,6 +311,16 @@ class Settings:
             raise SettingsError("uploads.max_age must be at least 1 second")
         if self.uploads.purge_interval < 0:
             raise SettingsError("uploads.purge_interval must be 0 (off) or more seconds")
+        if self.gc.interval < 0 or self.gc.grace < 0:
+            raise SettingsError("gc.interval and gc.grace must be 0 or more seconds")
+        if self.gc.referrers not in GC_REFERRER_MODES:
+            raise SettingsError(f"gc.referrers must be one of {', '.join(GC_REFERRER_MODES)}, "
+                                f"got {self.gc.referrers!r}")
+        from registry.lifecycle.rules import ImmutableTags, RuleError
+        try:
+            ImmutableTags.parse(self.lifecycle.immutable_tags)
+        except RuleError as exc:
+            raise SettingsError(str(exc)) from None
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
         if self.log.format not in LOG_FORMATS:

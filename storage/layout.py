@@ -11,9 +11,16 @@
     │   ├── indexed-v1                         the one-time index build is done (below)
     │   ├── index.lock                         held by the process doing it
     │   ├── health/<probe id>                  readiness probes' write-read-delete (for moments)
-    │   └── events/outbox/<entry id>/          one event for one webhook endpoint, until delivered:
-    │       ├── event.json                     the endpoint's URL and the event
-    │       └── lock                           held by the replica delivering it
+    │   ├── events/outbox/<entry id>/          one event for one webhook endpoint, until delivered:
+    │   │   ├── event.json                     the endpoint's URL and the event
+    │   │   └── lock                           held by the replica delivering it
+    │   └── gc/                                garbage collection (storage.gc):
+    │       ├── lock                           held by the one pass running, in any process
+    │       ├── clock                          rewritten to read the storage's time
+    │       └── runs/<run id>/                 one pass's candidate record:
+    │           ├── started                    written before its mark began
+    │           ├── part-<n>                   candidates, one per line
+    │           └── complete                   written last: the record is whole
     └── repositories/<repo>/
         ├── _layers/<alg>/<hex>/link           blob linked into the repo (content: digest)
         ├── _manifests/
@@ -81,6 +88,12 @@ HEALTH = f"{_OWN}/health"
 EVENT_OUTBOX = f"{_OWN}/events/outbox"
 OWN_README_TEXT = (b"Dockyard's own state beside CNCF Distribution's layout (which never reads it);\n"
                    b"see storage/layout.py in Dockyard.\n")
+
+GC_DIR = f"{_OWN}/gc"
+GC_LOCK = f"{GC_DIR}/lock"
+GC_CLOCK = f"{GC_DIR}/clock"
+GC_RUNS = f"{GC_DIR}/runs"
+_GC_RUN_RE = re.compile(r"[0-9]{10}-[0-9a-f]{8}")
 
 # "/" never occurs in a catalog entry's file name; "+" never occurs in a repo name.
 _CATALOG_SEPARATOR = "+"
@@ -266,3 +279,80 @@ def catalog_entry(repo: str) -> str:
 def repo_from_catalog_entry(path: str) -> str:
     """The repository name a catalog entry path (as listed) stands for."""
     return path.rsplit("/", 1)[-1].replace(_CATALOG_SEPARATOR, "/")
+
+
+# ---- garbage collection ------------------------------------------------
+def _gc_run(run_id: str) -> str:
+    if not _GC_RUN_RE.fullmatch(run_id):
+        raise ValueError(f"not a gc run id: {run_id!r}")
+    return f"{GC_RUNS}/{run_id}"
+
+
+def gc_run_dir(run_id: str) -> str:
+    return _gc_run(run_id)
+
+
+def gc_run_started(run_id: str) -> str:
+    return f"{_gc_run(run_id)}/started"
+
+
+def gc_run_complete(run_id: str) -> str:
+    return f"{_gc_run(run_id)}/complete"
+
+
+def gc_run_part(run_id: str, number: int) -> str:
+    return f"{_gc_run(run_id)}/part-{number:06d}"
+
+
+def gc_run_from_dir(path: str) -> str | None:
+    """The run id of a listed directory under GC_RUNS, None for a stray name."""
+    name = path.rsplit("/", 1)[-1]
+    return name if _GC_RUN_RE.fullmatch(name) else None
+
+
+def layer_digest_dirs(repo: str) -> str:
+    """Where a repository's layer links live (<alg>/<hex>/link below)."""
+    return f"{repo_dir(repo)}/_layers"
+
+
+def referrers_root(repo: str) -> str:
+    """Where a repository's referrers index lives (<alg>/<hex>/<entry> below)."""
+    return f"{repo_dir(repo)}/_referrers"
+
+
+def digest_of_dir(path: str) -> str | None:
+    """The digest a listed directory ".../<alg>/<hex>" stands for, None for a stray name."""
+    alg_dir, _, hex_ = path.rpartition("/")
+    digest = f"{alg_dir.rsplit('/', 1)[-1]}:{hex_}"
+    try:
+        parse_digest(digest)
+    except DigestInvalid:
+        return None
+    return digest
+
+
+def digest_of_blob_dir(path: str) -> str | None:
+    """The digest of a listed blob directory "blobs/<alg>/<hex[0:2]>/<hex>"."""
+    parts = path.rsplit("/", 3)
+    if len(parts) != 4:
+        return None
+    digest = f"{parts[1]}:{parts[3]}"
+    try:
+        parse_digest(digest)
+    except DigestInvalid:
+        return None
+    return digest if parts[3][:2] == parts[2] else None
+
+
+def referrer_digest_of_entry(path: str) -> str | None:
+    """The referrer digest a listed referrer entry "<alg>-<hex>.json" names."""
+    name = path.rsplit("/", 1)[-1]
+    if not name.endswith(".json") or "-" not in name:
+        return None
+    alg, _, hex_ = name[:-len(".json")].partition("-")
+    digest = f"{alg}:{hex_}"
+    try:
+        parse_digest(digest)
+    except DigestInvalid:
+        return None
+    return digest

@@ -135,6 +135,35 @@ class Manifests:
         if needs_empty:
             await self.blobs.provide_empty(repo)
 
+    async def _recheck_references(self, repo: str, parsed: _Pushed) -> None:
+        """The second look after the revision is linked: garbage collection
+        (storage.gc) may have swept a link between the first check and the
+        revision's write. A vanished link whose bytes are still there is
+        written back (the sweep's re-mark keeps bytes a revision names);
+        vanished bytes are ManifestBlobUnknown, so the client pushes them
+        again. storage.gc's docstring has the whole argument."""
+        if self.limits.allow_sparse_manifests:
+            return
+        blobs, children = list(dict.fromkeys(parsed.blobs)), list(dict.fromkeys(parsed.children))
+        n, m = len(blobs), len(children)
+        found = await self.driver.stat_files(
+            [layout.layer_link(repo, d) for d in blobs] + [layout.manifest_revision_link(repo, d) for d in blobs]
+            + [layout.manifest_revision_link(repo, d) for d in children]
+            + [layout.blob_data(d) for d in blobs + children])
+        layers, as_revisions, child_links, data = found[:n], found[n:2 * n], found[2 * n:2 * n + m], found[2 * n + m:]
+        for at, digest in enumerate(blobs + children):
+            if data[at] is None:
+                raise ManifestBlobUnknown(f"manifest references unknown content: {digest} "
+                                          f"(collected while this push was in progress: push it again)",
+                                          {"digest": digest})
+        for digest, layer, revision in zip(blobs, layers, as_revisions):
+            if layer is None and revision is None:
+                await self.driver.put_content(layout.layer_link(repo, digest), layout.link_content(digest))
+        for digest, link in zip(children, child_links):
+            if link is None:
+                await self.driver.put_content(layout.manifest_revision_link(repo, digest),
+                                              layout.link_content(digest))
+
     async def put(self, repo: str, reference: str, body: bytes,
                            media_type: str,
                            extra_tags: list[str] = ()) -> PutManifestResult:
@@ -193,6 +222,7 @@ class Manifests:
             if not tags or await file_exists(self.driver, layout.manifest_revision_link(repo, digest)):
                 break
             await self._link_revision(repo, digest, len(body), parsed)
+        await self._recheck_references(repo, parsed)
         await self.catalog.register(repo)
         self._manifest_bytes.put(digest, body)
         self._remember_media_type((repo, digest), parsed.served_type)

@@ -20,6 +20,7 @@ COMMAND_MODULES = {
     "puller.cli.containers": ("ps", "logs", "stop", "rm"),
     "puller.cli.images": ("images", "rmi", "prune", "df"),
     "puller.cli.verbs": ("ls", "catalog", "manifest", "config", "blob", "tag", "delete", "digest"),
+    "registry.gc_cli": ("gc",),
 }
 
 
