@@ -96,7 +96,10 @@ async def test_a_manifest_put_over_many_layers_lists_nothing(store):
     names = requests.names()
     lists = [params.get("Prefix") for name, params in requests.params if name.startswith("ListObjects")]
     assert not lists, lists
-    assert names.count("HeadObject") <= 2 * 21 + 4, names
+    # the first check: a link and the bytes per reference; the second look
+    # after the revision is written (garbage collection may have swept a
+    # link meanwhile, storage.gc): the link again
+    assert names.count("HeadObject") <= 3 * 21 + 4, names
 
 
 async def test_a_chunked_push_locks_its_session_without_a_listing(store):
