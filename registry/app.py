@@ -18,6 +18,7 @@ from registry.auth.runtime import AUTH, AuthRuntime, auth_context
 from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
+from registry.proxy import handlers as pull_through
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
@@ -41,7 +42,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     settings name (tests use it to run the API over another backend)."""
     runtime = AuthRuntime(settings)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(lambda: runtime.gate)],
+        middlewares=[error_middleware, auth_middleware(lambda: runtime.gate), pull_through.push_guard],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
@@ -49,6 +50,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app[AUTH] = runtime
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
+    pull_through.install(app, settings)      # after the store: it wraps it
     app.cleanup_ctx.append(_upload_purger(settings))
     app.on_shutdown.append(_stop_waiting_sends)
     add_routes(app)

@@ -32,6 +32,9 @@ underscores, under the prefix DOCKYARD_:
     auth.mode                   DOCKYARD_AUTH_MODE
     auth.htpasswd               DOCKYARD_AUTH_HTPASSWD       (and every auth.* key)
     auth.token.realm            DOCKYARD_AUTH_TOKEN_REALM    (and every auth.token.* key)
+    proxy.default               DOCKYARD_PROXY_DEFAULT
+    proxy.allow_hosts           DOCKYARD_PROXY_ALLOW_HOSTS   (comma-separated)
+    proxy.upstreams[].username  DOCKYARD_PROXY_UPSTREAM_<PREFIX>_USERNAME (and _PASSWORD)
     log.level                   DOCKYARD_LOG_LEVEL
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
@@ -47,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from registry.proxy.settings import ProxyConfigError, ProxySettings, check_proxy
 from storage.blobs import StoreLimits
 from storage.config import (FilesystemSettings, S3Settings, StorageConfigError,
                             StorageSettings, default_storage_root)
@@ -182,6 +186,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)   # pull-through cache (registry/proxy)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
@@ -208,6 +213,10 @@ class Settings:
             raise SettingsError(f"tls.ciphersuites: not a TLS 1.3 cipher suite: {', '.join(unknown)} "
                                 f"(known: {', '.join(TLS13_CIPHERSUITES)})")
         self._validate_auth()
+        try:
+            check_proxy(self.proxy)
+        except ProxyConfigError as exc:
+            raise SettingsError(str(exc)) from None
         try:
             self.storage.check()
         except StorageConfigError as exc:
@@ -286,11 +295,27 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
             return int(str(value).strip(), 10) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{key}: expected an integer, got {value!r}") from None
+    if typing.get_origin(kind) is tuple:
+        return _convert_list(value, typing.get_args(kind)[0], key)
     if kind is str:
         if isinstance(value, (dict, list)):
             raise SettingsError(f"{key}: expected a string, got {type(value).__name__}")
         return "" if value is None else str(value)
     raise SettingsError(f"{key}: unsupported setting type")  # pragma: no cover
+
+
+def _convert_list(value: Any, item: Any, key: str) -> tuple:
+    """A list key (`tuple[X, ...]`): a YAML list, or from the environment a
+    comma-separated string; items of a dataclass type are mappings."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    elif value is None:
+        value = []
+    if not isinstance(value, (list, tuple)):
+        raise SettingsError(f"{key}: expected a list, got {type(value).__name__}")
+    if dataclasses.is_dataclass(item):
+        return tuple(_build(item, entry or {}, f"{key}[{i}].") for i, entry in enumerate(value))
+    return tuple(_convert(entry, item, f"{key}[{i}]") for i, entry in enumerate(value))
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
