@@ -25,7 +25,7 @@ from storage.oci.names import parse_digest, validate_name, validate_tag
 log = logging.getLogger("dockyard.registry.proxy")
 
 NAMESPACE_HEADER = "OCI-Namespace"
-_NAMESPACE = "dockyard.proxy.namespace"      # request key: the ns= value honoured
+_NAMESPACE = web.RequestKey("proxy_namespace", str)   # the ns= value honoured
 _PUSH_METHODS = ("PUT", "POST", "PATCH")
 
 

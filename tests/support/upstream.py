@@ -14,6 +14,7 @@ and a tampering front for the faults a real upstream or network gives.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class TamperFront:
         self.redirect_to = ""
         self.authorizations: list[tuple[str, str | None]] = []     # (Host, Authorization)
         self.blob_gets = 0
+        self.delay = 0.0             # seconds slept after each 64 KiB of a blob body
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self.port = 0
@@ -151,5 +153,7 @@ class TamperFront:
                     piece = piece[:at] + bytes([piece[at] ^ 0xFF]) + piece[at + 1:]
                 sent += len(piece)
                 await response.write(piece)
+                if is_blob_get and self.delay:
+                    await asyncio.sleep(self.delay)
             await response.write_eof()
             return response
