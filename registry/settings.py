@@ -307,7 +307,7 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
 def _convert_list(value: Any, item: Any, key: str) -> tuple:
     """A list key (`tuple[X, ...]`): a YAML list, or from the environment a
     comma-separated string; items of a dataclass type are mappings."""
-    if isinstance(value, str):
+    if isinstance(value, str) and not dataclasses.is_dataclass(item):
         value = [part.strip() for part in value.split(",") if part.strip()]
     elif value is None:
         value = []

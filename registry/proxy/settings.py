@@ -80,9 +80,7 @@ def host_allowed(host: str, port: int | None, allow_hosts: tuple[str, ...]) -> b
     """True when host (lower-case name or address) and port match an entry."""
     host = host.lower().strip("[]")
     for entry in allow_hosts:
-        entry = entry.lower().strip()
-        name, _, entry_port = entry.rpartition(":") if entry.count(":") == 1 else (entry, "", "")
-        name = name.strip("[]")
+        name, entry_port = _split_entry(entry.lower().strip())
         if entry_port and port is not None and entry_port != str(port):
             continue
         if name.startswith("*."):
@@ -91,6 +89,17 @@ def host_allowed(host: str, port: int | None, allow_hosts: tuple[str, ...]) -> b
         elif host == name:
             return True
     return False
+
+
+def _split_entry(entry: str) -> tuple[str, str]:
+    """("host", "port" or "") of "host", "host:port", "[v6]" or "[v6]:port"."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else ""
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, ""
 
 
 def check_proxy(proxy: ProxySettings) -> None:
