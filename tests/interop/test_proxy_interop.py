@@ -9,13 +9,15 @@ The upstream's access log says what reached it.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support.content import MANIFEST_ACCEPT
 from tests.support.launch import launch_dockyard
 from tests.support.peers import build_busybox_image, start_docker_daemon, stop_docker_daemon
 from tests.support.registry_http import http_request
-from tests.support.upstream import launch_upstream, upstream_requests
+from tests.support.upstream import launch_upstream, push_image, upstream_requests
 
 pytestmark = pytest.mark.interop
 
@@ -135,3 +137,21 @@ def test_second_pull_with_the_upstream_stopped(dockerd, tmp_path_factory, seeded
         dockerd.run("rmi", ref, check=False)
         server.stop()
         own.stop()
+
+
+def test_ten_concurrent_skopeo_first_pulls_one_upstream_get_per_blob(skopeo, cache, upstream, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = push_image(upstream.url, "library/crowd10", "v1", [os.urandom(4_000_000), os.urandom(1_000_000)])
+
+    def pull(i: int):
+        return skopeo.copy(f"docker://{cache.host}/hub/crowd10:v1", f"dir:{tmp_path / str(i)}", timeout=120)
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(pull, range(10)))
+    for i in range(10):
+        for digest in image.blobs:
+            assert (tmp_path / str(i) / digest.split(":", 1)[1]).stat().st_size > 0
+    for digest in image.blobs:
+        assert upstream_requests(upstream, "GET", f"/v2/library/crowd10/blobs/{digest}") == 1
+    assert upstream_requests(upstream, "GET", "/v2/library/crowd10/manifests/v1") == 1
