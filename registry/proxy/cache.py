@@ -63,7 +63,6 @@ class PullThrough:
         self._manifest_flights = Flights()
         self._blob_fetches: dict[tuple[str, str, str], BlobFetch] = {}
         self._blob_tasks: set[asyncio.Task] = set()
-        self.upstream_requests = 0      # manifests and blobs asked of upstreams (tests, metrics)
 
     async def close(self) -> None:
         await self._manifest_flights.close()
@@ -129,7 +128,7 @@ class PullThrough:
         try:
             digest = await self._manifest_flights.join(
                 ("head", route.upstream.prefix, route.remote, reference),
-                lambda: self._counted(self.upstream(route).head_manifest(route.remote, reference)))
+                lambda: self.upstream(route).head_manifest(route.remote, reference))
         except _UPSTREAM_DOWN as exc:
             log.warning("serving cached %s:%s: %s", route.local, reference, exc)
             return cached
@@ -141,17 +140,12 @@ class PullThrough:
             return cached
         return await self._fetch_manifest(route, reference)
 
-    async def _counted(self, call):
-        self.upstream_requests += 1
-        return await call
-
     async def _fetch_manifest(self, route: Route, reference: str) -> Manifest:
         key = ("get", route.upstream.prefix, route.remote, reference)
         return await self._manifest_flights.join(key, lambda: self._fetch_and_store(route, reference))
 
     async def _fetch_and_store(self, route: Route, reference: str) -> Manifest:
-        fetched: UpstreamManifest = await self._counted(
-            self.upstream(route).get_manifest(route.remote, reference))
+        fetched: UpstreamManifest = await self.upstream(route).get_manifest(route.remote, reference)
         try:
             await self._sparse.put(route.local, reference, fetched.body, fetched.media_type)
         except (ManifestInvalid, DigestInvalid, SizeInvalid) as exc:
@@ -186,7 +180,7 @@ class PullThrough:
     async def blob_size(self, route: Route, digest: str) -> int | None:
         return await self._manifest_flights.join(
             ("blob-head", route.upstream.prefix, route.remote, digest),
-            lambda: self._counted(self.upstream(route).blob_size(route.remote, digest)))
+            lambda: self.upstream(route).blob_size(route.remote, digest))
 
     def blob_fetch(self, route: Route, digest: str) -> BlobFetch:
         """The fetch of the blob in flight, joined, or a new one started;
@@ -197,7 +191,6 @@ class PullThrough:
             upstream = self.upstream(route)
             fetch = BlobFetch(digest, lambda exc: self._map_blob_error(upstream, route, digest, exc))
             self._blob_fetches[key] = fetch
-            self.upstream_requests += 1
 
             async def run() -> None:
                 try:
