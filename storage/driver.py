@@ -185,14 +185,20 @@ class StorageDriver(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def try_lock(self, path: str) -> StorageLock | None:
+    async def try_lock(self, path: str, *, caller_checks_dir: bool = False) -> StorageLock | None:
         """Take the exclusive lock named by path, or None at once when another
         holder has it. The lock holds across every process and host sharing
         this storage (it is what serialises requests on one upload session),
         and a holder that dies loses it. It never creates directories:
         PathNotFound when path's directory does not exist, or stops existing
         while the lock is taken (the session finished meanwhile). A driver
-        may keep a file at path; it goes when its directory is deleted."""
+        may keep a file at path; it goes when its directory is deleted.
+
+        caller_checks_dir: the caller reads a file of the directory under the
+        lock anyway (an upload session its data's size) and releases the lock
+        when it is gone, so a driver whose directory check is a round trip of
+        its own (S3: a listing) may skip it and return a lock in a directory
+        deleted meanwhile."""
 
     async def get_many(self, paths: Sequence[str]) -> list[bytes | None]:
         """get_content of each path, None for an absent one. Drivers with a

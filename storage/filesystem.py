@@ -480,7 +480,7 @@ class FilesystemDriver(StorageDriver):
             fd, size = await asyncio.to_thread(_open)
         return _FilesystemWriter(path, full, fd, size, self._sync_files)
 
-    async def try_lock(self, path: str) -> StorageLock | None:
+    async def try_lock(self, path: str, *, caller_checks_dir: bool = False) -> StorageLock | None:
         full = self._full(path)
         if path == "/":
             raise InvalidPath(path, "cannot lock the root")

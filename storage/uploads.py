@@ -128,7 +128,9 @@ class Uploads:
         pause = 0.005
         while True:
             try:
-                lock = await self.driver.try_lock(path)
+                # every holder reads the session's data size first (_upload_size):
+                # that is the check that the session still exists
+                lock = await self.driver.try_lock(path, caller_checks_dir=True)
             except PathNotFound as exc:
                 raise BlobUploadUnknown(f"upload unknown: {upload_id}", {"uuid": upload_id}) from exc
             if lock is not None:

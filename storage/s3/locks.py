@@ -74,6 +74,7 @@ class S3Lock(StorageLock):
         self._renewed_at = self._loop.time()
         self.lost = False
         self._released = False
+        self._gone = False
         held.add(self)
         self._task = asyncio.ensure_future(self._renew_loop())
 
@@ -100,6 +101,16 @@ class S3Lock(StorageLock):
                 continue
             self._etag, self._renewed_at = quoted(response.get("ETag")), self._loop.time()
 
+    @property
+    def key(self) -> str:
+        return self._key
+
+    def deleted_with_directory(self) -> None:
+        """Its holder deleted the lock's directory, lock object included:
+        nothing is left to release (renewing stops too)."""
+        self._gone = True
+        self._task.cancel()
+
     async def release(self) -> None:
         if self._released:
             return
@@ -110,7 +121,7 @@ class S3Lock(StorageLock):
             await self._task
         except asyncio.CancelledError:
             pass
-        if self.lost:
+        if self.lost or self._gone:
             return
         if self._loop.time() - self._renewed_at > self._lease * 0.8:
             # The lease may have run out: delete only a lock that is still ours.
@@ -141,11 +152,12 @@ def _lock_body(token: str, lease: float) -> tuple[bytes, dict]:
     return body, {META_LEASE: f"{lease:g}"}
 
 
-async def try_lock(calls: S3Calls, path: str, *, lease: float, renew: float, held: set) -> S3Lock | None:
+async def try_lock(calls: S3Calls, path: str, *, lease: float, renew: float, held: set,
+                   check_dir: bool = True) -> S3Lock | None:
     key = calls.lock_key(path)
     parent = path.rsplit("/", 1)[0] or "/"
     prefix = calls.dir_prefix(parent)
-    check_dir = parent != "/"
+    check_dir = check_dir and parent != "/"
     token = secrets.token_hex(16)
     body, metadata = _lock_body(token, lease)
     extra = calls.encryption_args()
