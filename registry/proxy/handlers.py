@@ -7,6 +7,7 @@ that opens and closes the upstream clients.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import AsyncIterator
 
@@ -17,7 +18,8 @@ from registry.errors import API_VERSION, API_VERSION_HEADER
 from registry.protocol import DIGEST_HEADER, OCTET_STREAM
 from registry.proxy.cache import PULL_THROUGH, PullThrough
 from registry.proxy.routing import Route
-from registry.settings import Settings
+from registry.proxy.settings import ProxyConfigError
+from registry.settings import Settings, SettingsError
 from registry.state import STORE
 from storage.oci.errors import BlobUnknown, OciError, Unsupported
 from storage.oci.names import parse_digest, validate_name, validate_tag
@@ -133,7 +135,11 @@ def install(app: web.Application, settings: Settings) -> None:
     app.on_response_prepare.append(_namespace_header)
 
     async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
-        cache = PullThrough(settings.proxy, app[STORE])
+        try:
+            # in a thread: a password_file is read here
+            cache = await asyncio.to_thread(PullThrough, settings.proxy, app[STORE])
+        except ProxyConfigError as exc:
+            raise SettingsError(str(exc)) from None
         app[PULL_THROUGH] = cache
         try:
             yield

@@ -98,3 +98,19 @@ def test_routing_docker_hub_names_namespaces_and_globs(tmp_path):
 def test_allow_hosts_entries(host, port, allowed):
     entries = ("registry-1.docker.io", "*.docker.com", "ghcr.io:443", "[::1]:5000")
     assert host_allowed(host, port, entries) is allowed
+
+
+def test_serve_with_an_unreadable_password_file_prints_one_line(tmp_path):
+    import subprocess
+    import sys
+    from tests.support import REPO_ROOT
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({"proxy": {"upstreams": [
+        {"prefix": "hub", "url": "http://127.0.0.1:9", "username": "u",
+         "password_file": str(tmp_path / "absent")}]}}))
+    proc = subprocess.run([sys.executable, "-m", "puller", "serve", "--config", str(config),
+                           "--storage", str(tmp_path / "root"), "--port", "0"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot read password_file" in lines[0], proc.stderr
