@@ -279,3 +279,27 @@ async def test_multi_arch_index_cached_children_on_demand(start_cache, upstream)
     assert upstream_requests(upstream, "GET", f"/v2/library/multi/manifests/{amd.digest}") == 0
     resp = await client.get(f"/v2/hub/multi/manifests/{arm.digest}")
     assert upstream_requests(upstream, "GET", f"/v2/library/multi/manifests/{arm.digest}") == 1
+
+
+async def test_cache_on_every_storage_driver_commits_only_verified_blobs(make_registry, upstream):
+    """The same fetch, fault and single flight on each registered driver (S3's
+    direct writer, the filesystem's staged upload)."""
+    img, layers = fresh_image(upstream, "library/drivers", 1_500_000)
+    front = await TamperFront(upstream.url).start()
+    try:
+        up = UpstreamSettings(prefix="hub", url=front.url, namespace="docker.io")
+        reg = await make_registry(proxy=ProxySettings(upstreams=(up,)))
+        client, store = reg.client, reg.client.server.app[STORE]
+        front.mode = "corrupt"
+        resp = await client.get(f"/v2/hub/drivers/blobs/{img.layers[0]}")
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+        assert not await store.blobs.exists(img.layers[0])
+        front.mode = "pass"
+        before = front.blob_gets
+        got = await asyncio.gather(*(client.get(f"/v2/hub/drivers/blobs/{img.layers[0]}") for _ in range(5)))
+        assert [await r.read() for r in got] == [layers[0]] * 5
+        assert front.blob_gets == before + 1
+        assert await store.blobs.exists(img.layers[0])
+    finally:
+        await front.close()
