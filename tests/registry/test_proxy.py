@@ -303,3 +303,22 @@ async def test_cache_on_every_storage_driver_commits_only_verified_blobs(make_re
         assert await store.blobs.exists(img.layers[0])
     finally:
         await front.close()
+
+
+async def test_first_client_gets_bytes_before_the_upstream_finished(start_cache, upstream):
+    img, layers = fresh_image(upstream, "library/streamed", 3_000_000)
+    front = await TamperFront(upstream.url).start()
+    try:
+        front.delay = 0.01                # ~0.5 s for the whole blob upstream
+        client = await start_cache(front.url)
+        store = client.server.app[STORE]
+        resp = await client.get(f"/v2/hub/streamed/blobs/{img.layers[0]}")
+        assert resp.status == 200 and resp.content_length == len(layers[0])
+        head = await resp.content.readexactly(256 * 1024)
+        # bytes arrived while the blob is still on its way: not committed yet
+        assert not await store.blobs.exists(img.layers[0])
+        rest = await resp.read()
+        assert head + rest == layers[0]
+        assert await store.blobs.exists(img.layers[0])
+    finally:
+        await front.close()
