@@ -7,8 +7,9 @@
     size = await upstream.blob_size("library/debian", digest)
     async with upstream.open_blob("library/debian", digest) as response: ...
 
-Redirects are followed here, not by the library: every hop must be a host
-proxy.allow_hosts lists (without it, the upstream's own host only), so a
+Redirects are followed here, not by the library: every hop, and the token
+server the upstream's challenge names, must be a host proxy.allow_hosts
+lists (without it, the upstream's own origin only), so a
 configured or redirecting upstream cannot make the cache reach an internal
 or metadata address; Authorization goes to the upstream's own origin only,
 never to a redirect's host (blob storage).
@@ -96,6 +97,7 @@ class Upstream:
         the final response whatever its status. Client errors become registry ones."""
         scopes = [Scope.repository(remote, "pull")]
         try:
+            await self._check_token_realm(what)
             async with contextlib.AsyncExitStack() as stack:
                 response = await stack.enter_async_context(self.client.request(
                     method, self.host, f"/v2/{remote}/{path}", scopes=scopes, headers=headers,
@@ -131,6 +133,20 @@ class Upstream:
         except ClientError as exc:
             raise UpstreamUnavailable(f"{what}: {self.label}: {exc}",
                                       {"upstream": self.settings.prefix}) from exc
+
+    async def _check_token_realm(self, what: str) -> None:
+        """The token server the upstream names is contacted with the cache's
+        credentials: it must be a host allow_hosts lists, like any redirect
+        (checked on the upstream's /v2/ challenge, before a token is asked for)."""
+        endpoint = await self.client.endpoint(self.host)
+        for challenge in endpoint.challenges:
+            realm = challenge.realm if challenge.scheme == "bearer" else None
+            if realm and not self.allowed(realm):
+                shown = urlsplit(realm).netloc or realm[:80]
+                log.warning("%s: %s names the token server %s, not in proxy.allow_hosts: refused",
+                            what, self.label, shown)
+                raise UpstreamUnavailable(f"{what}: {self.label} names the token server {shown}, "
+                                          f"which proxy.allow_hosts does not list")
 
     async def _check_status(self, response: Response, what: str, unknown: OciError) -> None:
         if response.status in (200, 206):

@@ -322,3 +322,12 @@ async def test_first_client_gets_bytes_before_the_upstream_finished(start_cache,
         assert await store.blobs.exists(img.layers[0])
     finally:
         await front.close()
+
+
+async def test_repositories_outside_the_upstreams_globs_are_denied(start_cache, upstream, image):
+    client = await start_cache(upstream.url, repositories=("library/app",))
+    assert (await client.get("/v2/hub/app/manifests/v1")).status == 200
+    resp = await client.get("/v2/hub/library/other/manifests/v1")
+    assert resp.status == 403
+    assert (await resp.json())["errors"][0]["code"] == "DENIED"
+    assert upstream_requests(upstream, "GET", "/v2/library/other/manifests/v1") == 0

@@ -135,6 +135,17 @@ async def test_wrong_upstream_password_is_a_502_without_the_password(aiohttp_cli
     assert "wrong-Pass-123" not in text and "credentials" in text
 
 
+async def test_token_server_on_a_host_not_allowed_is_never_contacted(aiohttp_client, tmp_path, fronts):
+    front, storage = fronts
+    front.mode = "challenge"                 # the token server: 127.0.0.2, not listed
+    client = await _cache(aiohttp_client, tmp_path, front.url, allow_hosts=["127.0.0.1"])
+    resp = await client.get("/v2/hub/library/secret/manifests/v1")
+    assert resp.status == 502
+    message = (await resp.json())["errors"][0]["message"]
+    assert "token server 127.0.0.2" in message and "allow_hosts" in message
+    assert storage.authorizations == []      # no credentials went there
+
+
 def test_upstream_url_outside_allow_hosts_stops_the_settings():
     from registry.settings import SettingsError
     up = UpstreamSettings(prefix="hub", url="http://169.254.169.254")

@@ -8,7 +8,7 @@ and a tampering front for the faults a real upstream or network gives.
 
     front = TamperFront(upstream.url)                   # in-process aiohttp, loopback
     await front.start()
-    front.mode = "corrupt" | "cut" | "redirect" | "pass"
+    front.mode = "corrupt" | "cut" | "redirect" | "challenge" | "pass"
     front.authorizations                                # Authorization of each request it saw
 """
 
@@ -83,7 +83,9 @@ def push_image(base_url: str, repo: str, tag: str, layers: Sequence[bytes],
 class TamperFront:
     """A reverse proxy in front of an upstream that, for blob GETs, can
     corrupt one byte ("corrupt"), close the connection half way ("cut"),
-    or redirect to `redirect_to` + the same path ("redirect"). Every
+    or redirect to `redirect_to` + the same path ("redirect"); "challenge"
+    answers every request 401 with a bearer challenge whose token server is
+    at `redirect_to`. Every
     request's Authorization header is recorded, by the Host it was sent to."""
 
     def __init__(self, upstream_url: str, host: str = "127.0.0.1"):
@@ -121,6 +123,10 @@ class TamperFront:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         self.authorizations.append((request.host, request.headers.get("Authorization")))
+        if self.mode == "challenge":
+            # a bearer challenge naming the token server at redirect_to
+            return web.Response(status=401, headers={
+                "WWW-Authenticate": f'Bearer realm="{self.redirect_to}/token",service="up"'})
         is_blob_get = request.method == "GET" and "/blobs/sha256:" in request.path
         if is_blob_get:
             self.blob_gets += 1
