@@ -10,7 +10,7 @@ registry serves as a pull-through cache.
           password: secret             # or password_file, or DOCKYARD_PROXY_UPSTREAM_HUB_PASSWORD
           revalidate: 300              # seconds a cached tag is trusted before one HEAD upstream
       default: hub                     # unprefixed names (Docker's registry-mirrors)
-      allow_hosts: ["registry-1.docker.io"]
+      allow_hosts: ["registry-1.docker.io", "auth.docker.io", "*.cloudflare.docker.com"]
 
 Checked once at start (`check_proxy`): every problem is a one-line
 SettingsError naming the key. Secrets never appear in a repr or a message.
