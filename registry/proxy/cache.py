@@ -138,7 +138,11 @@ class PullThrough:
         if digest == cached.digest:
             self._mark_fresh(route, reference)
             return cached
-        return await self._fetch_manifest(route, reference)
+        try:
+            return await self._fetch_manifest(route, reference)
+        except _UPSTREAM_DOWN as exc:          # gone between the HEAD and the GET
+            log.warning("serving cached %s:%s: %s", route.local, reference, exc)
+            return cached
 
     async def _fetch_manifest(self, route: Route, reference: str) -> Manifest:
         key = ("get", route.upstream.prefix, route.remote, reference)
