@@ -202,10 +202,19 @@ async def test_bad_upstream_blob_leaves_nothing_cached_and_cuts_the_client(start
         client = await start_cache(front.url)
         front.mode = fault
         digest = img.layers[0]
-        resp = await client.get(f"/v2/hub/fault-{fault}/blobs/{digest}")
-        assert resp.status == 200               # headers went before the fault
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await resp.read()
+
+        async def pull() -> BaseException | bytes:
+            resp = await client.get(f"/v2/hub/fault-{fault}/blobs/{digest}")
+            assert resp.status == 200           # headers went before the fault
+            try:
+                return await resp.read()
+            except aiohttp.ClientPayloadError as exc:
+                return exc
+
+        # three waiters on one fetch: one upstream GET, and the same cut for each
+        outcomes = await asyncio.wait_for(asyncio.gather(*(pull() for _ in range(3))), 60)
+        assert all(isinstance(o, aiohttp.ClientPayloadError) for o in outcomes), outcomes
+        assert front.blob_gets == 1
         store = client.server.app[STORE]
         assert not await store.blobs.exists(digest)
         assert stored_files_naming(tmp_path / "storage", digest) == []
