@@ -19,6 +19,12 @@ from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
 from registry.proxy import handlers as pull_through
+from registry.ops.health import READINESS, Readiness, add_health_routes
+from registry.ops.metrics import InstrumentedDriver, add_metrics_route
+from registry.ops.events import events_middleware
+from registry.ops.middleware import echo_request_id, ops_middleware
+from registry.ops.requestlog import AccessWriter
+from registry.ops.webhooks import delivery_context
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
@@ -41,8 +47,13 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
     runtime = AuthRuntime(settings)
+    access_writer = AccessWriter(settings.log.format)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(lambda: runtime.gate), pull_through.push_guard],
+        middlewares=[ops_middleware(metrics_on=settings.metrics.enabled, access_log=settings.http.access_log,
+                                    log_format=settings.log.format, writer=access_writer),
+                     error_middleware,
+                     *([events_middleware(settings.events)] if settings.events.endpoints else []),
+                     auth_middleware(lambda: runtime.gate), pull_through.push_guard],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
@@ -52,10 +63,38 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app.cleanup_ctx.append(auth_context(runtime))
     pull_through.install(app, settings)      # after the store: it wraps it
     app.cleanup_ctx.append(_upload_purger(settings))
+    app.cleanup_ctx.append(delivery_context(settings.events))
     app.on_shutdown.append(_stop_waiting_sends)
+    app.on_response_prepare.append(echo_request_id)
+    app.on_cleanup.append(lambda app: _flush(access_writer))
     add_routes(app)
+    add_ops_routes(app, settings)
     if runtime.issues_tokens:
         app.add_subapp("/auth/", token_app(lambda: runtime.service))
+    return app
+
+
+async def _flush(writer: AccessWriter) -> None:
+    writer.flush()
+
+
+def add_ops_routes(app: web.Application, settings: Settings) -> None:
+    """/healthz, /readyz and (unless metrics.addr names a listener of its
+    own) /metrics: outside /v2/, so the auth gate lets them through."""
+    app[READINESS] = Readiness(lambda: app[STORE].driver)
+    add_health_routes(app)
+    if settings.metrics.enabled and not settings.metrics.addr:
+        add_metrics_route(app, settings.metrics.token_file)
+
+
+def ops_app(settings: Settings, main: web.Application) -> web.Application:
+    """The metrics.addr listener's app: /metrics and the probes of `main`."""
+    app = web.Application(middlewares=[ops_middleware(metrics_on=False, access_log=False)])
+    app[READINESS] = main[READINESS]
+    add_health_routes(app)
+    if settings.metrics.enabled:
+        add_metrics_route(app, settings.metrics.token_file)
+    app.on_response_prepare.append(echo_request_id)
     return app
 
 
@@ -121,7 +160,8 @@ def _store_context(settings: Settings, driver: StorageDriver | None):
             if own and active is not None:
                 await active.close()
             raise SettingsError(str(exc)) from None
-        app[STORE] = ContentStore(active, settings.store_limits())
+        timed = InstrumentedDriver(active) if settings.metrics.enabled else active
+        app[STORE] = ContentStore(timed, settings.store_limits())
         app[FILE_SEND_POOL] = make_pool()
         app[FILE_SENDS_WAITING] = Waiting()
         try:

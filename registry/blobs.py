@@ -15,7 +15,8 @@ from registry.filesend import SendWatchdog, send_file, socket_of
 # (less memory-BIO growth and copying in the SSL layer; 128 KiB was slower).
 _STREAM_CHUNK = 256 * 1024
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
-from storage.driver import StorageError
+from storage.blobs import BlobInfo
+from storage.driver import SizedStream, StorageError
 from storage.oci.errors import OciError, Unsupported
 from storage.oci.names import parse_digest, validate_name
 
@@ -41,7 +42,32 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 async def serve_blob(request: web.Request, name: str, digest: str) -> web.StreamResponse:
     """GET/HEAD of a blob storage holds in repository name (also the pull-through cache's)."""
     store = request.app[STORE]
-    info = await store.blobs.stat(name, digest)
+    whole = None
+    if request.method == "HEAD":          # pushers asking whether to upload: ask storage
+        info = await store.blobs.stat(name, digest)
+    elif _streams_whole_from_storage(request):
+        # a backend of requests (S3): the link's check and the bytes' GET together
+        whole = await store.blobs.open_linked(name, digest, _STREAM_CHUNK)
+        info = BlobInfo(digest, whole.size)
+    else:
+        info = await store.blobs.stat_for_pull(name, digest)
+    try:
+        return await _send_blob(request, info, whole)
+    finally:
+        if whole is not None:
+            await whole.aclose()
+
+
+def _streams_whole_from_storage(request: web.Request) -> bool:
+    """A GET of the whole blob that will be streamed from storage: neither
+    sent from a local file nor redirected, and no Range asked."""
+    return (not request.app[STORE].driver.local_files and "Range" not in request.headers
+            and not request.app[SETTINGS].storage.redirect)
+
+
+async def _send_blob(request: web.Request, info: BlobInfo,
+                     whole: SizedStream | None) -> web.StreamResponse:
+    store = request.app[STORE]
     headers = {
         DIGEST_HEADER: info.digest,
         "Accept-Ranges": "bytes",
@@ -79,7 +105,8 @@ async def serve_blob(request: web.Request, name: str, digest: str) -> web.Stream
     watchdog = SendWatchdog(request, send_timeout)
     try:
         if length:
-            async for chunk in store.blobs.read(info.digest, start, length, _STREAM_CHUNK):
+            chunks = whole if whole is not None else store.blobs.read(info.digest, start, length, _STREAM_CHUNK)
+            async for chunk in chunks:
                 watchdog.handed += len(chunk)
                 await response.write(chunk)
         await response.write_eof()

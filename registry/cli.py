@@ -55,6 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="none (default), htpasswd (Basic, bcrypt) or token (Bearer, built-in token service)")
     p.add_argument("--htpasswd", metavar="FILE", help="users: bcrypt entries as `htpasswd -B` writes them")
     p.add_argument("--policy", metavar="FILE", help="YAML access policy (default: users may do everything)")
+    p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or JSON")
+    p.add_argument("--check-config", action="store_true",
+                   help="check the settings, TLS files and storage, then exit (0: fine) without serving")
+    p.add_argument("--lenient", action="store_true",
+                   help="unknown settings keys and DOCKYARD_* variables are warnings, not errors")
     p.set_defaults(func=serve_command)
 
 
@@ -70,8 +75,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["http"] = http
     if getattr(args, "storage", None):
         out["storage"] = {"driver": "filesystem", "root": os.path.abspath(args.storage)}
-    if getattr(args, "log_level", None):
-        out["log"] = {"level": args.log_level}
+    log_section = {key: getattr(args, f"log_{key}") for key in ("level", "format")
+                   if getattr(args, f"log_{key}", None)}
+    if log_section:
+        out["log"] = log_section
     tls = {key: os.path.abspath(getattr(args, f"tls_{key}")) for key in ("cert", "key")
            if getattr(args, f"tls_{key}", None)}
     if tls:
@@ -119,21 +126,27 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    checking = bool(getattr(args, "check_config", False))
     try:
-        settings = load_settings(getattr(args, "config", None), overrides=_overrides(args))
+        settings = load_settings(getattr(args, "config", None), overrides=_overrides(args),
+                                 lenient=bool(getattr(args, "lenient", False)),
+                                 warn=lambda text: print(f"dockyard serve: warning: {text}",
+                                                         file=sys.stderr, flush=True))
         from registry.tls import server_context
 
         server_context(settings.tls)    # unreadable or mismatched files: one line, exit 2
         from registry.auth.runtime import prepare_signing_key
 
-        prepare_signing_key(settings)   # made once, before workers fork: one key signs for all
+        if not checking:
+            prepare_signing_key(settings)   # made once, before workers fork: one key signs for all
         if settings.storage.driver != "filesystem":
             asyncio.run(_check_storage(settings))   # once, not a traceback per worker
     except SettingsError as exc:
         print(f"dockyard serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log.level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from registry.ops.requestlog import configure_logging
+
+    configure_logging(settings.log.level, settings.log.format)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)   # until a loop takes it (re-reads auth files)
     warning = exposure_warning(settings)
     if warning:
@@ -145,6 +158,17 @@ def serve_command(args: argparse.Namespace) -> int:
             print(f"dockyard serve: cannot create storage root {settings.storage.root}: "
                   f"{exc.strerror}", file=sys.stderr)
             return 2
+    failed = _probe_storage(settings)
+    if failed:
+        print(f"dockyard serve: {failed}", file=sys.stderr)
+        return 2
+    if checking:
+        print("dockyard serve: configuration OK", flush=True)
+        return 0
+    from registry.ops.multiproc import prepare_multiprocess
+
+    # before prometheus_client is imported and before the fork
+    prepare_multiprocess(settings.http.workers, settings.metrics.enabled)
     try:
         if settings.http.workers == 1:
             return _run_worker(settings, reuse_port=False, announce=_announcer(settings))
@@ -174,10 +198,36 @@ async def _check_storage(settings: Settings) -> None:
         await driver.close()
 
 
+def _probe_storage(settings: Settings) -> str | None:
+    """Write, read and delete a probe in storage, once before serving: why
+    it failed in one line, or None. (An unwritable root was accepted, and
+    the first push answered 500.)"""
+    from registry.ops.health import ProbeFailed, probe_storage
+    from storage.config import StorageConfigError, open_driver
+
+    async def probe() -> None:
+        driver = open_driver(settings.storage)
+        try:
+            await probe_storage(driver)
+        finally:
+            await driver.close()
+
+    try:
+        asyncio.run(probe())
+    except (ProbeFailed, StorageConfigError) as exc:
+        where = settings.storage.root if settings.storage.driver == "filesystem" else settings.storage.driver
+        return f"storage is not usable ({where}): {exc}"
+    return None
+
+
 def _announcer(settings: Settings) -> Callable[[str, int], None]:
     scheme = "https" if settings.tls.enabled else "http"
 
     def announce(host: str, port: int) -> None:
+        from registry.ops.configcheck import effective_settings_line
+
+        # once the server stands (a failed start keeps to its one line), once a server
+        log.info("%s", effective_settings_line(settings))
         shown = f"[{host}]" if ":" in host else host
         print(f"listening on {scheme}://{shown}:{port}", flush=True)
 
@@ -216,11 +266,21 @@ async def _serve(settings: Settings, reuse_port: bool,
 
     ssl_context = server_context(settings.tls)
     app = create_app(settings)
-    access_log = logging.getLogger("aiohttp.access") if settings.http.access_log else None
-    runner = web.AppRunner(app, access_log=access_log, handle_signals=False,
+    # the access lines are registry.ops.middleware's (request ID, no credentials)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
                            shutdown_timeout=_DRAIN_TIMEOUT, logger=ServerLog())
     await runner.setup()
+    ops_runner = None
     try:
+        if settings.metrics.addr:
+            from registry.app import ops_app
+
+            ops_runner = web.AppRunner(ops_app(settings, app), access_log=None, handle_signals=False,
+                                       logger=ServerLog())
+            await ops_runner.setup()
+            ops_host, _, ops_port = settings.metrics.addr.rpartition(":")
+            await web.TCPSite(ops_runner, ops_host.strip("[]"), int(ops_port),
+                              reuse_port=reuse_port or None).start()
         site = web.TCPSite(runner, settings.http.host, settings.http.port,
                            reuse_port=reuse_port or None, backlog=1024, ssl_context=ssl_context)
         await site.start()
@@ -240,6 +300,8 @@ async def _serve(settings: Settings, reuse_port: bool,
         async with certificate_watcher(ssl_context, settings.tls):
             await stop.wait()
     finally:
+        if ops_runner is not None:
+            await ops_runner.cleanup()
         await runner.cleanup()
 
 
@@ -380,6 +442,9 @@ def _supervise(settings: Settings) -> int:
                 slot = sentinels[sentinel]
                 proc, started = workers.procs[slot]
                 proc.join()
+                from registry.ops.multiproc import worker_exited
+
+                worker_exited(proc.pid)
                 quick_deaths = quick_deaths + 1 if time.monotonic() - started < _RESTART_WINDOW else 0
                 if quick_deaths >= _MAX_QUICK_DEATHS:
                     print("dockyard serve: workers keep dying; stopping", file=sys.stderr)

@@ -17,6 +17,7 @@ underscores, under the prefix DOCKYARD_:
     storage.redirect            DOCKYARD_STORAGE_REDIRECT
     storage.filesystem.fsync    DOCKYARD_STORAGE_FILESYSTEM_FSYNC
     storage.delete_enabled      DOCKYARD_STORAGE_DELETE_ENABLED
+    storage.pull_cache_seconds  DOCKYARD_STORAGE_PULL_CACHE_SECONDS
     storage.s3.bucket           DOCKYARD_STORAGE_S3_BUCKET   (and every s3.* key)
     limits.max_manifest_bytes   DOCKYARD_LIMITS_MAX_MANIFEST_BYTES
     limits.catalog_max_entries  DOCKYARD_LIMITS_CATALOG_MAX_ENTRIES
@@ -36,9 +37,17 @@ underscores, under the prefix DOCKYARD_:
     proxy.allow_hosts           DOCKYARD_PROXY_ALLOW_HOSTS   (comma-separated)
     proxy.upstreams[].username  DOCKYARD_PROXY_UPSTREAM_<PREFIX>_USERNAME (and _PASSWORD)
     log.level                   DOCKYARD_LOG_LEVEL
+    log.format                  DOCKYARD_LOG_FORMAT
+    metrics.enabled             DOCKYARD_METRICS_ENABLED     (and every metrics.* key)
+    events.format               DOCKYARD_EVENTS_FORMAT       (and every scalar events.* key;
+                                events.endpoints is a list: YAML only)
+
+A list of strings in a variable is comma-separated (DOCKYARD_EVENTS_ALLOW=10.0.0.0/8,hooks).
 
 `deploy/config.example.yml` documents every key. Any problem (unknown key,
-wrong type, bad value) is a `SettingsError` with a one-line message.
+unknown DOCKYARD_* variable, wrong type, bad value) is a `SettingsError`
+with a one-line message; with `lenient=True` unknown keys and variables are
+passed to `warn` instead and ignored.
 """
 
 from __future__ import annotations
@@ -50,13 +59,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from registry.proxy.settings import ProxyConfigError, ProxySettings, check_proxy
+from registry.proxy.settings import (CREDENTIALS_ENV_PREFIX, ProxyConfigError, ProxySettings,
+                                     check_credentials_env, check_proxy)
 from storage.blobs import StoreLimits
 from storage.config import (FilesystemSettings, S3Settings, StorageConfigError,
                             StorageSettings, default_storage_root)
 
 ENV_PREFIX = "DOCKYARD_"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+# DOCKYARD_* variables that are not server settings: the client's and the
+# test suite's. Every other DOCKYARD_* name must be a settings key.
+NOT_SETTINGS_VARIABLES = ("DOCKYARD_UNPACK_CACHE", "DOCKYARD_BENCH_", "DOCKYARD_TEST_",
+                          "DOCKYARD_REQUIRE_INTEROP", "DOCKYARD_INTEROP_")
 
 
 class SettingsError(ValueError):
@@ -105,6 +120,17 @@ class ValidationSettings:
 @dataclass(frozen=True)
 class LogSettings:
     level: str = "info"
+    format: str = "text"           # text | json (one JSON object a line, with the request ID)
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    enabled: bool = True           # Prometheus text at /metrics
+    # host:port of a listener of its own for /metrics (and the probes);
+    # empty: /metrics on the main listener.
+    addr: str = ""
+    # A file holding a secret /metrics then requires as "Authorization: Bearer <secret>".
+    token_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,31 @@ class AuthSettings:
         return self.mode != "none"
 
 
+EVENT_FORMATS = ("cloudevents", "distribution")
+EVENT_ACTIONS = ("push", "pull", "delete", "tag")
+
+
+@dataclass(frozen=True)
+class EventEndpointSettings:
+    url: str = ""                              # http(s) URL events are POSTed to
+    headers: tuple[str, ...] = ()              # "Name: value" lines sent with each event
+    repositories: tuple[str, ...] = ()         # repository globs ("team-a/*"); empty: every repository
+    actions: tuple[str, ...] = ()              # of EVENT_ACTIONS; empty: every action
+    timeout: int = 5                           # seconds one delivery may take
+
+
+@dataclass(frozen=True)
+class EventsSettings:
+    format: str = "cloudevents"                # cloudevents | distribution (its notification envelope)
+    endpoints: tuple[EventEndpointSettings, ...] = ()
+    # Hosts and networks (CIDR) an endpoint may be on although private,
+    # loopback, link-local or a cloud metadata address; nothing else of those.
+    allow: tuple[str, ...] = ()
+    backoff: int = 1                           # seconds before the first retry, doubled each failure
+    backoff_max: int = 300                     # most seconds between retries
+    poll_interval: int = 1                     # seconds between looks at the outbox
+
+
 @dataclass(frozen=True)
 class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
@@ -187,11 +238,14 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)   # pull-through cache (registry/proxy)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    events: EventsSettings = field(default_factory=EventsSettings)
 
     def store_limits(self) -> StoreLimits:
         """The content store's limits from these settings."""
         return StoreLimits(max_manifest_bytes=self.limits.max_manifest_bytes,
-                           allow_sparse_manifests=self.validation.allow_sparse_manifests)
+                           allow_sparse_manifests=self.validation.allow_sparse_manifests,
+                           pull_cache_seconds=self.storage.pull_cache_seconds)
 
     def validate(self) -> "Settings":
         if not 0 <= self.http.port <= 65535:
@@ -233,7 +287,34 @@ class Settings:
             raise SettingsError("uploads.purge_interval must be 0 (off) or more seconds")
         if self.log.level not in LOG_LEVELS:
             raise SettingsError(f"log.level must be one of {', '.join(LOG_LEVELS)}, got {self.log.level!r}")
+        if self.log.format not in LOG_FORMATS:
+            raise SettingsError(f"log.format must be one of {', '.join(LOG_FORMATS)}, got {self.log.format!r}")
+        if self.metrics.addr:
+            host, sep, port = self.metrics.addr.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+                raise SettingsError(f"metrics.addr must be host:port, got {self.metrics.addr!r}")
+        self._validate_events()
         return self
+
+    def _validate_events(self) -> None:
+        events = self.events
+        if events.format not in EVENT_FORMATS:
+            raise SettingsError(f"events.format must be one of {', '.join(EVENT_FORMATS)}, got {events.format!r}")
+        if events.backoff < 1 or events.backoff_max < events.backoff or events.poll_interval < 1:
+            raise SettingsError("events.backoff and events.poll_interval must be at least 1 second, "
+                                "events.backoff_max at least events.backoff")
+        for n, endpoint in enumerate(events.endpoints):
+            key = f"events.endpoints[{n}]"
+            if not endpoint.url.startswith(("http://", "https://")):
+                raise SettingsError(f"{key}.url must be an http(s) URL, got {endpoint.url!r}")
+            bad = [a for a in endpoint.actions if a not in EVENT_ACTIONS]
+            if bad:
+                raise SettingsError(f"{key}.actions: {bad[0]!r} is not one of {', '.join(EVENT_ACTIONS)}")
+            bad = [h for h in endpoint.headers if ":" not in h or not h.split(":", 1)[0].strip()]
+            if bad:
+                raise SettingsError(f"{key}.headers: expected \"Name: value\", got {bad[0]!r}")
+            if endpoint.timeout < 1:
+                raise SettingsError(f"{key}.timeout must be at least 1 second")
 
     def _validate_auth(self) -> None:
         auth, token = self.auth, self.auth.token
@@ -295,8 +376,17 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
             return int(str(value).strip(), 10) if isinstance(value, str) else int(value)
         except (TypeError, ValueError):
             raise SettingsError(f"{key}: expected an integer, got {value!r}") from None
-    if typing.get_origin(kind) is tuple:
-        return _convert_list(value, typing.get_args(kind)[0], key)
+    if typing.get_origin(kind) is tuple:        # tuple[X, ...]: a YAML list (env: comma-separated)
+        item = typing.get_args(kind)[0]
+        if isinstance(value, str) and not dataclasses.is_dataclass(item):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if value is None:
+            return ()
+        if not isinstance(value, list):
+            raise SettingsError(f"{key}: expected a list, got {type(value).__name__}")
+        if dataclasses.is_dataclass(item):
+            return tuple(_build(item, entry or {}, f"{key}[{n}].") for n, entry in enumerate(value))
+        return tuple(_convert(entry, item, f"{key}[{n}]") for n, entry in enumerate(value))
     if kind is str:
         if isinstance(value, (dict, list)):
             raise SettingsError(f"{key}: expected a string, got {type(value).__name__}")
@@ -304,34 +394,25 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
     raise SettingsError(f"{key}: unsupported setting type")  # pragma: no cover
 
 
-def _convert_list(value: Any, item: Any, key: str) -> tuple:
-    """A list key (`tuple[X, ...]`): a YAML list, or from the environment a
-    comma-separated string; items of a dataclass type are mappings."""
-    if isinstance(value, str) and not dataclasses.is_dataclass(item):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    elif value is None:
-        value = []
-    if not isinstance(value, (list, tuple)):
-        raise SettingsError(f"{key}: expected a list, got {type(value).__name__}")
-    if dataclasses.is_dataclass(item):
-        return tuple(_build(item, entry or {}, f"{key}[{i}].") for i, entry in enumerate(value))
-    return tuple(_convert(entry, item, f"{key}[{i}]") for i, entry in enumerate(value))
-
-
-def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type, data: Mapping[str, Any], prefix: str,
+           warn: "typing.Callable[[str], None] | None" = None) -> Any:
     if not isinstance(data, Mapping):
         raise SettingsError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
+    unknown = sorted(set(map(str, data)) - known)
+    if unknown and warn is None:
         raise SettingsError(f"unknown setting {prefix}{unknown[0]}")
+    for name in unknown:
+        warn(f"unknown setting {prefix}{name} ignored")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
+        if name not in known:
+            continue
         kind = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(kind):
-            kwargs[name] = _build(kind, value or {}, key + ".")
+            kwargs[name] = _build(kind, value or {}, key + ".", warn)
         else:
             kwargs[name] = _convert(value, kind, key)
     return cls(**kwargs)
@@ -356,9 +437,39 @@ def _env_overrides(cls: type, environ: Mapping[str, str], prefix: str = ENV_PREF
             nested = _env_overrides(kind, environ, name + "_")
             if nested:
                 out[f.name] = nested
-        elif name in environ:
+        elif name in environ and not _is_list_of_sections(kind):
             out[f.name] = environ[name]
     return out
+
+
+def env_names(cls: type = None, prefix: str = ENV_PREFIX) -> set[str]:
+    """Every DOCKYARD_* variable the settings dataclasses define."""
+    cls = cls or Settings
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(kind):
+            names |= env_names(kind, name + "_")
+        elif not _is_list_of_sections(kind):
+            names.add(name)
+    return names
+
+
+def _is_list_of_sections(kind: Any) -> bool:
+    return typing.get_origin(kind) is tuple and dataclasses.is_dataclass(typing.get_args(kind)[0])
+
+
+def _check_env_names(environ: Mapping[str, str], warn: "typing.Callable[[str], None] | None") -> None:
+    known = env_names()
+    for name in sorted(environ):
+        if (name.startswith(ENV_PREFIX) and name not in known
+                and not name.startswith(NOT_SETTINGS_VARIABLES)
+                and not name.startswith(CREDENTIALS_ENV_PREFIX)):   # checked once the upstreams are known
+            if warn is None:
+                raise SettingsError(f"unknown environment variable {name} (not a setting; "
+                                    f"see deploy/config.example.yml)")
+            warn(f"unknown environment variable {name} ignored")
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -372,8 +483,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise SettingsError(f"config file {path}{where}: invalid YAML") from None
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        reason = " ".join(str(getattr(exc, "problem", None) or "").split())
+        raise SettingsError(f"config file {path}{where}: invalid YAML"
+                            + (f": {reason}" if reason else "")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -382,16 +495,32 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_settings(config_file: str | None = None, environ: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
-    """defaults < config file < environment < overrides ({"http": {"port": 1}, ...})."""
+                  overrides: Mapping[str, Any] | None = None, *, lenient: bool = False,
+                  warn: "typing.Callable[[str], None] | None" = None) -> Settings:
+    """defaults < config file < environment < overrides ({"http": {"port": 1}, ...}).
+
+    Unknown keys and DOCKYARD_* variables are a SettingsError, or with
+    `lenient` a message to `warn` (default: dropped)."""
     environ = os.environ if environ is None else environ
+    if lenient and warn is None:
+        warn = lambda message: None  # noqa: E731
+    elif not lenient:
+        warn = None
+    _check_env_names(environ, warn)
     data: dict = {}
     if config_file:
         data = _merge(data, load_yaml(config_file))
     data = _merge(data, _env_overrides(Settings, environ))
     if overrides:
         data = _merge(data, overrides)
-    return _build(Settings, data, "").validate()
+    settings = _build(Settings, data, "", warn).validate()
+    try:
+        check_credentials_env(settings.proxy, environ)
+    except ProxyConfigError as exc:
+        if warn is None:
+            raise SettingsError(str(exc)) from None
+        warn(f"{exc}: ignored")
+    return settings
 
 
 def settings_for_tests(root: str | os.PathLike, **sections: Any) -> Settings:

@@ -4,12 +4,16 @@ of verified bytes."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 from storage import layout
 from storage.catalog import Catalog
-from storage.driver import FileWriter, PathNotFound, StorageDriver, delete_if_present, file_exists
+from storage.driver import (FileWriter, PathNotFound, SizedStream, StorageDriver, delete_if_present,
+                            file_exists)
 from storage.oci.digests import EMPTY_DIGEST, EMPTY_JSON
 from storage.oci.errors import BlobUnknown, BlobUploadUnknown
 from storage.oci.names import ALGORITHMS, parse_digest, validate_name
@@ -34,6 +38,45 @@ class StoreLimits:
     # accept manifests whose layers or index children were never pushed
     # (mirrors of a subset, non-distributable layers); off, as Distribution
     allow_sparse_manifests: bool = False
+    # seconds a blob seen linked is served to pulls without asking storage
+    # (storage.pull_cache_seconds)
+    pull_cache_seconds: int = 0
+
+
+class SeenLinks:
+    """Blobs this process saw linked into a repository, with their sizes,
+    for `ttl` seconds: what a blob GET may trust without asking storage
+    (StoreLimits.pull_cache_seconds). Only positive answers are kept, and an
+    unlink here forgets at once; what another process deletes is seen when
+    the entry runs out, or sooner, when the bytes turn out to be gone."""
+
+    MAX_ENTRIES = 100_000          # ~20 MB of keys at most
+
+    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic):
+        self._ttl = ttl
+        self._clock = clock
+        self._seen: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+
+    def size(self, repo: str, digest: str) -> int | None:
+        entry = self._seen.get((repo, digest))
+        if entry is None:
+            return None
+        if self._clock() >= entry[1]:
+            del self._seen[(repo, digest)]
+            return None
+        return entry[0]
+
+    def add(self, repo: str, digest: str, size: int) -> None:
+        if self._ttl <= 0:
+            return
+        key = (repo, digest)
+        self._seen[key] = (size, self._clock() + self._ttl)
+        self._seen.move_to_end(key)
+        while len(self._seen) > self.MAX_ENTRIES:
+            self._seen.popitem(last=False)
+
+    def forget(self, repo: str, digest: str) -> None:
+        self._seen.pop((repo, digest), None)
 
 
 class Blobs:
@@ -41,6 +84,7 @@ class Blobs:
         self.driver = driver
         self.limits = limits
         self.catalog = catalog
+        self.seen = SeenLinks(limits.pull_cache_seconds)
 
     def check_digest(self, digest: str) -> tuple[str, str]:
         """(algorithm, hex), or DigestInvalid (also for an algorithm not accepted here)."""
@@ -67,8 +111,53 @@ class Blobs:
         layer, data = await self.driver.stat_files([layout.layer_link(repo, digest), layout.blob_data(digest)])
         if data is not None and (layer is not None or
                                  (await self.driver.stat_files([layout.manifest_revision_link(repo, digest)]))[0]):
+            if layer is not None:        # a manifest's revision link is not kept: deletes drop it
+                self.seen.add(repo, digest, data.size)
             return BlobInfo(digest, data.size)
         raise self._unknown(repo, digest)
+
+    async def stat_for_pull(self, repo: str, digest: str) -> BlobInfo:
+        """`stat` for a blob GET: a blob seen linked in the last
+        pull_cache_seconds is not asked for again (its bytes may still turn
+        out gone when read or fetched: BlobUnknown, or the redirect's 404)."""
+        validate_name(repo)
+        self.check_digest(digest)
+        size = self.seen.size(repo, digest)
+        return BlobInfo(digest, size) if size is not None else await self.stat(repo, digest)
+
+    async def open_linked(self, repo: str, digest: str, chunk_size: int = 1 << 20) -> SizedStream:
+        """`stat` and the whole of `read` at once: the bytes' GET (which
+        answers their size) in the same round trip as the layer link's
+        check, for a backend where each is a request (S3: a pull of 100
+        small layers waited for a HEAD, then a GET, on each). BlobUnknown
+        as `stat` says; the stream is closed unread then."""
+        validate_name(repo)
+        self.check_digest(digest)
+        if self.seen.size(repo, digest) is not None:
+            try:
+                return await self.driver.open_reader(layout.blob_data(digest), chunk_size)
+            except PathNotFound:
+                self.seen.forget(repo, digest)       # deleted by another process: ask again
+        links, opened = await asyncio.gather(
+            self.driver.stat_files([layout.layer_link(repo, digest)]),
+            self.driver.open_reader(layout.blob_data(digest), chunk_size), return_exceptions=True)
+        if isinstance(opened, PathNotFound):
+            opened = None
+        try:
+            if isinstance(links, BaseException):
+                raise links
+            if isinstance(opened, BaseException):
+                raise opened
+            if opened is not None and (links[0] is not None or (await self.driver.stat_files(
+                    [layout.manifest_revision_link(repo, digest)]))[0] is not None):
+                stream, opened = opened, None
+                if links[0] is not None:
+                    self.seen.add(repo, digest, stream.size)
+                return stream
+            raise self._unknown(repo, digest)
+        finally:
+            if isinstance(opened, SizedStream):
+                await opened.aclose()
 
     async def read(self, digest: str, offset: int = 0, length: int | None = None,
                    chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
@@ -103,12 +192,17 @@ class Blobs:
         bytes are left for garbage collection."""
         validate_name(repo)
         self.check_digest(digest)
+        self.seen.forget(repo, digest)
         if not await delete_if_present(self.driver, layout.layer_link_dir(repo, digest)):
             raise self._unknown(repo, digest)
 
-    async def link(self, repo: str, digest: str) -> None:
+    async def link(self, repo: str, digest: str, size: int | None = None) -> None:
+        """Link the blob into repo; with its size, pulls of it from this
+        process may skip asking storage for a while (SeenLinks)."""
         await self.driver.put_content(layout.layer_link(repo, digest), digest.encode())
         await self.catalog.register(repo)
+        if size is not None:
+            self.seen.add(repo, digest, size)
 
     async def mount(self, repo: str, digest: str, from_repo: str | None,
                     readable: Callable[[str], bool] | None = None) -> BlobInfo | None:
@@ -133,7 +227,7 @@ class Blobs:
             info = await self._find_linked(digest, readable)
             if info is None:
                 return None
-        await self.link(repo, digest)
+        await self.link(repo, digest, info.size)
         return info
 
     async def _find_linked(self, digest: str,

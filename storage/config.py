@@ -126,6 +126,14 @@ class StorageSettings:
     root: str = field(default_factory=default_storage_root)
     redirect: bool = False         # GET blob -> 307 to a direct URL when the driver has one
     delete_enabled: bool = True
+    # Seconds a blob this process found linked into a repository is served
+    # to blob GETs without asking storage again (0: always ask). On S3 each
+    # ask is a HEAD costing ~2 ms of botocore and a round trip; a 307 answer
+    # took 8.6 ms against Distribution's 1.9 (whose descriptor cache never
+    # expires). With several replicas a blob deleted through one stays
+    # pullable from another this long; pushes (HEAD) and manifest checks
+    # always ask storage.
+    pull_cache_seconds: int = 10
     filesystem: FilesystemSettings = field(default_factory=FilesystemSettings)
     s3: S3Settings = field(default_factory=S3Settings)
 
@@ -136,6 +144,8 @@ class StorageSettings:
                                      f"got {self.driver!r}")
         if self.driver == "filesystem" and not self.root:
             raise StorageConfigError("storage.root must be set for the filesystem driver")
+        if not 0 <= self.pull_cache_seconds <= 3600:
+            raise StorageConfigError(f"storage.pull_cache_seconds must be 0..3600, got {self.pull_cache_seconds}")
         if self.filesystem.fsync not in FSYNC_MODES:
             raise StorageConfigError(f"storage.filesystem.fsync must be one of {', '.join(FSYNC_MODES)}, "
                                      f"got {self.filesystem.fsync!r}")

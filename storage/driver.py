@@ -29,7 +29,7 @@ import asyncio
 import os
 import re
 from dataclasses import dataclass
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 
 class StorageError(Exception):
@@ -127,6 +127,27 @@ class LocalFile:
             os.close(fd)
 
 
+class SizedStream:
+    """The whole content of a file as it is read: its size, known before
+    the first byte, and its chunks (`async for`). Iterate it to the end or
+    `aclose()` it: an unread stream holds a connection."""
+
+    def __init__(self, size: int, chunks: AsyncIterator[bytes], release: Callable[[], None] | None = None):
+        self.size = size
+        self._chunks = chunks
+        # what an opened but never iterated stream holds (a generator's own
+        # cleanup does not run when it never started)
+        self._release = release
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+        if self._release is not None:
+            self._release()
+
+
 class StorageLock(abc.ABC):
     """An exclusive lock on one name in storage, held until `release()`."""
 
@@ -168,6 +189,15 @@ class StorageDriver(abc.ABC):
                chunk_size: int = 1 << 20) -> AsyncIterator[bytes]:
         """Stream the content from offset (up to length bytes). Raises
         PathNotFound / InvalidOffset on first iteration at the latest."""
+
+    async def open_reader(self, path: str, chunk_size: int = 1 << 20) -> SizedStream:
+        """The whole content of path with its size (PathNotFound if absent),
+        from one round trip where the backend answers both at once (S3: the
+        GET's Content-Length); the default stats, then reads."""
+        info = await self.stat(path)
+        if info.is_dir:
+            raise PathNotFound(path)
+        return SizedStream(info.size, self.reader(path, chunk_size=chunk_size))
 
     @abc.abstractmethod
     async def writer(self, path: str, append: bool = False) -> FileWriter:

@@ -9,7 +9,11 @@
     ├── _dockyard/                             (Dockyard's own)
     │   ├── README                             what this directory is
     │   ├── indexed-v1                         the one-time index build is done (below)
-    │   └── index.lock                         held by the process doing it
+    │   ├── index.lock                         held by the process doing it
+    │   ├── health/<probe id>                  readiness probes' write-read-delete (for moments)
+    │   └── events/outbox/<entry id>/          one event for one webhook endpoint, until delivered:
+    │       ├── event.json                     the endpoint's URL and the event
+    │       └── lock                           held by the replica delivering it
     └── repositories/<repo>/
         ├── _layers/<alg>/<hex>/link           blob linked into the repo (content: digest)
         ├── _manifests/
@@ -73,6 +77,8 @@ _OWN = f"{ROOT}/_dockyard"
 INDEXED = f"{_OWN}/indexed-v1"          # a new index format gets a new name: built again
 INDEX_LOCK = f"{_OWN}/index.lock"
 OWN_README = f"{_OWN}/README"
+HEALTH = f"{_OWN}/health"
+EVENT_OUTBOX = f"{_OWN}/events/outbox"
 OWN_README_TEXT = (b"Dockyard's own state beside CNCF Distribution's layout (which never reads it);\n"
                    b"see storage/layout.py in Dockyard.\n")
 
@@ -81,6 +87,28 @@ _CATALOG_SEPARATOR = "+"
 
 
 # ---- global blobs ------------------------------------------------------
+def health_probe(probe_id: str) -> str:
+    """A readiness probe's file (the id is the server's own, never a client's)."""
+    if not _UPLOAD_ID_RE.fullmatch(probe_id):
+        raise ValueError(f"bad probe id {probe_id!r}")
+    return f"{HEALTH}/{probe_id}"
+
+
+def event_entry(entry_id: str) -> str:
+    """An outbox entry's directory (ids are the server's own: time, then random)."""
+    if not _UPLOAD_ID_RE.fullmatch(entry_id):
+        raise ValueError(f"bad event entry id {entry_id!r}")
+    return f"{EVENT_OUTBOX}/{entry_id}"
+
+
+def event_record(entry_id: str) -> str:
+    return f"{event_entry(entry_id)}/event.json"
+
+
+def event_lock(entry_id: str) -> str:
+    return f"{event_entry(entry_id)}/lock"
+
+
 def blob_data(digest: str) -> str:
     alg, hex_ = parse_digest(digest)
     return f"{BLOBS}/{alg}/{hex_[:2]}/{hex_}/data"

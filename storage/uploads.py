@@ -243,7 +243,7 @@ class Uploads:
             with contextlib.suppress(StorageError):
                 await writer.cancel()
             raise
-        await self.blobs.link(repo, digest)
+        await self.blobs.link(repo, digest, total)
         return BlobInfo(digest, total)
 
     async def _digest_of_upload(self, repo: str, upload_id: str, alg: str,
@@ -329,7 +329,7 @@ class Uploads:
                                 {"expected": digest, "actual": actual})
         await self.blobs.commit(layout.upload_data(repo, upload_id), digest)
         # The bytes are in place: link them and drop the session together.
-        await asyncio.gather(self.blobs.link(repo, digest),
+        await asyncio.gather(self.blobs.link(repo, digest, total),
                              delete_if_present(self.driver, layout.upload_dir(repo, upload_id)))
         self._hashers.pop((repo, upload_id), None)
         return BlobInfo(digest, total)

@@ -30,6 +30,7 @@ DOCKER_HUB_HOSTS = ("registry-1.docker.io", "index.docker.io", "docker.io")
 DOCKER_HUB_NAMESPACE = "docker.io"
 _PREFIX_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$")
 ENV_CREDENTIALS = "DOCKYARD_PROXY_UPSTREAM_{}_{}"
+CREDENTIALS_ENV_PREFIX = "DOCKYARD_PROXY_UPSTREAM_"
 
 
 class ProxyConfigError(ValueError):
@@ -149,6 +150,17 @@ def _default_port(scheme: str) -> int:
 
 def _env_name(prefix: str, what: str) -> str:
     return ENV_CREDENTIALS.format(re.sub(r"[^A-Za-z0-9]", "_", prefix).upper(), what)
+
+
+def check_credentials_env(proxy: ProxySettings, environ: Mapping[str, str]) -> None:
+    """ProxyConfigError for a DOCKYARD_PROXY_UPSTREAM_* variable that names
+    no configured upstream's USERNAME or PASSWORD (a typo would otherwise
+    pull anonymously)."""
+    known = {_env_name(up.prefix, what) for up in proxy.upstreams for what in ("USERNAME", "PASSWORD")}
+    for name in sorted(environ):
+        if name.startswith(CREDENTIALS_ENV_PREFIX) and name not in known:
+            raise ProxyConfigError(f"unknown environment variable {name} (not the USERNAME or PASSWORD "
+                                   f"of a proxy.upstreams prefix)")
 
 
 def upstream_credentials(up: UpstreamSettings, environ: Mapping[str, str] | None = None) -> tuple[str, str]:

@@ -114,3 +114,10 @@ def test_serve_with_an_unreadable_password_file_prints_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot read password_file" in lines[0], proc.stderr
+
+
+def test_credential_variables_must_name_a_configured_upstream(tmp_path):
+    env = {"DOCKYARD_PROXY_UPSTREAM_HUB_PASSWORD": "pw", "DOCKYARD_PROXY_UPSTREAM_HUB_USERNAME": "u"}
+    assert load(tmp_path, {"upstreams": [HUB]}, env).proxy.upstreams[0].prefix == "hub"
+    with pytest.raises(SettingsError, match="DOCKYARD_PROXY_UPSTREAM_HBU_PASSWORD"):
+        load(tmp_path, {"upstreams": [HUB]}, {"DOCKYARD_PROXY_UPSTREAM_HBU_PASSWORD": "pw"})

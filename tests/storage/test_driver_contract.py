@@ -96,6 +96,28 @@ async def test_reader_invalid_offset(driver):
         await read_all(driver, "/r", offset=-1)
 
 
+async def test_open_reader_gives_the_size_before_the_bytes(driver):
+    payload = os.urandom(50_000)
+    await driver.put_content("/o/blob", payload)
+    await driver.put_content("/o/empty", b"")
+    opened = await driver.open_reader("/o/blob", chunk_size=7000)
+    assert opened.size == len(payload)
+    chunks = [c async for c in opened]
+    await opened.aclose()
+    assert b"".join(chunks) == payload and max(map(len, chunks)) <= 7000
+    empty = await driver.open_reader("/o/empty")
+    assert empty.size == 0 and [c async for c in empty] == []
+    await empty.aclose()
+    for absent in ("/o/none", "/o"):               # nothing there, a directory
+        with pytest.raises(PathNotFound):
+            await driver.open_reader(absent)
+    # opened and closed unread (a request refused after the GET went out):
+    # nothing is held, and the file reads again
+    for _ in range(20):
+        await (await driver.open_reader("/o/blob")).aclose()
+    assert await read_all(driver, "/o/blob") == payload
+
+
 async def test_writer_appends_across_sessions(driver):
     w = await driver.writer("/up/data")
     assert isinstance(w, FileWriter) and w.size == 0

@@ -15,6 +15,7 @@ import pytest
 
 from storage.oci.errors import BlobUnknown
 from storage.oci.media import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST
+from storage.blobs import StoreLimits
 from storage.store import ContentStore
 from tests.storage.s3_fixtures import kind, requires_s3, space  # noqa: F401 (fixtures)
 from tests.support.content import chunks, sha256_digest
@@ -26,6 +27,11 @@ pytestmark = requires_s3
 @pytest.fixture
 async def store(space) -> ContentStore:
     return ContentStore(await space.open())
+
+
+@pytest.fixture
+async def remembering_store(space) -> ContentStore:
+    return ContentStore(await space.open(), StoreLimits(pull_cache_seconds=60))
 
 
 async def _push(store: ContentStore, repo: str, payload: bytes) -> str:
@@ -40,6 +46,22 @@ async def test_a_linked_blob_is_two_heads_and_open_local_sends_nothing(store):
     assert (await store.blobs.stat("count/pull", digest)).size == 5000
     assert await store.blobs.open_local(digest) is None
     assert sorted(requests.names()) == ["HeadObject", "HeadObject"]
+
+
+async def test_a_blob_streamed_whole_is_its_link_head_and_its_get_at_once(store):
+    """What a GET of a whole blob costs with redirects off: the layer
+    link's HEAD beside the bytes' GET, whose answer carries the size."""
+    payload = os.urandom(5000)
+    digest = await _push(store, "count/stream", payload)
+    requests = Requests(store.driver)
+    opened = await store.blobs.open_linked("count/stream", digest)
+    assert sorted(requests.names()) == ["GetObject", "HeadObject"]
+    assert opened.size == 5000 and b"".join([c async for c in opened]) == payload
+    await opened.aclose()
+    requests.clear()
+    with pytest.raises(BlobUnknown):                  # linked elsewhere only
+        await store.blobs.open_linked("count/other", digest)
+    assert sorted(requests.names()) == ["GetObject", "HeadObject", "HeadObject"]
 
 
 async def test_an_absent_blob_is_two_heads_and_no_listing(store):
@@ -103,3 +125,21 @@ async def test_a_chunked_push_locks_its_session_without_a_listing(store):
     assert len(lists) == 1, finish                   # the session directory's delete alone
     assert len(finish) <= 12, finish
     assert (await store.blobs.stat(repo, digest)).size == len(payload)
+
+
+async def test_a_blob_pulled_again_soon_costs_its_get_alone(remembering_store):
+    """storage.pull_cache_seconds: seen linked (here by its push) a moment
+    ago, a blob's GET is the bytes' GET alone, and a redirect's stat nothing."""
+    store = remembering_store
+    payload = os.urandom(4000)
+    digest = await _push(store, "count/again", payload)
+    requests = Requests(store.driver)
+    assert (await store.blobs.stat_for_pull("count/again", digest)).size == 4000
+    assert requests.names() == []
+    opened = await store.blobs.open_linked("count/again", digest)
+    assert b"".join([c async for c in opened]) == payload
+    await opened.aclose()
+    assert requests.names() == ["GetObject"]
+    requests.clear()
+    await store.blobs.stat("count/again", digest)                   # a push's HEAD still asks
+    assert sorted(requests.names()) == ["HeadObject", "HeadObject"]
