@@ -121,3 +121,10 @@ def test_credential_variables_must_name_a_configured_upstream(tmp_path):
     assert load(tmp_path, {"upstreams": [HUB]}, env).proxy.upstreams[0].prefix == "hub"
     with pytest.raises(SettingsError, match="DOCKYARD_PROXY_UPSTREAM_HBU_PASSWORD"):
         load(tmp_path, {"upstreams": [HUB]}, {"DOCKYARD_PROXY_UPSTREAM_HBU_PASSWORD": "pw"})
+
+
+def test_effective_settings_line_masks_upstream_passwords(tmp_path):
+    from registry.ops.configcheck import effective_settings_line
+    settings = load(tmp_path, {"upstreams": [{**HUB, "username": "u", "password": "TOP-secret-9"}]})
+    line = effective_settings_line(settings)
+    assert "TOP-secret-9" not in line and '"username":"u"' in line
