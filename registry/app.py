@@ -19,12 +19,13 @@ from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
 from registry.lifecycle import read_only_middleware
+from registry.ops.events import events_middleware
 from registry.ops.health import READINESS, Readiness, add_health_routes
 from registry.ops.metrics import InstrumentedDriver, add_metrics_route
-from registry.ops.events import events_middleware
 from registry.ops.middleware import echo_request_id, ops_middleware
 from registry.ops.requestlog import AccessWriter
 from registry.ops.webhooks import delivery_context
+from registry.proxy import handlers as pull_through
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
 from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
@@ -54,7 +55,8 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
                      error_middleware,
                      *([events_middleware(settings.events)] if settings.events.endpoints else []),
                      auth_middleware(lambda: runtime.gate),
-                     read_only_middleware(lambda: settings.lifecycle.read_only)],
+                     read_only_middleware(lambda: settings.lifecycle.read_only),
+                     pull_through.push_guard],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
@@ -62,6 +64,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     app[AUTH] = runtime
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
+    pull_through.install(app, settings)      # after the store: it wraps it
     app.cleanup_ctx.append(_upload_purger(settings))
     app.cleanup_ctx.append(delivery_context(settings.events))
     app.cleanup_ctx.append(_garbage_collector(settings))

@@ -36,6 +36,11 @@ def _name_and_digest(request: web.Request) -> tuple[str, str]:
 
 async def get_blob(request: web.Request) -> web.StreamResponse:
     name, digest = _name_and_digest(request)
+    return await serve_blob(request, name, digest)
+
+
+async def serve_blob(request: web.Request, name: str, digest: str) -> web.StreamResponse:
+    """GET/HEAD of a blob storage holds in repository name (also the pull-through cache's)."""
     store = request.app[STORE]
     whole = None
     if request.method == "HEAD":          # pushers asking whether to upload: ask storage

@@ -20,6 +20,8 @@ and stamps `Docker-Distribution-API-Version` on every response.
     │   └── ManifestTooLarge           413 (also any body over the manifest limit)
     ├── Unsupported
     │   └── MethodNotAllowed           405 (aiohttp's own)
+    ├── UpstreamUnavailable            502: a pull-through cache's upstream failed
+    │   └── UpstreamTimeout            504: ... did not answer in time
     └── RouteNotFound                  404 NOT_FOUND (aiohttp's own)
 
 An error may carry response headers in `headers` (with_headers).
@@ -95,6 +97,15 @@ class MethodNotAllowed(Unsupported):
     pass
 
 
+class UpstreamUnavailable(OciError):
+    """The pull-through cache's upstream could not give what storage lacks
+    (refused, timed out, 5xx, a redirect not allowed): 502, naming the upstream."""
+
+
+class UpstreamTimeout(UpstreamUnavailable):
+    """The upstream did not answer in time: 504."""
+
+
 # The cases that share a code with a commoner one but have a status of their
 # own (the spec's 413 for an oversized manifest, 416 for an out-of-order chunk).
 # Looked up along the class's ancestry before the code table.
@@ -104,6 +115,8 @@ _STATUS_BY_KIND: dict[type, int] = {
     ContentRangeInvalid: 416,
     BodyTimeout: 408,
     MethodNotAllowed: 405,
+    UpstreamUnavailable: 502,
+    UpstreamTimeout: 504,
 }
 
 

@@ -13,6 +13,7 @@ from registry.lifecycle import ImmutableTags, guard_manifest_delete, guard_manif
 from registry.protocol import (DIGEST_HEADER, OCI_SUBJECT_HEADER, OCI_TAG_HEADER, absolute,
                                manifest_path, read_limited)
 from registry.state import SETTINGS, STORE
+from storage.manifests import Manifest
 from storage.oci.errors import ManifestTooLarge, Unsupported
 from storage.oci.names import parse_digest, validate_name, validate_tag
 
@@ -34,7 +35,11 @@ def _name_and_reference(request: web.Request) -> tuple[str, str]:
 
 async def get_manifest(request: web.Request) -> web.Response:
     name, reference = _name_and_reference(request)
-    manifest = await request.app[STORE].manifests.get(name, reference)
+    return manifest_response(request, await request.app[STORE].manifests.get(name, reference))
+
+
+def manifest_response(request: web.Request, manifest: Manifest) -> web.Response:
+    """The GET/HEAD answer for a manifest (also the pull-through cache's)."""
     etag = f'"{manifest.digest}"'
     headers = {
         "Content-Type": manifest.media_type,

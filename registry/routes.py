@@ -18,6 +18,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 
 from registry import blobs, discovery, manifests, uploads
+from registry.proxy import handlers as pull_through   # GET/HEAD: cache or ordinary
 from registry.auth.gate import BASE, CATALOG_ACTION, DELETE, PULL, PUSH, ROUTE_ACTIONS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -33,8 +34,8 @@ ROUTES: tuple[tuple[str, str, Handler, str], ...] = (
 
     ("GET", f"/v2/{NAME}/tags/list", discovery.list_tags, PULL),
 
-    ("GET", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", manifests.get_manifest, PULL),
-    ("HEAD", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", manifests.get_manifest, PULL),
+    ("GET", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", pull_through.get_manifest, PULL),
+    ("HEAD", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", pull_through.get_manifest, PULL),
     ("PUT", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", manifests.put_manifest, PUSH),
     ("DELETE", f"/v2/{NAME}/manifests/{{reference:{SEGMENT}}}", manifests.delete_manifest, DELETE),
 
@@ -45,8 +46,8 @@ ROUTES: tuple[tuple[str, str, Handler, str], ...] = (
     ("PUT", f"/v2/{NAME}/blobs/uploads/{{upload_id:{SEGMENT}}}", uploads.finish_upload, PUSH),
     ("DELETE", f"/v2/{NAME}/blobs/uploads/{{upload_id:{SEGMENT}}}", uploads.cancel_upload, PUSH),
 
-    ("GET", f"/v2/{NAME}/blobs/{{digest:{SEGMENT}}}", blobs.get_blob, PULL),
-    ("HEAD", f"/v2/{NAME}/blobs/{{digest:{SEGMENT}}}", blobs.get_blob, PULL),
+    ("GET", f"/v2/{NAME}/blobs/{{digest:{SEGMENT}}}", pull_through.get_blob, PULL),
+    ("HEAD", f"/v2/{NAME}/blobs/{{digest:{SEGMENT}}}", pull_through.get_blob, PULL),
     ("DELETE", f"/v2/{NAME}/blobs/{{digest:{SEGMENT}}}", blobs.delete_blob, DELETE),
 
     ("GET", f"/v2/{NAME}/referrers/{{digest:{SEGMENT}}}", discovery.referrers, PULL),

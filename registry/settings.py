@@ -33,6 +33,9 @@ underscores, under the prefix DOCKYARD_:
     auth.mode                   DOCKYARD_AUTH_MODE
     auth.htpasswd               DOCKYARD_AUTH_HTPASSWD       (and every auth.* key)
     auth.token.realm            DOCKYARD_AUTH_TOKEN_REALM    (and every auth.token.* key)
+    proxy.default               DOCKYARD_PROXY_DEFAULT
+    proxy.allow_hosts           DOCKYARD_PROXY_ALLOW_HOSTS   (comma-separated)
+    proxy.upstreams[].username  DOCKYARD_PROXY_UPSTREAM_<PREFIX>_USERNAME (and _PASSWORD)
     log.level                   DOCKYARD_LOG_LEVEL
     log.format                  DOCKYARD_LOG_FORMAT
     metrics.enabled             DOCKYARD_METRICS_ENABLED     (and every metrics.* key)
@@ -62,6 +65,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from registry.proxy.settings import (CREDENTIALS_ENV_PREFIX, ProxyConfigError, ProxySettings,
+                                     check_credentials_env, check_proxy)
 from storage.blobs import StoreLimits
 from storage.config import (FilesystemSettings, S3Settings, StorageConfigError,
                             StorageSettings, default_storage_root)
@@ -266,6 +271,7 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)   # pull-through cache (registry/proxy)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
     events: EventsSettings = field(default_factory=EventsSettings)
     gc: GcSettings = field(default_factory=GcSettings)
@@ -297,6 +303,10 @@ class Settings:
             raise SettingsError(f"tls.ciphersuites: not a TLS 1.3 cipher suite: {', '.join(unknown)} "
                                 f"(known: {', '.join(TLS13_CIPHERSUITES)})")
         self._validate_auth()
+        try:
+            check_proxy(self.proxy)
+        except ProxyConfigError as exc:
+            raise SettingsError(str(exc)) from None
         try:
             self.storage.check()
         except StorageConfigError as exc:
@@ -500,7 +510,8 @@ def _check_env_names(environ: Mapping[str, str], warn: "typing.Callable[[str], N
     known = env_names()
     for name in sorted(environ):
         if (name.startswith(ENV_PREFIX) and name not in known
-                and not name.startswith(NOT_SETTINGS_VARIABLES)):
+                and not name.startswith(NOT_SETTINGS_VARIABLES)
+                and not name.startswith(CREDENTIALS_ENV_PREFIX)):   # checked once the upstreams are known
             if warn is None:
                 raise SettingsError(f"unknown environment variable {name} (not a setting; "
                                     f"see deploy/config.example.yml)")
@@ -548,7 +559,14 @@ def load_settings(config_file: str | None = None, environ: Mapping[str, str] | N
     data = _merge(data, _env_overrides(Settings, environ))
     if overrides:
         data = _merge(data, overrides)
-    return _build(Settings, data, "", warn).validate()
+    settings = _build(Settings, data, "", warn).validate()
+    try:
+        check_credentials_env(settings.proxy, environ)
+    except ProxyConfigError as exc:
+        if warn is None:
+            raise SettingsError(str(exc)) from None
+        warn(f"{exc}: ignored")
+    return settings
 
 
 def settings_for_tests(root: str | os.PathLike, **sections: Any) -> Settings:

@@ -197,10 +197,10 @@ class DockerDaemon:
                     "--namespace", "dockyard-tests", *args], timeout=timeout, check=check)
 
 
-def start_docker_daemon(base: Path) -> DockerDaemon:
+def start_docker_daemon(base: Path, extra_args: Sequence[str] = ()) -> DockerDaemon:
     """A private dockerd with its state under `base`: no bridge, no iptables,
-    plain HTTP allowed to registries on 127.0.0.0/8. Stop it with
-    `stop_docker_daemon`."""
+    plain HTTP allowed to registries on 127.0.0.0/8 (`extra_args`: more
+    dockerd flags, e.g. --registry-mirror). Stop it with `stop_docker_daemon`."""
     from tests.support.launch import ServerProcess
 
     require_root()
@@ -217,7 +217,7 @@ def start_docker_daemon(base: Path) -> DockerDaemon:
     argv = [daemon, "--data-root", str(data_root), "--exec-root", str(exec_root),
             "-H", f"unix://{socket_path}", "--pidfile", str(base / "docker.pid"),
             "--bridge=none", "--iptables=false", "--ip-masq=false", "--ip-forward=false",
-            "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false"]
+            "--insecure-registry", "127.0.0.0/8", "--userland-proxy=false", *extra_args]
     server = ServerProcess(argv, ready_check=lambda: docker_ping(socket_path),
                            log_path=base / "dockerd.log", name="dockerd", grace=20)
     try:
