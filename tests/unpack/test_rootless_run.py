@@ -26,6 +26,7 @@ import pytest
 from puller.runtime.rootless import blocking_sysctl
 from tests.support import REPO_ROOT
 from tests.support.content import OCI_LAYER_GZIP, OciLayoutWriter, gzip_bytes, image_config, sha256_digest
+from tests.support.hostnet import GATEWAY_ANSWERS, REFUSED, loopback_answer, slirp_probe
 from tests.support.peers import busybox_path, missing_peer, require_root, require_tool
 
 APPLETS = ("sh", "id", "cat", "ls", "sleep", "echo", "env", "pwd", "true", "stat", "wget", "ping")
@@ -204,30 +205,9 @@ def test_rootless_network_is_loopback_only(mapped, image):
 @pytest.mark.interop
 def test_rootless_slirp4netns_routes_out_but_not_to_the_host_loopback(mapped, image):
     require_tool("slirp4netns")
-    import http.server
-    import threading
-
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "5")
-            self.end_headers()
-            self.wfile.write(b"host\n")
-
-        def log_message(self, *_):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        script = (f"cat /proc/net/route; ping -c 1 -W 5 10.0.2.2 >/dev/null && echo gateway-answers; "
-                  f"cat /etc/resolv.conf; wget -q -T 5 -O- http://10.0.2.2:{port}/ || echo host-loopback-refused")
-        proc = _run(mapped.run_argv("runc", image, "/bin/sh", "-c", script,
+    with loopback_answer(b"host\n") as port:
+        proc = _run(mapped.run_argv("runc", image, "/bin/sh", "-c", slirp_probe(port),
                                     extra=("-u", "0", "--network", "slirp4netns")))
-    finally:
-        server.shutdown()
-        server.server_close()
     tun_usable = subprocess.run(["runuser", "-u", mapped.name, "--", "sh", "-c", "exec 3<>/dev/net/tun"],
                                 capture_output=True).returncode == 0
     if not tun_usable:   # this host keeps the tun device root's (mode 0600): the error must say so
@@ -239,9 +219,9 @@ def test_rootless_slirp4netns_routes_out_but_not_to_the_host_loopback(mapped, im
     assert proc.returncode == 0, proc.stderr
     routes = [line.split() for line in proc.stdout.splitlines() if line.startswith("tap0")]
     assert ["tap0", "00000000", "0202000A"] in [r[:3] for r in routes]     # default route via 10.0.2.2
-    assert "gateway-answers" in proc.stdout
+    assert GATEWAY_ANSWERS in proc.stdout
     assert "nameserver 10.0.2.3" in proc.stdout
-    assert "host-loopback-refused" in proc.stdout and "host\n" not in proc.stdout.replace("host-", "")
+    assert REFUSED in proc.stdout and "host\n" not in proc.stdout.replace("host-", "")
 
 
 def _wait_ready(proc: subprocess.Popen) -> None:

@@ -19,6 +19,7 @@ import pytest
 
 from tests.support import REPO_ROOT
 from tests.support.content import OCI_LAYER_GZIP, OciLayoutWriter, image_config, sha256_digest
+from tests.support.hostnet import GATEWAY_ANSWERS, REFUSED, loopback_answer, slirp_probe
 from tests.support.peers import busybox_layer, require_root, require_tool
 
 pytestmark = pytest.mark.interop
@@ -186,35 +187,14 @@ def test_slirp4netns_network_routes_out_but_not_to_the_host_loopback(dirs, runti
     slirp4netns's gateway, its DNS in resolv.conf, and the host's 127.0.0.1
     not reachable through 10.0.2.2 (a service bound to loopback stays private)."""
     require_tool("slirp4netns")
-    import http.server
-    import threading
-
-    class Answer(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("Content-Length", "12")
-            self.end_headers()
-            self.wfile.write(b"host-secret\n")
-
-        def log_message(self, *_):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    try:
-        script = (f"cat /proc/net/route; ping -c 1 -W 5 10.0.2.2 >/dev/null && echo gateway-answers; "
-                  f"cat /etc/resolv.conf; wget -q -T 5 -O- http://10.0.2.2:{port}/ || echo host-loopback-refused")
-        proc = run(dirs, runtime, image, "/bin/sh", "-c", script, extra=("--network", "slirp4netns"))
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_answer(b"host-secret\n") as port:
+        proc = run(dirs, runtime, image, "/bin/sh", "-c", slirp_probe(port), extra=("--network", "slirp4netns"))
     assert proc.returncode == 0, proc.stderr
     routes = [line.split()[:3] for line in proc.stdout.splitlines() if line.startswith("tap0")]
     assert ["tap0", "00000000", "0202000A"] in routes     # default route via 10.0.2.2
-    assert "gateway-answers" in proc.stdout
+    assert GATEWAY_ANSWERS in proc.stdout
     assert "nameserver 10.0.2.3" in proc.stdout.splitlines()
-    assert "host-loopback-refused" in proc.stdout and "host-secret" not in proc.stdout
+    assert REFUSED in proc.stdout and "host-secret" not in proc.stdout
 
 
 def test_tty_gives_a_terminal_and_ctrl_c_typed_there_interrupts(dirs, runtime, image):
