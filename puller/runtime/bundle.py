@@ -20,7 +20,6 @@ import uuid
 from pathlib import Path
 from typing import Sequence
 
-from puller.runtime.apply import apply_layer
 from puller.runtime.errors import UnpackError, os_errors_mapped
 from puller.runtime.options import ApplyOptions, Layer
 from puller.runtime.snapshots import SnapshotCache
@@ -62,6 +61,7 @@ def build_rootfs(layers: Sequence[Layer], rootfs: Path, *, cache: SnapshotCache 
                  options: ApplyOptions | None = None) -> None:
     """Fill rootfs (which must not exist) with the image's layers."""
     if cache is None:
+        from puller.runtime.apply import apply_layer   # imported here: see puller.runtime.snapshots
         rootfs.mkdir(mode=0o755)
         for blob, media_type, diff_id in layers:
             apply_layer(rootfs, blob, media_type, diff_id, options)

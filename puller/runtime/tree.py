@@ -16,7 +16,6 @@ import os
 import shutil
 import stat
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from puller.runtime.errors import UnpackError
@@ -94,6 +93,9 @@ def copy_tree(src: Path, dst: Path, workers: int | None = None) -> None:
     jobs = []
     batch: list[tuple[str, str, os.stat_result]] = []
     batch_bytes = 0
+    # imported here: concurrent.futures brings logging (~8 ms), and a `run`
+    # on an overlay of the cache copies nothing
+    from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(max_workers=workers or copy_workers(), thread_name_prefix="copy") as pool:
         try:
             stack = [""]

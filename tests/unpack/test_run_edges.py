@@ -228,3 +228,17 @@ def test_tty_gives_a_terminal_and_ctrl_c_typed_there_interrupts(dirs, runtime, i
         os.close(master)
     assert code == 130, seen
     assert b"not-reached" not in seen
+
+
+def test_run_loads_no_layer_code_until_a_snapshot_is_built():
+    """What `dockyard run` imports before it knows whether the image's
+    snapshot is cached: none of the layer-application code (tar,
+    decompressors; ~40 ms) nor importlib.metadata for --version (~35 ms),
+    of a ~200 ms `run --rm` of a cached image (tests/benchmarks/bench_run.py)."""
+    probe = ("import sys, puller.cli, puller.runtime.run, puller.runtime.bundle, puller.runtime.snapshots; "
+             "puller.cli.build_parser('run'); "
+             "print([m for m in ('importlib.metadata', 'puller.runtime.apply', 'puller.runtime.stage', "
+             "'puller.runtime.tar', 'zstandard') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
