@@ -79,9 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         gc.disable()
     try:
         code = int(args.func(args) or 0)
+        sys.stdout.flush()          # a pipe's buffer goes out here, where a broken pipe is caught
     except KeyboardInterrupt:
         print("dockyard: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader of our output went away (`| head`): one line, not a traceback
+        # (as `dockyard blob` says it), and no second one when Python flushes at exit
+        _stdout_to_devnull()
+        print("dockyard: error: cannot write stdout: Broken pipe", file=sys.stderr)
+        return 1
     if fast:
         _exit_now(code)
     return code
@@ -104,6 +111,16 @@ def _rootless_early() -> None:
         except ClientError as exc:
             from puller.cli.common import fail
             sys.exit(fail(exc))
+
+
+def _stdout_to_devnull() -> None:
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _exit_now(code: int) -> None:

@@ -153,3 +153,23 @@ def test_tag_is_server_side_and_delete_removes_the_manifest(pushed, request):
     assert "not found" in error_line("delete", f"{pushed.name}@{pushed.index_digest}")
     # the image manifest the index listed is still there (only the index was deleted)
     assert ok("digest", f"{pushed.name}:v1").strip() == pushed.digest
+
+
+@pytest.mark.parametrize("verb", ["ls", "catalog"])
+def test_a_reader_that_went_away_gets_one_line_not_a_traceback(pushed, verb):
+    """`dockyard ls REPO --json | head -c0`: the pipe's reader is gone before
+    the first write (EPIPE): one error line and status 1, as for `blob`."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        target = pushed.name if verb == "ls" else pushed.host
+        proc = subprocess.run([sys.executable, "-m", "puller", verb, target, "--json"], stdout=write_end,
+                              stderr=subprocess.PIPE, cwd=REPO_ROOT, timeout=120, stdin=subprocess.DEVNULL,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT),
+                                   "DOCKER_CONFIG": "/nonexistent-dockyard-config"})
+    finally:
+        os.close(write_end)
+    assert proc.stderr.decode().splitlines() == ["dockyard: error: cannot write stdout: Broken pipe"]
+    assert proc.returncode == 1
