@@ -18,7 +18,7 @@ from registry.auth.runtime import AUTH, AuthRuntime, auth_context
 from registry.auth.service import token_app
 from registry.errors import error_middleware
 from registry.filesend import Waiting, make_pool
-from registry.lifecycle import read_only_middleware
+from registry.lifecycle import READ_ONLY, ReadOnlySwitch, read_only_middleware
 from registry.ops.events import events_middleware
 from registry.ops.health import READINESS, Readiness, add_health_routes
 from registry.ops.metrics import InstrumentedDriver, add_metrics_route
@@ -48,6 +48,7 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
     """The registry as an aiohttp application. `driver` overrides the one the
     settings name (tests use it to run the API over another backend)."""
     runtime = AuthRuntime(settings)
+    read_only = ReadOnlySwitch(settings.lifecycle.read_only)
     access_writer = AccessWriter(settings.log.format)
     app = web.Application(
         middlewares=[ops_middleware(metrics_on=settings.metrics.enabled, access_log=settings.http.access_log,
@@ -55,13 +56,14 @@ def create_app(settings: Settings, driver: StorageDriver | None = None) -> web.A
                      error_middleware,
                      *([events_middleware(settings.events)] if settings.events.endpoints else []),
                      auth_middleware(lambda: runtime.gate),
-                     read_only_middleware(lambda: settings.lifecycle.read_only),
+                     read_only_middleware(lambda: read_only.on),
                      pull_through.push_guard],
         client_max_size=settings.limits.max_manifest_bytes + _CLIENT_MAX_SIZE_SLACK,
         handler_args={"max_field_size": 16384},
     )
     app[SETTINGS] = settings
     app[AUTH] = runtime
+    app[READ_ONLY] = read_only
     app.cleanup_ctx.append(_store_context(settings, driver))
     app.cleanup_ctx.append(auth_context(runtime))
     pull_through.install(app, settings)      # after the store: it wraps it

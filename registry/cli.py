@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -125,13 +126,21 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+# How this server's settings were loaded: SIGHUP loads them again the same
+# way for what may change at run time (lifecycle.read_only). Set before the
+# workers fork, so each has it.
+_settings_source: Callable[[], Settings] | None = None
+
+
 def serve_command(args: argparse.Namespace) -> int:
+    global _settings_source
     checking = bool(getattr(args, "check_config", False))
     try:
-        settings = load_settings(getattr(args, "config", None), overrides=_overrides(args),
-                                 lenient=bool(getattr(args, "lenient", False)),
-                                 warn=lambda text: print(f"dockyard serve: warning: {text}",
-                                                         file=sys.stderr, flush=True))
+        _settings_source = functools.partial(
+            load_settings, getattr(args, "config", None), overrides=_overrides(args),
+            lenient=bool(getattr(args, "lenient", False)),
+            warn=lambda text: print(f"dockyard serve: warning: {text}", file=sys.stderr, flush=True))
+        settings = _settings_source()
         from registry.tls import server_context
 
         server_context(settings.tls)    # unreadable or mismatched files: one line, exit 2
@@ -234,6 +243,24 @@ def _announcer(settings: Settings) -> Callable[[str, int], None]:
     return announce
 
 
+async def _reread_read_only(app) -> None:
+    """SIGHUP: lifecycle.read_only as the settings now say (the config file
+    and environment read again, off the loop); a settings error keeps the mode."""
+    from registry.lifecycle import READ_ONLY
+
+    if _settings_source is None:
+        return
+    try:
+        settings = await asyncio.to_thread(_settings_source)
+    except SettingsError as exc:
+        log.warning("SIGHUP: settings not re-read, read-only mode left as it was: %s", exc)
+        return
+    switch = app[READ_ONLY]
+    if switch.on != settings.lifecycle.read_only:
+        switch.on = settings.lifecycle.read_only
+        log.warning("read-only mode %s (SIGHUP)", "on: writes are refused" if switch.on else "off")
+
+
 # ---- one worker ---------------------------------------------------------------
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -295,7 +322,12 @@ async def _serve(settings: Settings, reuse_port: bool,
         from registry.auth.runtime import AUTH
 
         auth = app[AUTH]
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(auth.reload()))
+
+        def hangup() -> None:
+            loop.create_task(auth.reload())
+            loop.create_task(_reread_read_only(app))
+
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         announce(settings.http.host, port)
         async with certificate_watcher(ssl_context, settings.tls):
             await stop.wait()

@@ -10,12 +10,14 @@ read-only mode (settings `lifecycle.*`).
   may both land, the later winning, as nothing holds a lock between them.
 - Read-only mode (`lifecycle.read_only`): every write (POST, PUT, PATCH,
   DELETE under /v2/) is refused with 405 UNSUPPORTED and a message saying
-  the registry is read-only; reads go on.
+  the registry is read-only; reads go on. Switched at run time by editing
+  the setting and sending `dockyard serve` SIGHUP (every worker re-reads it).
 """
 
 from __future__ import annotations
 
-from registry.lifecycle.rules import (ImmutableTags, guard_manifest_delete, guard_manifest_put,
-                                      read_only_middleware)
+from registry.lifecycle.rules import (READ_ONLY, ImmutableTags, ReadOnlySwitch, guard_manifest_delete,
+                                      guard_manifest_put, read_only_middleware)
 
-__all__ = ["ImmutableTags", "guard_manifest_delete", "guard_manifest_put", "read_only_middleware"]
+__all__ = ["ImmutableTags", "READ_ONLY", "ReadOnlySwitch", "guard_manifest_delete", "guard_manifest_put",
+           "read_only_middleware"]

@@ -99,6 +99,17 @@ async def guard_manifest_delete(store: ContentStore, rules: ImmutableTags, repo:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+@dataclass
+class ReadOnlySwitch:
+    """Read-only mode as it stands now: `lifecycle.read_only` at start, then
+    what the settings say each time `dockyard serve` gets SIGHUP (it re-reads
+    its config file and environment: registry/cli.py), in every worker."""
+    on: bool
+
+
+READ_ONLY = web.AppKey("read_only", ReadOnlySwitch)
+
+
 def read_only_middleware(read_only: Callable[[], bool]):
     """Refuse every write under /v2/ while read_only() says so (405 UNSUPPORTED)."""
     @web.middleware
