@@ -44,6 +44,7 @@ class Root:
         self.fs_root = base / "root"
         self.prefix = f"compat-{uuid.uuid4().hex[:8]}"
         self.s3: S3Target | None = None
+        self.started: list[RegistryServer] = []      # stopped by the fixture, a failed test's too
         if ceph is not None:        # a bucket of its own, made on first use
             self.s3 = S3Target(ceph.endpoint, ceph.access_key, ceph.secret_key,
                                f"layout-{uuid.uuid4().hex[:10]}", ceph.region)
@@ -58,7 +59,9 @@ class Root:
                                                           self.s3.access_key, self.s3.secret_key, self.s3.region)
         path = workdir / "config.yml"
         path.write_text(yaml.safe_dump(settings, sort_keys=False))
-        return launch_distribution(workdir, config=path)
+        server = launch_distribution(workdir, config=path)
+        self.started.append(server)
+        return server
 
     def dockyard(self, start_dockyard, workers: int = 2) -> RegistryServer:
         if self.s3 is None:
@@ -72,12 +75,16 @@ class Root:
 
 
 @pytest.fixture(params=["filesystem", "s3"])
-def shared_root(request, tmp_path, monkeypatch) -> Root:
+def shared_root(request, tmp_path, monkeypatch):
     if request.param == "filesystem":
-        return Root("filesystem", tmp_path)
-    # Distribution 2.8's AWS SDK panics on a CA bundle with its own transport; loopback is plain HTTP
-    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    return Root("s3", tmp_path, request.getfixturevalue("ceph_s3"))
+        root = Root("filesystem", tmp_path)
+    else:
+        # Distribution 2.8's AWS SDK panics on a CA bundle with its own transport; loopback is plain HTTP
+        monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+        root = Root("s3", tmp_path, request.getfixturevalue("ceph_s3"))
+    yield root
+    for server in root.started:      # the last test started one and left it running
+        server.stop()
 
 
 def fill(registry: RegistryServer, skopeo, tmp_path: Path) -> dict[str, list[str]]:
