@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import sys
@@ -28,7 +27,7 @@ from registry.ops.webhooks import delivery_context
 from registry.proxy import handlers as pull_through
 from registry.routes import add_routes
 from registry.settings import Settings, SettingsError, UploadsSettings
-from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE
+from registry.state import FILE_SEND_POOL, FILE_SENDS_WAITING, SETTINGS, STORE, background
 from storage.config import StorageConfigError, check_driver, open_driver
 from storage.driver import StorageDriver
 from storage.store import ContentStore
@@ -188,17 +187,8 @@ async def _stop_waiting_sends(app: web.Application) -> None:
 
 def _upload_purger(settings: Settings):
     """A background task deleting abandoned upload sessions."""
-    async def purger_ctx(app: web.Application) -> AsyncIterator[None]:
-        task = None
-        if settings.uploads.purge_interval > 0:
-            task = asyncio.create_task(_purge_loop(app[STORE], settings.uploads))
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    return purger_ctx
+    return background((lambda app: _purge_loop(app[STORE], settings.uploads))
+                      if settings.uploads.purge_interval > 0 else None)
 
 
 async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
@@ -223,17 +213,7 @@ async def _purge_loop(store: ContentStore, uploads: UploadsSettings) -> None:
 def _garbage_collector(settings: Settings):
     """A background pass every gc.interval seconds; passes of every worker
     and replica share the storage's GC lock, so one runs at a time."""
-    async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
-        task = None
-        if settings.gc.interval > 0:
-            task = asyncio.create_task(_gc_loop(app[STORE], settings))
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    return gc_ctx
+    return background((lambda app: _gc_loop(app[STORE], settings)) if settings.gc.interval > 0 else None)
 
 
 async def _gc_loop(store: ContentStore, settings: Settings) -> None:

@@ -26,7 +26,7 @@ import json
 import logging
 import socket
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -35,7 +35,7 @@ from aiohttp.abc import AbstractResolver
 
 from registry.ops.events import CLOUDEVENTS_TYPE, DISTRIBUTION_TYPE
 from registry.settings import EventsSettings
-from registry.state import STORE
+from registry.state import STORE, background
 from storage import layout
 from storage.driver import PathNotFound, StorageDriver, StorageError
 
@@ -213,17 +213,7 @@ def _safe(url: str) -> str:
 
 def delivery_context(settings: EventsSettings):
     """cleanup_ctx: the delivery loop, when endpoints are configured."""
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = None
-        if settings.endpoints:
-            task = asyncio.create_task(_loop(app, settings))
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    return ctx
+    return background((lambda app: _loop(app, settings)) if settings.endpoints else None)
 
 
 async def _loop(app: web.Application, settings: EventsSettings) -> None:
